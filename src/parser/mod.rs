@@ -1,0 +1,410 @@
+//! Wire formats → domain types. Pure: no IO, no clock, no configuration.
+//!
+//! [`parse`] accepts every XML form of spec §2 (SOAP envelope, `CallbackRequest1` wrapper, bare
+//! `CallbackRequest`, `SmsCallbackRequest`). A body it cannot read fully comes back as
+//! [`Parsed::Unreadable`] together with whatever a lenient scan recovered (credentials above all),
+//! so that the HTTP edge can still quarantine it instead of losing it.
+
+mod soap;
+mod tree;
+
+use sha2::{Digest, Sha256};
+
+use crate::domain::{Callback, Secret, UnreadableBody};
+
+pub use soap::line_outcome;
+
+/// The result of reading a callback body.
+#[derive(Debug)]
+pub enum Parsed {
+    Callback(Box<Callback>),
+    Unreadable(Box<UnreadableBody>),
+}
+
+pub fn parse(body: &[u8]) -> Parsed {
+    match parse_xml(body) {
+        Ok(callback) => Parsed::Callback(Box::new(callback)),
+        Err(reason) => Parsed::Unreadable(Box::new(scan_unreadable(body, reason))),
+    }
+}
+
+fn parse_xml(body: &[u8]) -> Result<Callback, String> {
+    let text = std::str::from_utf8(body).map_err(|error| format!("body is not UTF-8: {error}"))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let root = tree::build(text)?;
+    let (form, callback) = soap::find_callback(&root)
+        .ok_or_else(|| format!("root element <{}> holds no CallbackRequest", root.name))?;
+    Ok(soap::interpret(form, callback))
+}
+
+/// Recovers what it can from a body that does not parse: the credentials (to decide between
+/// quarantine and 400), the `RequestId` and `CallbackCount` (to file it), and a dedup key.
+fn scan_unreadable(body: &[u8], reason: String) -> UnreadableBody {
+    let text = String::from_utf8_lossy(body);
+    let credentials = match (
+        scan_element(&text, "Username"),
+        scan_element(&text, "Password"),
+    ) {
+        (Some(username), Some(password)) => Some((username, Secret::new(password))),
+        _ => None,
+    };
+    UnreadableBody {
+        reason,
+        credentials,
+        request_id: scan_element(&text, "RequestId").filter(|id| !id.is_empty()),
+        callback_count: scan_element(&text, "CallbackCount").and_then(|count| count.parse().ok()),
+        dedup_key: raw_digest(body),
+    }
+}
+
+/// The trimmed text of the first element with this local name (any prefix), `""` for an empty
+/// element. Tolerates everything after it being broken.
+fn scan_element(text: &str, local_name: &str) -> Option<String> {
+    for (position, _) in text.match_indices(local_name) {
+        let before = &text[..position];
+        // `<Username` or `<prefix:Username`.
+        let opened_here = before.ends_with('<')
+            || before
+                .strip_suffix(':')
+                .and_then(|head| head.rfind('<').map(|at| &head[at + 1..]))
+                .is_some_and(|prefix| {
+                    !prefix.is_empty()
+                        && prefix
+                            .chars()
+                            .all(|c| c.is_alphanumeric() || "_-.".contains(c))
+                });
+        if !opened_here {
+            continue;
+        }
+        let after = &text[position + local_name.len()..];
+        let Some(end_of_tag) = after.find('>') else {
+            continue;
+        };
+        let tag_rest = &after[..end_of_tag];
+        if !(tag_rest.is_empty() || tag_rest.starts_with([' ', '\t', '\r', '\n', '/'])) {
+            continue; // a longer name that starts the same, such as <UsernameHint>
+        }
+        if tag_rest.ends_with('/') {
+            return Some(String::new());
+        }
+        let content = &after[end_of_tag + 1..];
+        let value = &content[..content.find('<').unwrap_or(content.len())];
+        return Some(unescape_basic(value.trim()));
+    }
+    None
+}
+
+fn unescape_basic(value: &str) -> String {
+    if !value.contains('&') {
+        return value.to_owned();
+    }
+    value
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
+}
+
+/// A digest of the raw body with the values of `CallbackCount` and `MaxCallbackThreshold` left
+/// out, so that re-deliveries of one unreadable body share a key.
+fn raw_digest(body: &[u8]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(b"raw-body\0");
+    let mut rest = body;
+    while let Some(close) = rest.iter().position(|&byte| byte == b'>') {
+        let (tag, after) = rest.split_at(close + 1);
+        hasher.update(tag);
+        let name = &tag[..tag.len() - 1];
+        rest = if name.ends_with(b"CallbackCount") || name.ends_with(b"MaxCallbackThreshold") {
+            let value_end = after
+                .iter()
+                .position(|&byte| byte == b'<')
+                .unwrap_or(after.len());
+            &after[value_end..]
+        } else {
+            after
+        };
+    }
+    hasher.update(rest);
+    hasher.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{CallbackForm, CallbackKind, DeviceIdentifier, Operation, OutcomeStatus};
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read(&path).unwrap_or_else(|error| panic!("{path}: {error}"))
+    }
+
+    fn callback(name: &str) -> Callback {
+        match parse(&fixture(name)) {
+            Parsed::Callback(callback) => *callback,
+            Parsed::Unreadable(unreadable) => panic!("{name} did not parse: {}", unreadable.reason),
+        }
+    }
+
+    fn id(kind: &str, identifier: &str) -> DeviceIdentifier {
+        DeviceIdentifier::new(kind, identifier)
+    }
+
+    #[test]
+    fn seed_001_upload_callback_in_its_wrapper() {
+        let upload = callback("upload_seed001.xml");
+        assert_eq!(upload.form, CallbackForm::Wrapper);
+        assert_eq!(upload.kind, CallbackKind::UploadDevices);
+        assert_eq!(upload.operation, Operation::UploadDevices);
+        assert_eq!(upload.username, "test");
+        assert_eq!(upload.password.expose(), "test");
+        assert_eq!(
+            upload.request_id.as_deref(),
+            Some("5afbb4c7-99dc-49a7-8341-7406b7d6f3d3")
+        );
+        assert_eq!(
+            (upload.callback_count, upload.max_callback_threshold),
+            (Some(1), Some(4))
+        );
+        assert_eq!(upload.status, None, "xsi:nil Status is absent");
+        assert_eq!(upload.outcomes.len(), 2);
+        let first = &upload.outcomes[0];
+        assert_eq!(
+            first.identifiers,
+            vec![
+                id("ICCID", "18072019672556477006"),
+                id("IMEI", "180720196786706")
+            ]
+        );
+        assert_eq!(first.status, OutcomeStatus::Succeeded);
+        assert_eq!(
+            first.line_status.as_deref(),
+            Some("Line has been uploaded successfully")
+        );
+        let summary = upload.upload.expect("upload summary");
+        assert_eq!(summary.account_name.as_deref(), Some("suvenduactiot"));
+        assert_eq!(summary.device_sku.as_deref(), Some("test"));
+        assert_eq!(
+            (
+                summary.total_lines,
+                summary.pending_lines,
+                summary.success_lines,
+                summary.failed_lines
+            ),
+            (Some(2), Some(0), Some(2), Some(0))
+        );
+        assert_eq!(summary.package_error, None);
+    }
+
+    #[test]
+    fn seed_004_activation_in_a_soap_envelope() {
+        let activation = callback("activate_seed004.xml");
+        assert_eq!(activation.form, CallbackForm::SoapEnvelope);
+        assert_eq!(activation.kind, CallbackKind::CarrierService);
+        assert_eq!(activation.operation, Operation::Activate);
+        assert_eq!(
+            (activation.username.as_str(), activation.password.expose()),
+            ("", "")
+        );
+        assert_eq!(activation.status.as_deref(), Some("Success"));
+        assert_eq!(activation.fault, None);
+        let outcome = &activation.outcomes[..];
+        assert_eq!(outcome.len(), 1);
+        let outcome = &outcome[0];
+        assert_eq!(outcome.status, OutcomeStatus::Succeeded);
+        assert_eq!(
+            outcome.identifiers,
+            vec![
+                id("MEID", "A1000000444461"),
+                id("MDN", "5096306081"),
+                id("MIN", "2345958183")
+            ]
+        );
+        assert_eq!(outcome.mdn.as_deref(), Some("5096306081"));
+        assert_eq!(outcome.ip_address.as_deref(), Some("10.224.48.88"));
+        assert_eq!(outcome.state.as_deref(), Some("Active"));
+        assert_eq!(outcome.service_plan.as_deref(), Some("84638"));
+        let details = outcome.details.as_ref().expect("details");
+        assert_eq!(
+            details["DeviceCredential"]["Username"],
+            "5096306081@vzw3g.com"
+        );
+        assert!(
+            details.get("StateName").is_none(),
+            "nil fields are left out"
+        );
+    }
+
+    #[test]
+    fn a_fault_fails_the_device_and_names_the_carrier_service() {
+        let failed = callback("activate_failed.xml");
+        assert_eq!(failed.kind, CallbackKind::CarrierService);
+        let outcome = &failed.outcomes[0];
+        assert_eq!(outcome.status, OutcomeStatus::Failed);
+        assert_eq!(outcome.identifiers, vec![id("MEID", "A1000000444462")]);
+        let fault = outcome.fault.as_ref().expect("fault");
+        assert_eq!(
+            fault.code,
+            "CarrierService.INPUT_INVALID.ServicePlan.NotFound"
+        );
+        assert_eq!(fault.message, "The service plan was not found.");
+    }
+
+    #[test]
+    fn a_bare_callback_request_with_a_deactivation() {
+        let deactivation = callback("deactivate_bare.xml");
+        assert_eq!(deactivation.form, CallbackForm::Bare);
+        assert_eq!(deactivation.operation, Operation::Deactivate);
+        assert_eq!(deactivation.username, "fleet-ops");
+        let outcome = &deactivation.outcomes[0];
+        assert_eq!(
+            outcome.identifiers,
+            vec![
+                id("ICCID", "89148000000800000001"),
+                id("IMEI", "990000862471854"),
+                id("MDN", "5096300001")
+            ]
+        );
+        assert_eq!(outcome.state.as_deref(), Some("Deactive"));
+    }
+
+    #[test]
+    fn notification_kinds_get_their_labels() {
+        let sms = callback("sms_mo.xml");
+        assert_eq!(
+            (sms.kind, sms.operation),
+            (CallbackKind::SmsMo, Operation::SmsMo)
+        );
+        assert_eq!(sms.request_id, None);
+        assert_eq!(sms.devices.len(), 2);
+        assert_eq!(
+            sms.details.as_ref().expect("details")["SmsMessage"]["Message"],
+            "TEMP=21.5;BATT=87"
+        );
+
+        let promo = callback("promo_change.xml");
+        assert_eq!(promo.kind, CallbackKind::PromoChange);
+        assert_eq!(
+            promo.details.as_ref().expect("details")["PromoChange"]["Change"],
+            "PromoApplied"
+        );
+        assert_eq!(promo.outcomes[0].status, OutcomeStatus::Succeeded);
+
+        let resume = callback("resume_tracking.xml");
+        assert_eq!(resume.kind, CallbackKind::ResumeTracking);
+        assert!(
+            resume
+                .comment
+                .as_deref()
+                .unwrap_or_default()
+                .starts_with("Device will resume")
+        );
+        assert!(
+            resume.outcomes.is_empty(),
+            "a comment alone says nothing about success"
+        );
+    }
+
+    #[test]
+    fn re_deliveries_share_a_dedup_key_and_other_content_does_not() {
+        let body = String::from_utf8(fixture("activate_seed004.xml")).unwrap();
+        let first = callback("activate_seed004.xml").dedup_key;
+        let retry = body
+            .replace("<CallbackCount>1<", "<CallbackCount>3<")
+            .replace("<MaxCallbackThreshold>4<", "<MaxCallbackThreshold>5<");
+        let Parsed::Callback(retry) = parse(retry.as_bytes()) else {
+            panic!("retry did not parse")
+        };
+        assert_eq!(retry.dedup_key, first);
+        let other_device = body.replace("A1000000444461", "A1000000444499");
+        let Parsed::Callback(other) = parse(other_device.as_bytes()) else {
+            panic!("did not parse")
+        };
+        assert_ne!(other.dedup_key, first);
+    }
+
+    #[test]
+    fn the_malformed_seed_004_example_is_unreadable_with_its_credentials() {
+        let body = fixture("activate_seed004_malformed.xml");
+        let Parsed::Unreadable(unreadable) = parse(&body) else {
+            panic!("parsed a malformed body")
+        };
+        let (username, password) = unreadable.credentials.expect("credentials recovered");
+        assert_eq!((username.as_str(), password.expose()), ("", ""));
+        assert_eq!(
+            unreadable.request_id.as_deref(),
+            Some("2c90bd28-ece4-42ef-9f02-7e3bd4fbff33")
+        );
+        assert_eq!(unreadable.callback_count, Some(1));
+        let retry = String::from_utf8(body)
+            .unwrap()
+            .replace("<CallbackCount>1<", "<CallbackCount>2<");
+        let Parsed::Unreadable(retry) = parse(retry.as_bytes()) else {
+            panic!("parsed")
+        };
+        assert_eq!(retry.dedup_key, unreadable.dedup_key);
+    }
+
+    #[test]
+    fn garbage_has_no_credentials() {
+        for garbage in [
+            &b"hello world"[..],
+            b"\xff\xfe\x00garbage",
+            b"{\"json\": true",
+            b"<html><body>hi</body></html>",
+        ] {
+            let Parsed::Unreadable(unreadable) = parse(garbage) else {
+                panic!("parsed garbage")
+            };
+            assert!(unreadable.credentials.is_none());
+        }
+    }
+
+    #[test]
+    fn the_scan_finds_prefixed_and_empty_elements_but_not_longer_names() {
+        let text =
+            "<a:UsernameHint>x</a:UsernameHint><a:Username> ops &amp; co </a:Username><Password/>";
+        assert_eq!(scan_element(text, "Username").as_deref(), Some("ops & co"));
+        assert_eq!(scan_element(text, "Password").as_deref(), Some(""));
+        assert_eq!(scan_element(text, "RequestId"), None);
+    }
+
+    #[test]
+    fn upload_line_statuses() {
+        assert_eq!(
+            line_outcome(Some("Device upload successful")),
+            OutcomeStatus::Succeeded
+        );
+        assert_eq!(
+            line_outcome(Some("Line has been uploaded successfully ")),
+            OutcomeStatus::Succeeded
+        );
+        assert_eq!(
+            line_outcome(Some("Device upload request submitted")),
+            OutcomeStatus::Accepted
+        );
+        assert_eq!(
+            line_outcome(Some("IMEI (deviceId) is invalid")),
+            OutcomeStatus::Failed
+        );
+    }
+
+    #[test]
+    fn a_package_level_upload_error_is_recorded() {
+        let body = String::from_utf8(fixture("upload_seed001.xml"))
+            .unwrap()
+            .replace(
+                "<Comment xsi:nil=\"true\" />",
+                "<Comment>Device SKU is not Certified</Comment>",
+            );
+        let Parsed::Callback(upload) = parse(body.as_bytes()) else {
+            panic!("did not parse")
+        };
+        let summary = upload.upload.as_ref().expect("summary");
+        assert_eq!(
+            summary.package_error.as_deref(),
+            Some("Device SKU is not Certified")
+        );
+    }
+}
