@@ -6,5 +6,19 @@
 //! # Layout
 //! - [`domain`]: what a callback means, free of wire formats and storage.
 //! - [`parser`]: wire formats → domain types; pure, no IO.
+//! - [`auth`]: which callback credentials are accepted; the generated pair.
+//! - [`storage`]: the [`storage::Store`] interface and its SQLite backend (the only SQL).
+//! - [`http`]: the callback port and the API port, with graceful shutdown.
+//! - [`configuration`]: defaults, TOML file, `M2M_` environment.
+//! - [`telemetry`]: the log subscriber.
+//! - [`startup`]: wiring everything into an [`startup::Application`].
+//! - [`cli`]: the command line.
+pub mod auth;
+pub mod cli;
+pub mod configuration;
 pub mod domain;
+pub mod http;
 pub mod parser;
+pub mod startup;
+pub mod storage;
+pub mod telemetry;

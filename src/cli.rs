@@ -1,0 +1,130 @@
+//! Command line: `serve` (default) and `check-config`. Exit codes: 0 ok, 2 usage or configuration
+//! error, 1 runtime failure.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::auth::CredentialSource;
+use crate::configuration::Settings;
+use crate::startup::{Application, shutdown_signal};
+use crate::telemetry;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "m2m-listener",
+    version,
+    about = "Receives ThingSpace M2M callbacks and stores them before acknowledging"
+)]
+struct Cli {
+    /// TOML configuration file; built-in defaults apply without one. `M2M_*` variables override it.
+    #[arg(long, short, global = true, env = "M2M_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the listener (the default).
+    Serve,
+    /// Validate the configuration and print the effective settings, secrets masked.
+    CheckConfig,
+}
+
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("m2m-listener: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::CheckConfig => {
+            print!("{}", settings.to_masked_toml());
+            if settings.callback.credentials.is_empty() {
+                println!(
+                    "# no [[callback.credentials]]: the listener uses the generated pair in {}",
+                    settings.storage.generated_credentials_path().display()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Serve => serve(&settings),
+    }
+}
+
+fn serve(settings: &Settings) -> ExitCode {
+    if let Err(error) = telemetry::init(&settings.telemetry) {
+        eprintln!("m2m-listener: {error:#}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("m2m-listener: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        let application = Application::build(settings).await?;
+        announce(&application)?;
+        application.run_until_stopped(shutdown_signal()).await
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("m2m-listener: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Tells the operator where things are. Generated credentials are printed here, once, on the
+/// terminal: they never go through the log.
+fn announce(application: &Application) -> anyhow::Result<()> {
+    let database = std::path::absolute(application.database_path())?;
+    println!("m2m-listener {}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "  callbacks: http://{}/ (POST)",
+        application.callback_address()?
+    );
+    println!("  API:       http://{}/api/v1/", application.api_address()?);
+    println!("  database:  {}", database.display());
+    match &application.credential_source {
+        CredentialSource::Configured(count) => {
+            println!("  callback credentials: {count} configured pair(s)")
+        }
+        CredentialSource::Stored(path) => println!(
+            "  callback credentials: generated earlier, in {}",
+            path.display()
+        ),
+        CredentialSource::Generated {
+            path,
+            username,
+            password,
+        } => {
+            println!(
+                "  No callback credentials were configured, so a pair was generated (saved in {}):",
+                path.display()
+            );
+            println!("    username: {username}");
+            println!("    password: {}", password.expose());
+            println!(
+                "  Use them as Username and Password in RegisterCallback. They are shown only this once."
+            );
+        }
+    }
+    tracing::info!(
+        callback = %application.callback_address()?, api = %application.api_address()?,
+        database = %database.display(), "listening"
+    );
+    Ok(())
+}

@@ -1,0 +1,380 @@
+//! Settings: built-in defaults, then an optional TOML file, then `M2M_`-prefixed environment
+//! variables (`__` between levels, e.g. `M2M_STORAGE__PATH`).
+//!
+//! Every problem is reported with the key it concerns, so a bad deployment fails at start with a
+//! message an operator can act on.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::Secret;
+
+/// ThingSpace refuses longer callback usernames and passwords at registration.
+pub const MAX_CREDENTIAL_LENGTH: usize = 40;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SettingsError(String);
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub callback: CallbackSettings,
+    pub api: ApiSettings,
+    pub storage: StorageSettings,
+    pub telemetry: TelemetrySettings,
+    pub shutdown: ShutdownSettings,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallbackSettings {
+    /// Where the platform posts callbacks. 9001 is one of the ports it accepts.
+    pub listen: SocketAddr,
+    /// Larger bodies are refused with 413. A 10,000-device upload callback is about 3 MB.
+    pub max_body_bytes: u64,
+    /// Accepted username/password pairs. Several may be valid at once (rotation, several billing
+    /// accounts on one URL). Empty: a pair is generated on first start.
+    pub credentials: Vec<CredentialSettings>,
+}
+
+impl Default for CallbackSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 9001)),
+            max_body_bytes: 16 * 1024 * 1024,
+            credentials: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSettings {
+    /// As registered with `RegisterCallback`; empty only if registered empty.
+    pub username: String,
+    pub password: Secret,
+    /// A label for the billing account this pair belongs to, kept on each delivery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSettings {
+    /// The query API, `/readyz` and `/metrics`. Loopback by default: it is for operators.
+    pub listen: SocketAddr,
+    /// Bearer token for the API; required when `listen` is not a loopback address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            token: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// Durable across power loss: the default, because an acknowledged callback is never re-sent.
+    #[default]
+    Full,
+    /// Durable across process crashes, not power loss, in WAL mode.
+    Normal,
+}
+
+impl Synchronous {
+    pub fn pragma_value(self) -> &'static str {
+        match self {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSettings {
+    /// The SQLite database file; its directory is created if missing.
+    pub path: PathBuf,
+    pub synchronous: Synchronous,
+    /// How long a write waits for a lock held by another process before answering 503.
+    pub busy_timeout_ms: u64,
+    /// The most deliveries committed in one transaction (group commit).
+    pub max_batch: usize,
+    /// Raw bodies older than this are pruned (outcomes are kept).
+    pub retention_days: u32,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("./data/m2m-listener.db"),
+            synchronous: Synchronous::Full,
+            busy_timeout_ms: 5_000,
+            max_batch: 256,
+            retention_days: 30,
+        }
+    }
+}
+
+impl StorageSettings {
+    /// Where generated callback credentials are kept: beside the database.
+    pub fn generated_credentials_path(&self) -> PathBuf {
+        let directory = self
+            .path
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty());
+        directory
+            .unwrap_or(Path::new("."))
+            .join("callback-credentials.toml")
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySettings {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `m2m_listener=debug`...); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    pub drain_timeout_s: u64,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        Self {
+            drain_timeout_s: 30,
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then `file` if given, then the environment; validated.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        Self::load_with_environment(file, None)
+    }
+
+    /// As [`Self::load`], reading the environment from `environment` when given (tests).
+    pub fn load_with_environment(
+        file: Option<&Path>,
+        environment: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Self, SettingsError> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(SettingsError(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        let environment_source = config::Environment::with_prefix("M2M")
+            .prefix_separator("_")
+            .separator("__")
+            .source(environment);
+        let settings: Settings = builder
+            .add_source(environment_source)
+            .build()
+            .and_then(|merged| merged.try_deserialize())
+            .map_err(|error| SettingsError(format!("invalid configuration: {error}")))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let fail = |key: &str, message: String| {
+            Err(SettingsError(format!(
+                "invalid configuration: {key}: {message}"
+            )))
+        };
+        for (index, credential) in self.callback.credentials.iter().enumerate() {
+            for (field, length) in [
+                ("username", credential.username.chars().count()),
+                ("password", credential.password.expose().chars().count()),
+            ] {
+                if length > MAX_CREDENTIAL_LENGTH {
+                    return fail(
+                        &format!("callback.credentials[{index}].{field}"),
+                        format!(
+                            "is {length} characters; ThingSpace allows at most {MAX_CREDENTIAL_LENGTH}"
+                        ),
+                    );
+                }
+            }
+        }
+        if self.callback.max_body_bytes < 1024 {
+            return fail(
+                "callback.max_body_bytes",
+                "must be at least 1024".to_owned(),
+            );
+        }
+        if self.storage.path.as_os_str().is_empty() {
+            return fail("storage.path", "must not be empty".to_owned());
+        }
+        if !(1..=10_000).contains(&self.storage.max_batch) {
+            return fail(
+                "storage.max_batch",
+                "must be between 1 and 10000".to_owned(),
+            );
+        }
+        let token_missing = self.api.token.as_ref().is_none_or(Secret::is_empty);
+        if !self.api.listen.ip().is_loopback() && token_missing {
+            return fail(
+                "api.token",
+                format!(
+                    "required because api.listen ({}) is not a loopback address",
+                    self.api.listen
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// The effective settings as TOML, secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        toml::to_string_pretty(self)
+            .unwrap_or_else(|error| format!("# cannot render settings: {error}\n"))
+    }
+}
+
+impl Serialize for Secret {
+    /// Serialising is for showing settings: the value never leaves masked.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(if self.is_empty() { "" } else { "********" })
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(Secret::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn environment(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let settings = Settings::load_with_environment(None, environment(&[])).unwrap();
+        assert_eq!(settings.callback.listen.to_string(), "0.0.0.0:9001");
+        assert_eq!(settings.api.listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(
+            settings.storage.path,
+            PathBuf::from("./data/m2m-listener.db")
+        );
+        assert_eq!(settings.storage.synchronous, Synchronous::Full);
+        assert_eq!(settings.callback.max_body_bytes, 16 * 1024 * 1024);
+        assert_eq!(
+            settings.storage.generated_credentials_path(),
+            PathBuf::from("./data/callback-credentials.toml")
+        );
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys() {
+        let settings = Settings::load_with_environment(
+            None,
+            environment(&[
+                ("M2M_STORAGE__PATH", "/var/lib/m2m/x.db"),
+                ("M2M_STORAGE__SYNCHRONOUS", "normal"),
+                ("M2M_CALLBACK__MAX_BODY_BYTES", "4096"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(settings.storage.path, PathBuf::from("/var/lib/m2m/x.db"));
+        assert_eq!(settings.storage.synchronous, Synchronous::Normal);
+        assert_eq!(settings.callback.max_body_bytes, 4096);
+    }
+
+    #[test]
+    fn a_bad_value_is_reported_with_its_key() {
+        let error = Settings::load_with_environment(
+            None,
+            environment(&[("M2M_STORAGE__SYNCHRONOUS", "sometimes")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("storage.synchronous"), "{error}");
+        let error = Settings::load_with_environment(
+            None,
+            environment(&[("M2M_API__LISTEN", "0.0.0.0:9090")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("api.token"), "{error}");
+    }
+
+    #[test]
+    fn credentials_longer_than_the_platform_allows_are_refused() {
+        let mut settings = Settings::default();
+        settings.callback.credentials.push(CredentialSettings {
+            username: "ops".to_owned(),
+            password: Secret::new("x".repeat(41)),
+            account: None,
+        });
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("callback.credentials[0].password"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn masked_output_hides_every_secret() {
+        let mut settings = Settings::default();
+        settings.callback.credentials.push(CredentialSettings {
+            username: "ops".to_owned(),
+            password: Secret::new("hunter2-very-secret"),
+            account: Some("0342077109-00001".to_owned()),
+        });
+        settings.api.token = Some(Secret::new("token-very-secret"));
+        let shown = settings.to_masked_toml();
+        assert!(!shown.contains("very-secret"), "{shown}");
+        assert!(
+            shown.contains("********") && shown.contains("username = \"ops\""),
+            "{shown}"
+        );
+    }
+}

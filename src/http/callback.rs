@@ -1,0 +1,243 @@
+//! The callback port: read, parse, authenticate, store, and only then acknowledge (spec §3).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode, header};
+use time::OffsetDateTime;
+
+use super::{HttpResponse, response};
+use crate::auth::Authenticator;
+use crate::parser::{self, Parsed};
+use crate::storage::{DeliveryContent, NewDelivery, Store};
+
+/// The acknowledgement the platform expects: any 2xx stops its retries.
+const SOAP_ACK: &str = concat!(
+    r#"<?xml version="1.0" encoding="utf-8"?>"#,
+    r#"<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body>"#,
+    r#"<CallbackResponse xmlns="http://nphase.com/unifiedwebservice/v2"/>"#,
+    r#"</s:Body></s:Envelope>"#
+);
+const XML: &str = "text/xml; charset=utf-8";
+/// Bodies larger than this are parsed on the blocking pool so that they do not stall the other
+/// connections served by the same worker.
+const PARSE_INLINE_LIMIT: usize = 256 * 1024;
+/// At most one "invalid credentials" log line per interval; the rest are counted in it.
+const UNAUTHORIZED_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+pub struct CallbackState {
+    pub store: Arc<dyn Store>,
+    pub authenticator: Authenticator,
+    pub max_body_bytes: u64,
+    /// When an unauthorized attempt was last logged, and how many were not logged since.
+    unauthorized_log: Mutex<(Option<Instant>, u64)>,
+}
+
+impl CallbackState {
+    pub fn new(store: Arc<dyn Store>, authenticator: Authenticator, max_body_bytes: u64) -> Self {
+        Self {
+            store,
+            authenticator,
+            max_body_bytes,
+            unauthorized_log: Mutex::new((None, 0)),
+        }
+    }
+
+    fn log_unauthorized(&self, peer: SocketAddr, username: &str) {
+        let Ok(mut last) = self.unauthorized_log.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        let (logged_at, suppressed) = &mut *last;
+        if logged_at.is_some_and(|at| now.duration_since(at) < UNAUTHORIZED_LOG_INTERVAL) {
+            *suppressed += 1;
+            return;
+        }
+        // The username helps spot a registration mismatch; the password is never logged.
+        let username: String = username.chars().take(40).collect();
+        tracing::warn!(
+            source = %peer.ip(),
+            username = %username,
+            suppressed_since_last = *suppressed,
+            "callback rejected: credentials do not match any configured pair (check RegisterCallback)"
+        );
+        *logged_at = Some(now);
+        *suppressed = 0;
+    }
+}
+
+pub async fn handle(
+    state: Arc<CallbackState>,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> HttpResponse {
+    let started = Instant::now();
+    if request.method() != Method::POST {
+        if matches!(*request.method(), Method::GET | Method::HEAD)
+            && request.uri().path() == "/healthz"
+        {
+            return response(StatusCode::OK, "text/plain; charset=utf-8", "ok\n");
+        }
+        let mut refused = fault(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Client",
+            "callbacks are POSTed",
+        );
+        refused
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+        return refused;
+    }
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let declared_length = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared_length.is_some_and(|length| length > state.max_body_bytes) {
+        return too_large(&state, peer, started);
+    }
+    let limit = usize::try_from(state.max_body_bytes).unwrap_or(usize::MAX);
+    let body = match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error)
+            if error
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return too_large(&state, peer, started);
+        }
+        Err(error) => {
+            tracing::info!(source = %peer.ip(), %error, "callback body could not be read");
+            return fault(
+                StatusCode::BAD_REQUEST,
+                "Client",
+                "the request body could not be read",
+            );
+        }
+    };
+    let received_at = OffsetDateTime::now_utc();
+
+    let parsed = parse_off_the_hot_path(body.clone()).await;
+    let (username, password, content) = match parsed {
+        Parsed::Callback(callback) => {
+            let (username, password) = (callback.username.clone(), callback.password.clone());
+            (username, password, DeliveryContent::Callback(callback))
+        }
+        Parsed::Unreadable(unreadable) => match unreadable.credentials.clone() {
+            Some((username, password)) => {
+                (username, password, DeliveryContent::Quarantined(unreadable))
+            }
+            None => {
+                tracing::info!(
+                    source = %peer.ip(), bytes = body.len(), reason = %unreadable.reason,
+                    latency_ms = elapsed_ms(started), result = "bad_request",
+                    "callback refused: not a callback and no credentials to check"
+                );
+                return fault(
+                    StatusCode::BAD_REQUEST,
+                    "Client",
+                    "the body is not a callback (XML with CallbackRequest)",
+                );
+            }
+        },
+    };
+    let Some(authenticated) = state.authenticator.verify(&username, &password) else {
+        state.log_unauthorized(peer, &username);
+        return fault(
+            StatusCode::FORBIDDEN,
+            "Client",
+            "invalid callback credentials",
+        );
+    };
+    drop(password);
+
+    let (kind, operation) = match &content {
+        DeliveryContent::Callback(callback) => {
+            (callback.kind.as_str(), callback.operation.as_str())
+        }
+        DeliveryContent::Quarantined(_) => ("unknown", "unknown"),
+    };
+    let request_id = content.request_id().unwrap_or_default().to_owned();
+    let callback_count = content.callback_count();
+    let size = body.len();
+    let delivery = NewDelivery {
+        received_at,
+        body,
+        content_type,
+        source_address: Some(peer.ip().to_string()),
+        account: authenticated.account,
+        content,
+    };
+    match state.store.submit(delivery).await {
+        Ok(receipt) => {
+            tracing::info!(
+                delivery_id = receipt.delivery_id, request_id = %request_id, kind, operation,
+                callback_count, bytes = size, result = receipt.result.as_str(), latency_ms = elapsed_ms(started),
+                "callback acknowledged"
+            );
+            response(StatusCode::OK, XML, SOAP_ACK)
+        }
+        Err(error) => {
+            tracing::error!(
+                request_id = %request_id, kind, bytes = size, result = "unavailable", %error,
+                latency_ms = elapsed_ms(started), "callback not stored; answered 503 so the platform retries"
+            );
+            fault(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Server",
+                "storage unavailable; retry later",
+            )
+        }
+    }
+}
+
+async fn parse_off_the_hot_path(body: Bytes) -> Parsed {
+    if body.len() <= PARSE_INLINE_LIMIT {
+        return parser::parse(&body);
+    }
+    let for_fallback = body.clone();
+    match tokio::task::spawn_blocking(move || parser::parse(&body)).await {
+        Ok(parsed) => parsed,
+        // The blocking pool is gone (shutting down): parse here rather than lose the callback.
+        Err(_) => parser::parse(&for_fallback),
+    }
+}
+
+fn too_large(state: &CallbackState, peer: SocketAddr, started: Instant) -> HttpResponse {
+    tracing::info!(
+        source = %peer.ip(), limit = state.max_body_bytes, result = "too_large", latency_ms = elapsed_ms(started),
+        "callback refused: body over callback.max_body_bytes"
+    );
+    fault(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "Client",
+        "body exceeds the configured limit",
+    )
+}
+
+fn elapsed_ms(started: Instant) -> f64 {
+    started.elapsed().as_secs_f64() * 1000.0
+}
+
+/// A short SOAP fault; `code` is `Client` (do not retry as-is) or `Server` (retry).
+fn fault(status: StatusCode, code: &str, message: &str) -> HttpResponse {
+    let body = format!(
+        concat!(
+            r#"<?xml version="1.0" encoding="utf-8"?>"#,
+            r#"<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body><s:Fault>"#,
+            r#"<faultcode>s:{}</faultcode><faultstring>{}</faultstring>"#,
+            r#"</s:Fault></s:Body></s:Envelope>"#
+        ),
+        code, message
+    );
+    response(status, XML, body)
+}

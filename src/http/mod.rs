@@ -1,0 +1,114 @@
+//! The HTTP edge: the callback port ([`callback`]) and the operator API port ([`api`]), both
+//! served by [`serve`], which owns accepting, keep-alive and graceful shutdown.
+
+pub mod api;
+pub mod callback;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode, header};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub type HttpResponse = Response<Full<Bytes>>;
+
+/// A client that has not sent its request headers by then is disconnected.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `handler` on `listener` until `shutdown` turns true, then stops accepting, lets in-flight
+/// requests finish (at most `drain_timeout`) and returns. `name` labels the log lines.
+pub async fn serve<H, F>(
+    name: &'static str,
+    listener: TcpListener,
+    handler: H,
+    mut shutdown: watch::Receiver<bool>,
+    drain_timeout: Duration,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = HttpResponse> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Typically EMFILE: back off instead of spinning.
+                        tracing::warn!(server = name, %error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let handler = handler.clone();
+                let service = service_fn(move |request| {
+                    let response = handler(request, peer);
+                    async move { Ok::<_, Infallible>(response.await) }
+                });
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(server = name, %peer, %error, "connection ended with an error");
+                    }
+                });
+            }
+            () = stop_requested(&mut shutdown) => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!(server = name, "all connections drained"),
+        () = tokio::time::sleep(drain_timeout) => {
+            tracing::warn!(server = name, timeout_s = drain_timeout.as_secs(), "drain timed out; closing remaining connections");
+        }
+    }
+}
+
+/// Completes once `shutdown` turns true (or its sender is gone).
+async fn stop_requested(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send: drop it here, not across the caller's await.
+    let _ = shutdown.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+pub(crate) fn response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> HttpResponse {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+pub(crate) fn json_response(status: StatusCode, value: &impl serde::Serialize) -> HttpResponse {
+    match serde_json::to_vec(value) {
+        Ok(body) => response(status, "application/json", body),
+        Err(error) => {
+            tracing::error!(%error, "failed to serialise a response");
+            response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "application/json",
+                r#"{"error":{"code":"INTERNAL","message":"failed to serialise the response"}}"#,
+            )
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Wiring: open storage, resolve credentials, bind both ports, run until told to stop.
+//!
+//! [`Application::build`] binds the listeners, so tests can configure port 0 and read the real
+//! addresses before [`Application::run_until_stopped`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::auth::{self, Authenticator, CredentialSource};
+use crate::configuration::Settings;
+use crate::http::{self, api::ApiState, callback::CallbackState};
+use crate::storage::Store;
+use crate::storage::sqlite::SqliteStore;
+
+pub struct Application {
+    callback_listener: TcpListener,
+    api_listener: TcpListener,
+    store: Arc<SqliteStore>,
+    callback_state: Arc<CallbackState>,
+    api_state: Arc<ApiState>,
+    drain_timeout: Duration,
+    /// Where the accepted callback credentials came from; the CLI tells the operator.
+    pub credential_source: CredentialSource,
+}
+
+impl Application {
+    pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        let store = Arc::new(SqliteStore::open(&settings.storage)?);
+        let (credentials, credential_source) = auth::resolve_credentials(
+            &settings.callback.credentials,
+            &settings.storage.generated_credentials_path(),
+        )?;
+        let callback_listener = TcpListener::bind(settings.callback.listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "failed to listen for callbacks on {}",
+                    settings.callback.listen
+                )
+            })?;
+        let api_listener = TcpListener::bind(settings.api.listen)
+            .await
+            .with_context(|| format!("failed to listen for the API on {}", settings.api.listen))?;
+        let shared_store: Arc<dyn Store> = store.clone();
+        let callback_state = Arc::new(CallbackState::new(
+            Arc::clone(&shared_store),
+            Authenticator::new(&credentials),
+            settings.callback.max_body_bytes,
+        ));
+        let readiness_timeout =
+            Duration::from_millis(settings.storage.busy_timeout_ms) + Duration::from_secs(2);
+        let api_state = Arc::new(ApiState::new(
+            shared_store,
+            settings.api.token.as_ref(),
+            readiness_timeout,
+        ));
+        Ok(Self {
+            callback_listener,
+            api_listener,
+            store,
+            callback_state,
+            api_state,
+            drain_timeout: Duration::from_secs(settings.shutdown.drain_timeout_s),
+            credential_source,
+        })
+    }
+
+    pub fn callback_address(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.callback_listener.local_addr()?)
+    }
+
+    pub fn api_address(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.api_listener.local_addr()?)
+    }
+
+    pub fn database_path(&self) -> &std::path::Path {
+        self.store.path()
+    }
+
+    /// Serves until `shutdown` completes; then stops accepting, lets in-flight callbacks commit and
+    /// be answered, and finishes the queued writes before returning.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let (stop, stopped) = watch::channel(false);
+        let callback_state = self.callback_state;
+        let callback_server = tokio::spawn(http::serve(
+            "callback",
+            self.callback_listener,
+            move |request, peer| http::callback::handle(Arc::clone(&callback_state), request, peer),
+            stopped.clone(),
+            self.drain_timeout,
+        ));
+        let api_state = self.api_state;
+        let api_server = tokio::spawn(http::serve(
+            "api",
+            self.api_listener,
+            move |request, peer| http::api::handle(Arc::clone(&api_state), request, peer),
+            stopped,
+            self.drain_timeout,
+        ));
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; finishing in-flight callbacks");
+        let _ = stop.send(true);
+        let (callback_result, api_result) = tokio::join!(callback_server, api_server);
+        self.store.close().await;
+        callback_result.context("callback server task failed")?;
+        api_result.context("API server task failed")?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+}

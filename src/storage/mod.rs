@@ -1,0 +1,170 @@
+//! Storage: the only place that knows SQL.
+//!
+//! [`Store`] is the narrow interface the HTTP edge uses; [`sqlite::SqliteStore`] implements it on
+//! one SQLite file (a PostgreSQL backend implements the same trait). The contract that matters:
+//! [`Store::submit`] returns `Ok` only once the delivery is committed durably, and stores a
+//! re-delivery of a stored message as a duplicate, atomically, however many arrive at once.
+
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::domain::{Callback, DeliveryResult, UnreadableBody};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One accepted POST, authenticated, ready to be stored.
+#[derive(Debug)]
+pub struct NewDelivery {
+    pub received_at: OffsetDateTime,
+    /// The body exactly as received.
+    pub body: Bytes,
+    pub content_type: Option<String>,
+    /// The peer address (or the forwarded client address from a trusted proxy).
+    pub source_address: Option<String>,
+    /// The account label of the credential pair that matched.
+    pub account: Option<String>,
+    pub content: DeliveryContent,
+}
+
+#[derive(Debug)]
+pub enum DeliveryContent {
+    Callback(Box<Callback>),
+    /// Kept as-is for an operator to look at and re-process.
+    Quarantined(Box<UnreadableBody>),
+}
+
+impl DeliveryContent {
+    pub fn dedup_key(&self) -> &[u8; 32] {
+        match self {
+            DeliveryContent::Callback(callback) => &callback.dedup_key,
+            DeliveryContent::Quarantined(unreadable) => &unreadable.dedup_key,
+        }
+    }
+
+    pub fn request_id(&self) -> Option<&str> {
+        match self {
+            DeliveryContent::Callback(callback) => callback.request_id.as_deref(),
+            DeliveryContent::Quarantined(unreadable) => unreadable.request_id.as_deref(),
+        }
+    }
+
+    pub fn callback_count(&self) -> Option<u32> {
+        match self {
+            DeliveryContent::Callback(callback) => callback.callback_count,
+            DeliveryContent::Quarantined(unreadable) => unreadable.callback_count,
+        }
+    }
+}
+
+/// What the store did with a delivery. Returned only after the commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub delivery_id: i64,
+    pub result: DeliveryResult,
+    /// For a duplicate: the delivery that stored the message first.
+    pub duplicate_of: Option<i64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot commit now (locked, read-only, disk full, I/O error); it may recover.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// The store is shutting down and takes no more writes.
+    #[error("storage is shutting down")]
+    Closed,
+    /// A fault specific to this request.
+    #[error("storage error: {0}")]
+    Internal(String),
+}
+
+/// A filter for the delivery listing.
+#[derive(Clone, Debug, Default)]
+pub struct DeliveryQuery {
+    pub request_id: Option<String>,
+    pub result: Option<DeliveryResult>,
+    pub limit: u32,
+    /// Deliveries with ids below this one (newest first).
+    pub before_id: Option<i64>,
+}
+
+/// A delivery as the API shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeliveryRecord {
+    pub id: i64,
+    pub received_at: String,
+    pub form: Option<String>,
+    pub kind: Option<String>,
+    pub operation: Option<String>,
+    pub request_id: Option<String>,
+    pub callback_count: Option<i64>,
+    pub max_callback_threshold: Option<i64>,
+    pub result: String,
+    pub duplicate_of: Option<i64>,
+    /// Re-deliveries of this message received after it was stored.
+    pub duplicates: i64,
+    /// Body size in bytes.
+    pub size: i64,
+    pub content_type: Option<String>,
+    pub account: Option<String>,
+    pub status: Option<String>,
+    pub fault_code: Option<String>,
+    pub parse_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// The raw body of a delivery, or why it is not there.
+#[derive(Debug)]
+pub enum RawBody {
+    Found {
+        content_type: Option<String>,
+        body: Vec<u8>,
+    },
+    /// A re-delivery: only the first delivery's body is kept.
+    Duplicate {
+        duplicate_of: i64,
+    },
+    /// Pruned after `storage.retention_days`.
+    Pruned,
+    NotFound,
+}
+
+/// The storage interface of the HTTP edge.
+pub trait Store: Send + Sync + 'static {
+    /// Stores the delivery and returns once it is committed durably.
+    fn submit(&self, delivery: NewDelivery) -> BoxFuture<'_, Result<Receipt, StoreError>>;
+
+    /// Whether a write can be committed now (readiness).
+    fn check_writable(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    fn list_deliveries(
+        &self,
+        query: DeliveryQuery,
+    ) -> BoxFuture<'_, Result<Page<DeliveryRecord>, StoreError>>;
+
+    fn raw_body(&self, delivery_id: i64) -> BoxFuture<'_, Result<RawBody, StoreError>>;
+
+    /// Finishes queued writes and stops taking new ones.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}
+
+/// RFC 3339 UTC with microseconds, fixed width so that text order is time order.
+pub fn timestamp(at: OffsetDateTime) -> String {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+    );
+    at.format(&format)
+        .unwrap_or_else(|_| at.unix_timestamp().to_string())
+}

@@ -1,0 +1,699 @@
+//! The embedded backend: one SQLite file in WAL mode.
+//!
+//! One writer thread owns the read-write connection. It takes every delivery queued since its last
+//! commit, writes them in one transaction (each in its own savepoint, so one bad delivery cannot
+//! fail the others), commits once, and only then answers each submitter: group commit, so that
+//! 64 concurrent callbacks cost about one fsync rather than 64. Readers use their own read-only
+//! connections on the blocking pool and never wait for the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    BoxFuture, DeliveryContent, DeliveryQuery, DeliveryRecord, NewDelivery, Page, RawBody, Receipt,
+    Store, StoreError, timestamp,
+};
+use crate::configuration::StorageSettings;
+use crate::domain::{Callback, DeliveryResult, DeviceOutcome};
+
+/// Schema versions, applied in order; `PRAGMA user_version` records how many have been applied.
+/// Never edit an applied migration: add a new one.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE deliveries (
+    id                     INTEGER PRIMARY KEY,
+    received_at            TEXT NOT NULL,
+    form                   TEXT,
+    kind                   TEXT,
+    operation              TEXT,
+    request_id             TEXT,
+    callback_count         INTEGER,
+    max_callback_threshold INTEGER,
+    dedup_key              BLOB NOT NULL,
+    result                 TEXT NOT NULL CHECK (result IN ('stored', 'duplicate', 'quarantined')),
+    duplicate_of           INTEGER REFERENCES deliveries (id),
+    duplicates             INTEGER NOT NULL DEFAULT 0,
+    size                   INTEGER NOT NULL,
+    content_type           TEXT,
+    source_address         TEXT,
+    account                TEXT,
+    status                 TEXT,
+    fault_code             TEXT,
+    fault_message          TEXT,
+    comment                TEXT,
+    details                TEXT,
+    parse_error            TEXT
+);
+-- One first delivery per message: re-deliveries (duplicate_of set) are outside the index, so a
+-- concurrent re-delivery cannot be stored twice whatever the interleaving.
+CREATE UNIQUE INDEX deliveries_message ON deliveries (dedup_key) WHERE duplicate_of IS NULL;
+CREATE INDEX deliveries_request ON deliveries (request_id, id);
+CREATE INDEX deliveries_result ON deliveries (result, id);
+
+CREATE TABLE raw_bodies (
+    delivery_id INTEGER PRIMARY KEY REFERENCES deliveries (id),
+    body        BLOB NOT NULL
+);
+
+CREATE TABLE device_outcomes (
+    id            INTEGER PRIMARY KEY,
+    delivery_id   INTEGER NOT NULL REFERENCES deliveries (id),
+    request_id    TEXT,
+    operation     TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    line_status   TEXT,
+    fault_code    TEXT,
+    fault_message TEXT,
+    state         TEXT,
+    service_plan  TEXT,
+    ip_address    TEXT,
+    mdn           TEXT,
+    details       TEXT,
+    received_at   TEXT NOT NULL
+);
+CREATE INDEX device_outcomes_request ON device_outcomes (request_id, id);
+CREATE INDEX device_outcomes_delivery ON device_outcomes (delivery_id);
+
+-- Every identifier of a device outcome: a lookup by any (kind, identifier) pair finds it.
+CREATE TABLE outcome_identifiers (
+    kind       TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    outcome_id INTEGER NOT NULL REFERENCES device_outcomes (id),
+    PRIMARY KEY (kind, identifier, outcome_id)
+) WITHOUT ROWID;
+CREATE INDEX outcome_identifiers_outcome ON outcome_identifiers (outcome_id);
+
+CREATE TABLE upload_summaries (
+    delivery_id   INTEGER PRIMARY KEY REFERENCES deliveries (id),
+    request_id    TEXT,
+    account_name  TEXT,
+    device_sku    TEXT,
+    total_lines   INTEGER,
+    pending_lines INTEGER,
+    success_lines INTEGER,
+    failed_lines  INTEGER,
+    package_error TEXT
+);
+CREATE INDEX upload_summaries_request ON upload_summaries (request_id);
+
+-- Written by the readiness probe: proves a commit can go through right now.
+CREATE TABLE heartbeat (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_at TEXT NOT NULL
+);
+"#];
+
+/// Idle read-only connections kept for reuse.
+const MAX_IDLE_READERS: usize = 4;
+/// Queued writes waiting for the writer; submitters wait (back-pressure) beyond this.
+const WRITE_QUEUE: usize = 4096;
+
+enum Command {
+    Write(
+        Box<NewDelivery>,
+        oneshot::Sender<Result<Receipt, StoreError>>,
+    ),
+    Probe(oneshot::Sender<Result<(), StoreError>>),
+    Shutdown,
+}
+
+pub struct SqliteStore {
+    /// The writer thread's queue.
+    commands: mpsc::Sender<Command>,
+    /// Joined on close, so that the last commit happens before the process exits.
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    readers: Arc<Readers>,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database, applies migrations and starts the writer thread.
+    pub fn open(settings: &StorageSettings) -> anyhow::Result<Self> {
+        let path = settings.path.clone();
+        if let Some(directory) = path
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(directory).with_context(|| {
+                format!(
+                    "failed to create database directory {}",
+                    directory.display()
+                )
+            })?;
+        }
+        let mut connection = open_writer(&path, settings)
+            .with_context(|| format!("failed to open database at {}", path.display()))?;
+        migrate(&mut connection)
+            .with_context(|| format!("failed to migrate database at {}", path.display()))?;
+
+        let (commands, receiver) = mpsc::channel(WRITE_QUEUE);
+        let writer = Writer {
+            connection: Some(connection),
+            path: path.clone(),
+            settings: settings.clone(),
+        };
+        let writer_thread = std::thread::Builder::new()
+            .name("sqlite-writer".to_owned())
+            .spawn(move || writer.run(receiver))
+            .context("failed to start the SQLite writer thread")?;
+        Ok(Self {
+            commands,
+            writer_thread: Mutex::new(Some(writer_thread)),
+            readers: Arc::new(Readers {
+                path: path.clone(),
+                idle: Mutex::new(Vec::new()),
+            }),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        query: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || readers.with(query))
+            .await
+            .map_err(|error| StoreError::Internal(format!("reader task failed: {error}")))?
+    }
+}
+
+impl Store for SqliteStore {
+    fn submit(&self, delivery: NewDelivery) -> BoxFuture<'_, Result<Receipt, StoreError>> {
+        Box::pin(async move {
+            let (reply, receipt) = oneshot::channel();
+            self.commands
+                .send(Command::Write(Box::new(delivery), reply))
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            receipt.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    fn check_writable(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            self.commands
+                .send(Command::Probe(reply))
+                .await
+                .map_err(|_| StoreError::Closed)?;
+            answer.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+
+    fn list_deliveries(
+        &self,
+        query: DeliveryQuery,
+    ) -> BoxFuture<'_, Result<Page<DeliveryRecord>, StoreError>> {
+        Box::pin(self.read(move |connection| list_deliveries(connection, &query)))
+    }
+
+    fn raw_body(&self, delivery_id: i64) -> BoxFuture<'_, Result<RawBody, StoreError>> {
+        Box::pin(self.read(move |connection| raw_body(connection, delivery_id)))
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // Queued writes ahead of this command are still committed and answered.
+            let _ = self.commands.send(Command::Shutdown).await;
+            let thread = self
+                .writer_thread
+                .lock()
+                .ok()
+                .and_then(|mut thread| thread.take());
+            if let Some(thread) = thread {
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            }
+        })
+    }
+}
+
+fn open_writer(path: &Path, settings: &StorageSettings) -> rusqlite::Result<Connection> {
+    let connection = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    connection.busy_timeout(Duration::from_millis(settings.busy_timeout_ms))?;
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", settings.synchronous.pragma_value())?;
+    connection.pragma_update(None, "foreign_keys", "ON")?;
+    connection.set_prepared_statement_cache_capacity(32);
+    Ok(connection)
+}
+
+fn migrate(connection: &mut Connection) -> anyhow::Result<()> {
+    let applied: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    let applied = usize::try_from(applied).unwrap_or(0);
+    anyhow::ensure!(
+        applied <= MIGRATIONS.len(),
+        "the database schema is version {applied}, newer than this build knows ({}): upgrade m2m-listener",
+        MIGRATIONS.len()
+    );
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        transaction.execute_batch(migration)?;
+        transaction.pragma_update(
+            None,
+            "user_version",
+            i64::try_from(index + 1).unwrap_or(i64::MAX),
+        )?;
+        transaction.commit()?;
+        tracing::info!(version = index + 1, "applied database migration");
+    }
+    Ok(())
+}
+
+/// The writer thread's state.
+struct Writer {
+    /// `None` after a fault that may have left the connection unusable (read-only file, I/O
+    /// error); the next batch reopens it, which is how the store recovers without a restart.
+    connection: Option<Connection>,
+    path: PathBuf,
+    settings: StorageSettings,
+}
+
+impl Writer {
+    fn run(mut self, mut receiver: mpsc::Receiver<Command>) {
+        while let Some(first) = receiver.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < self.settings.max_batch {
+                match receiver.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            let mut writes = Vec::with_capacity(batch.len());
+            let mut probes = Vec::new();
+            for command in batch {
+                match command {
+                    Command::Write(delivery, reply) => writes.push((delivery, reply)),
+                    Command::Probe(reply) => probes.push(reply),
+                    // Stop taking commands; those already queued are still drained below.
+                    Command::Shutdown => receiver.close(),
+                }
+            }
+            if !writes.is_empty() || !probes.is_empty() {
+                self.commit_batch(writes, probes);
+            }
+        }
+        tracing::debug!("SQLite writer stopped");
+    }
+
+    fn commit_batch(
+        &mut self,
+        writes: Vec<(
+            Box<NewDelivery>,
+            oneshot::Sender<Result<Receipt, StoreError>>,
+        )>,
+        probes: Vec<oneshot::Sender<Result<(), StoreError>>>,
+    ) {
+        let outcome = self.connection().and_then(|connection| {
+            let deliveries: Vec<&NewDelivery> = writes
+                .iter()
+                .map(|(delivery, _)| delivery.as_ref())
+                .collect();
+            write_batch(connection, &deliveries)
+        });
+        match outcome {
+            Ok(results) => {
+                for ((_, reply), result) in writes.into_iter().zip(results) {
+                    let _ = reply.send(result);
+                }
+                for probe in probes {
+                    let _ = probe.send(Ok(()));
+                }
+            }
+            Err(error) => {
+                let message = describe(&error);
+                tracing::error!(error = %message, deliveries = writes.len(), "commit failed; answering 503");
+                if needs_reopen(&error) {
+                    self.connection = None;
+                }
+                for (_, reply) in writes {
+                    let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
+                }
+                for probe in probes {
+                    let _ = probe.send(Err(StoreError::Unavailable(message.clone())));
+                }
+            }
+        }
+    }
+
+    fn connection(&mut self) -> rusqlite::Result<&mut Connection> {
+        if self.connection.is_none() {
+            // The schema was migrated at open; a reopen only restores the connection.
+            let connection = open_writer(&self.path, &self.settings)?;
+            tracing::info!(path = %self.path.display(), "reopened the database for writing");
+            self.connection = Some(connection);
+        }
+        self.connection
+            .as_mut()
+            .ok_or(rusqlite::Error::InvalidQuery)
+    }
+}
+
+/// Writes every delivery and the heartbeat in one transaction. `Err` means nothing was committed;
+/// `Ok` holds one result per delivery, all committed except those that failed on their own.
+fn write_batch(
+    connection: &mut Connection,
+    deliveries: &[&NewDelivery],
+) -> rusqlite::Result<Vec<Result<Receipt, StoreError>>> {
+    let mut transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut results = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        let savepoint = transaction.savepoint()?;
+        match insert_delivery(&savepoint, delivery) {
+            Ok(receipt) => {
+                savepoint.commit()?;
+                results.push(Ok(receipt));
+            }
+            Err(error) if is_storage_wide(&error) => return Err(error),
+            Err(error) => {
+                // Dropping the savepoint rolls back this delivery only.
+                drop(savepoint);
+                tracing::error!(error = %describe(&error), "delivery could not be stored");
+                results.push(Err(StoreError::Internal(describe(&error))));
+            }
+        }
+    }
+    transaction.execute(
+        "INSERT INTO heartbeat (id, checked_at) VALUES (1, ?1)
+         ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+        [timestamp(OffsetDateTime::now_utc())],
+    )?;
+    transaction.commit()?;
+    Ok(results)
+}
+
+fn insert_delivery(transaction: &Connection, delivery: &NewDelivery) -> rusqlite::Result<Receipt> {
+    let received_at = timestamp(delivery.received_at);
+    let (callback, parse_error) = match &delivery.content {
+        DeliveryContent::Callback(callback) => (Some(callback.as_ref()), None),
+        DeliveryContent::Quarantined(unreadable) => (None, Some(unreadable.reason.as_str())),
+    };
+    let first_result = if callback.is_some() {
+        DeliveryResult::Stored
+    } else {
+        DeliveryResult::Quarantined
+    };
+    let fault = callback.and_then(|callback| callback.fault.as_ref());
+    let insert = |result: DeliveryResult, duplicate_of: Option<i64>| -> rusqlite::Result<usize> {
+        transaction.prepare_cached(
+            "INSERT INTO deliveries (received_at, form, kind, operation, request_id, callback_count,
+                 max_callback_threshold, dedup_key, result, duplicate_of, size, content_type, source_address,
+                 account, status, fault_code, fault_message, comment, details, parse_error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)
+             ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![
+            received_at,
+            callback.map(|callback| callback.form.as_str()),
+            callback.map(|callback| callback.kind.as_str()),
+            callback.map(|callback| callback.operation.as_str()),
+            delivery.content.request_id(),
+            delivery.content.callback_count(),
+            callback.and_then(|callback| callback.max_callback_threshold),
+            &delivery.content.dedup_key()[..],
+            result.as_str(),
+            duplicate_of,
+            i64::try_from(delivery.body.len()).unwrap_or(i64::MAX),
+            delivery.content_type,
+            delivery.source_address,
+            delivery.account,
+            callback.and_then(|callback| callback.status.as_deref()),
+            fault.map(|fault| fault.code.as_str()),
+            fault.map(|fault| fault.message.as_str()),
+            callback.and_then(|callback| callback.comment.as_deref()),
+            callback.and_then(|callback| callback.details.as_ref()).map(|details| details.to_string()),
+            parse_error,
+        ])
+    };
+
+    if insert(first_result, None)? == 0 {
+        // The message is already stored: record this re-delivery against the first one.
+        let original: i64 = transaction
+            .prepare_cached(
+                "SELECT id FROM deliveries WHERE dedup_key = ?1 AND duplicate_of IS NULL",
+            )?
+            .query_row([&delivery.content.dedup_key()[..]], |row| row.get(0))?;
+        transaction
+            .prepare_cached("UPDATE deliveries SET duplicates = duplicates + 1 WHERE id = ?1")?
+            .execute([original])?;
+        insert(DeliveryResult::Duplicate, Some(original))?;
+        return Ok(Receipt {
+            delivery_id: transaction.last_insert_rowid(),
+            result: DeliveryResult::Duplicate,
+            duplicate_of: Some(original),
+        });
+    }
+    let delivery_id = transaction.last_insert_rowid();
+    transaction
+        .prepare_cached("INSERT INTO raw_bodies (delivery_id, body) VALUES (?1, ?2)")?
+        .execute(params![delivery_id, &delivery.body[..]])?;
+    if let Some(callback) = callback {
+        insert_outcomes(transaction, delivery_id, &received_at, callback)?;
+    }
+    Ok(Receipt {
+        delivery_id,
+        result: first_result,
+        duplicate_of: None,
+    })
+}
+
+fn insert_outcomes(
+    transaction: &Connection,
+    delivery_id: i64,
+    received_at: &str,
+    callback: &Callback,
+) -> rusqlite::Result<()> {
+    let mut insert_outcome = transaction.prepare_cached(
+        "INSERT INTO device_outcomes (delivery_id, request_id, operation, status, line_status, fault_code,
+             fault_message, state, service_plan, ip_address, mdn, details, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )?;
+    let mut insert_identifier = transaction.prepare_cached(
+        "INSERT OR IGNORE INTO outcome_identifiers (kind, identifier, outcome_id) VALUES (?1, ?2, ?3)",
+    )?;
+    for outcome in &callback.outcomes {
+        let DeviceOutcome {
+            identifiers,
+            status,
+            line_status,
+            fault,
+            state,
+            service_plan,
+            ip_address,
+            mdn,
+            details,
+        } = outcome;
+        insert_outcome.execute(params![
+            delivery_id,
+            callback.request_id,
+            callback.operation.as_str(),
+            status.as_str(),
+            line_status,
+            fault.as_ref().map(|fault| fault.code.as_str()),
+            fault.as_ref().map(|fault| fault.message.as_str()),
+            state,
+            service_plan,
+            ip_address,
+            mdn,
+            details.as_ref().map(|details| details.to_string()),
+            received_at,
+        ])?;
+        let outcome_id = transaction.last_insert_rowid();
+        for identifier in identifiers {
+            insert_identifier.execute(params![identifier.kind, identifier.id, outcome_id])?;
+        }
+    }
+    if let Some(upload) = &callback.upload {
+        let count = |value: Option<u64>| value.and_then(|value| i64::try_from(value).ok());
+        transaction
+            .prepare_cached(
+                "INSERT INTO upload_summaries (delivery_id, request_id, account_name, device_sku, total_lines,
+                     pending_lines, success_lines, failed_lines, package_error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                delivery_id,
+                callback.request_id,
+                upload.account_name,
+                upload.device_sku,
+                count(upload.total_lines),
+                count(upload.pending_lines),
+                count(upload.success_lines),
+                count(upload.failed_lines),
+                upload.package_error,
+            ])?;
+    }
+    Ok(())
+}
+
+fn error_code(error: &rusqlite::Error) -> Option<ErrorCode> {
+    match error {
+        rusqlite::Error::SqliteFailure(failure, _) => Some(failure.code),
+        _ => None,
+    }
+}
+
+/// Faults of the database as a whole, not of one delivery: the batch cannot commit.
+fn is_storage_wide(error: &rusqlite::Error) -> bool {
+    matches!(
+        error_code(error),
+        Some(
+            ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::ReadOnly
+                | ErrorCode::DiskFull
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::CannotOpen
+                | ErrorCode::DatabaseCorrupt
+                | ErrorCode::NotADatabase
+                | ErrorCode::OutOfMemory
+        )
+    )
+}
+
+fn needs_reopen(error: &rusqlite::Error) -> bool {
+    is_storage_wide(error)
+        && !matches!(
+            error_code(error),
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+        )
+}
+
+fn describe(error: &rusqlite::Error) -> String {
+    match error_code(error) {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            "the database is locked by another connection for longer than storage.busy_timeout_ms"
+                .to_owned()
+        }
+        Some(ErrorCode::ReadOnly) => "the database is read-only".to_owned(),
+        Some(ErrorCode::DiskFull) => "the disk (or the database's page limit) is full".to_owned(),
+        _ => error.to_string(),
+    }
+}
+
+/// Read-only connections for the API, reused across requests.
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    fn with<T>(
+        &self,
+        query: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let connection = match idle {
+            Some(connection) => connection,
+            None => Connection::open_with_flags(
+                &self.path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .and_then(|connection| {
+                connection.busy_timeout(Duration::from_secs(5))?;
+                Ok(connection)
+            })
+            .map_err(|error| StoreError::Unavailable(describe(&error)))?,
+        };
+        let result = query(&connection).map_err(|error| {
+            if is_storage_wide(&error) {
+                StoreError::Unavailable(describe(&error))
+            } else {
+                StoreError::Internal(describe(&error))
+            }
+        });
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < MAX_IDLE_READERS {
+                idle.push(connection);
+            }
+        }
+        result
+    }
+}
+
+fn list_deliveries(
+    connection: &Connection,
+    query: &DeliveryQuery,
+) -> rusqlite::Result<Page<DeliveryRecord>> {
+    let limit = i64::from(query.limit.max(1));
+    let mut statement = connection.prepare_cached(
+        "SELECT id, received_at, form, kind, operation, request_id, callback_count, max_callback_threshold,
+                result, duplicate_of, duplicates, size, content_type, account, status, fault_code, parse_error
+         FROM deliveries
+         WHERE (?1 IS NULL OR request_id = ?1)
+           AND (?2 IS NULL OR result = ?2)
+           AND (?3 IS NULL OR id < ?3)
+         ORDER BY id DESC
+         LIMIT ?4",
+    )?;
+    let mut items = statement
+        .query_map(
+            params![
+                query.request_id,
+                query.result.map(DeliveryResult::as_str),
+                query.before_id,
+                limit + 1
+            ],
+            |row| {
+                Ok(DeliveryRecord {
+                    id: row.get(0)?,
+                    received_at: row.get(1)?,
+                    form: row.get(2)?,
+                    kind: row.get(3)?,
+                    operation: row.get(4)?,
+                    request_id: row.get(5)?,
+                    callback_count: row.get(6)?,
+                    max_callback_threshold: row.get(7)?,
+                    result: row.get(8)?,
+                    duplicate_of: row.get(9)?,
+                    duplicates: row.get(10)?,
+                    size: row.get(11)?,
+                    content_type: row.get(12)?,
+                    account: row.get(13)?,
+                    status: row.get(14)?,
+                    fault_code: row.get(15)?,
+                    parse_error: row.get(16)?,
+                })
+            },
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let more = items.len() as i64 > limit;
+    items.truncate(limit as usize);
+    let next_cursor = more
+        .then(|| items.last().map(|last| last.id.to_string()))
+        .flatten();
+    Ok(Page { items, next_cursor })
+}
+
+fn raw_body(connection: &Connection, delivery_id: i64) -> rusqlite::Result<RawBody> {
+    let row: Option<(Option<String>, Option<i64>, Option<Vec<u8>>)> = connection
+        .prepare_cached(
+            "SELECT d.content_type, d.duplicate_of, r.body
+             FROM deliveries d LEFT JOIN raw_bodies r ON r.delivery_id = d.id
+             WHERE d.id = ?1",
+        )?
+        .query_row([delivery_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .optional()?;
+    Ok(match row {
+        None => RawBody::NotFound,
+        Some((content_type, _, Some(body))) => RawBody::Found { content_type, body },
+        Some((_, Some(duplicate_of), None)) => RawBody::Duplicate { duplicate_of },
+        Some((_, None, None)) => RawBody::Pruned,
+    })
+}
