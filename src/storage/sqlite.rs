@@ -113,6 +113,9 @@ const MAX_IDLE_READERS: usize = 4;
 /// Queued writes waiting for the writer; submitters wait (back-pressure) beyond this.
 const WRITE_QUEUE: usize = 4096;
 
+/// Where the writer sends a delivery's receipt once its batch has committed (or failed).
+type ReceiptSender = oneshot::Sender<Result<Receipt, StoreError>>;
+
 enum Command {
     Write(
         Box<NewDelivery>,
@@ -312,10 +315,7 @@ impl Writer {
 
     fn commit_batch(
         &mut self,
-        writes: Vec<(
-            Box<NewDelivery>,
-            oneshot::Sender<Result<Receipt, StoreError>>,
-        )>,
+        writes: Vec<(Box<NewDelivery>, ReceiptSender)>,
         probes: Vec<oneshot::Sender<Result<(), StoreError>>>,
     ) {
         let outcome = self.connection().and_then(|connection| {
@@ -680,7 +680,8 @@ fn list_deliveries(
 }
 
 fn raw_body(connection: &Connection, delivery_id: i64) -> rusqlite::Result<RawBody> {
-    let row: Option<(Option<String>, Option<i64>, Option<Vec<u8>>)> = connection
+    type RawRow = (Option<String>, Option<i64>, Option<Vec<u8>>);
+    let row: Option<RawRow> = connection
         .prepare_cached(
             "SELECT d.content_type, d.duplicate_of, r.body
              FROM deliveries d LEFT JOIN raw_bodies r ON r.delivery_id = d.id

@@ -1,0 +1,7 @@
+//! Integration tests against the real listener: port 0, a temporary SQLite file, real payloads.
+
+mod binary;
+mod callbacks;
+mod deliveries;
+mod helpers;
+mod storage_faults;
