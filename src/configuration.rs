@@ -109,8 +109,6 @@ pub struct StorageSettings {
     pub busy_timeout_ms: u64,
     /// The most deliveries committed in one transaction (group commit).
     pub max_batch: usize,
-    /// Raw bodies older than this are pruned (outcomes are kept).
-    pub retention_days: u32,
 }
 
 impl Default for StorageSettings {
@@ -120,7 +118,6 @@ impl Default for StorageSettings {
             synchronous: Synchronous::Full,
             busy_timeout_ms: 5_000,
             max_batch: 256,
-            retention_days: 30,
         }
     }
 }

@@ -213,7 +213,7 @@ async fn raw_body(state: &ApiState, id: &str) -> HttpResponse {
         Ok(RawBody::Pruned) => error(
             StatusCode::GONE,
             "RAW_BODY_PRUNED",
-            &format!("the body of delivery {delivery_id} was pruned after storage.retention_days"),
+            &format!("the body of delivery {delivery_id} has been pruned"),
         ),
         Ok(RawBody::NotFound) => error(
             StatusCode::NOT_FOUND,

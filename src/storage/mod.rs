@@ -135,7 +135,7 @@ pub enum RawBody {
     Duplicate {
         duplicate_of: i64,
     },
-    /// Pruned after `storage.retention_days`.
+    /// The body is no longer kept (pruned).
     Pruned,
     NotFound,
 }
