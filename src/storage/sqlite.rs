@@ -112,6 +112,10 @@ CREATE TABLE heartbeat (
 const MAX_IDLE_READERS: usize = 4;
 /// Queued writes waiting for the writer; submitters wait (back-pressure) beyond this.
 const WRITE_QUEUE: usize = 4096;
+/// Readiness stays false this long after deliveries failed to commit, unless one commits since: a
+/// probe row can still fit on a disk too full for a real callback. Bounded, so that readiness does
+/// not stay false forever when traffic stops because of it.
+const FAILURE_MEMORY: Duration = Duration::from_secs(30);
 
 /// Where the writer sends a delivery's receipt once its batch has committed (or failed).
 type ReceiptSender = oneshot::Sender<Result<Receipt, StoreError>>;
@@ -149,16 +153,29 @@ impl SqliteStore {
                 )
             })?;
         }
-        let mut connection = open_writer(&path, settings)
-            .with_context(|| format!("failed to open database at {}", path.display()))?;
-        migrate(&mut connection)
-            .with_context(|| format!("failed to migrate database at {}", path.display()))?;
-
+        let connection = match open_and_migrate(&path, settings) {
+            Ok(connection) => Some(connection),
+            // An existing database that cannot be written right now (read-only volume, lock held
+            // by another process) is a fault to ride out: the listener starts, answers 503 so the
+            // platform retries, reports not ready, and reopens on every attempt until it works. A
+            // database that cannot even be created is a configuration error.
+            Err(error) if path.exists() && is_transient_open_failure(&error) => {
+                tracing::error!(
+                    path = %path.display(), error = %format!("{error:#}"),
+                    "database cannot be opened for writing; answering 503 until it can"
+                );
+                None
+            }
+            Err(error) => {
+                return Err(error.context(format!("failed to open database at {}", path.display())));
+            }
+        };
         let (commands, receiver) = mpsc::channel(WRITE_QUEUE);
         let writer = Writer {
-            connection: Some(connection),
+            connection,
             path: path.clone(),
             settings: settings.clone(),
+            last_failure: None,
         };
         let writer_thread = std::thread::Builder::new()
             .name("sqlite-writer".to_owned())
@@ -255,14 +272,22 @@ fn open_writer(path: &Path, settings: &StorageSettings) -> rusqlite::Result<Conn
     Ok(connection)
 }
 
-fn migrate(connection: &mut Connection) -> anyhow::Result<()> {
+fn open_and_migrate(path: &Path, settings: &StorageSettings) -> anyhow::Result<Connection> {
+    let mut connection = open_writer(path, settings)?;
     let applied: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
-    let applied = usize::try_from(applied).unwrap_or(0);
     anyhow::ensure!(
-        applied <= MIGRATIONS.len(),
+        usize::try_from(applied).unwrap_or(usize::MAX) <= MIGRATIONS.len(),
         "the database schema is version {applied}, newer than this build knows ({}): upgrade m2m-listener",
         MIGRATIONS.len()
     );
+    migrate(&mut connection)?;
+    Ok(connection)
+}
+
+/// Applies the migrations not yet recorded in `PRAGMA user_version`.
+fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
+    let applied: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    let applied = usize::try_from(applied).unwrap_or(usize::MAX);
     for (index, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
         let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
         transaction.execute_batch(migration)?;
@@ -277,6 +302,12 @@ fn migrate(connection: &mut Connection) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn is_transient_open_failure(error: &anyhow::Error) -> bool {
+    error
+        .downcast_ref::<rusqlite::Error>()
+        .is_some_and(is_storage_wide)
+}
+
 /// The writer thread's state.
 struct Writer {
     /// `None` after a fault that may have left the connection unusable (read-only file, I/O
@@ -284,6 +315,8 @@ struct Writer {
     connection: Option<Connection>,
     path: PathBuf,
     settings: StorageSettings,
+    /// When deliveries last failed to commit, and why; cleared by the next delivery that commits.
+    last_failure: Option<(std::time::Instant, String)>,
 }
 
 impl Writer {
@@ -327,11 +360,24 @@ impl Writer {
         });
         match outcome {
             Ok(results) => {
+                if results.iter().any(Result::is_ok) {
+                    self.last_failure = None;
+                }
                 for ((_, reply), result) in writes.into_iter().zip(results) {
                     let _ = reply.send(result);
                 }
+                let recent_failure = self
+                    .last_failure
+                    .as_ref()
+                    .filter(|(at, _)| at.elapsed() < FAILURE_MEMORY)
+                    .map(|(_, reason)| reason.clone());
                 for probe in probes {
-                    let _ = probe.send(Ok(()));
+                    let _ = probe.send(match &recent_failure {
+                        Some(reason) => Err(StoreError::Unavailable(format!(
+                            "the last delivery failed to commit: {reason}"
+                        ))),
+                        None => Ok(()),
+                    });
                 }
             }
             Err(error) => {
@@ -339,6 +385,9 @@ impl Writer {
                 tracing::error!(error = %message, deliveries = writes.len(), "commit failed; answering 503");
                 if needs_reopen(&error) {
                     self.connection = None;
+                }
+                if !writes.is_empty() {
+                    self.last_failure = Some((std::time::Instant::now(), message.clone()));
                 }
                 for (_, reply) in writes {
                     let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
@@ -352,8 +401,9 @@ impl Writer {
 
     fn connection(&mut self) -> rusqlite::Result<&mut Connection> {
         if self.connection.is_none() {
-            // The schema was migrated at open; a reopen only restores the connection.
-            let connection = open_writer(&self.path, &self.settings)?;
+            let mut connection = open_writer(&self.path, &self.settings)?;
+            // A no-op unless the database could not be migrated at start.
+            migrate(&mut connection)?;
             tracing::info!(path = %self.path.display(), "reopened the database for writing");
             self.connection = Some(connection);
         }

@@ -65,3 +65,148 @@ async fn a_database_that_stops_accepting_writes_answers_503_and_recovers() {
         1
     );
 }
+
+/// A tmpfs the test mounts itself, so that "read-only" and "full" are real even for root (who
+/// ignores file permissions). Unmounted on drop.
+struct Volume {
+    path: std::path::PathBuf,
+}
+
+impl Volume {
+    /// `None` when this process may not mount (not root, or no CAP_SYS_ADMIN).
+    fn mount(path: &std::path::Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(path).ok()?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "m2m-test"])
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        status.success().then(|| Self {
+            path: path.to_owned(),
+        })
+    }
+
+    fn remount(&self, options: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{options}")])
+            .arg(&self.path)
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "remount {options}");
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+fn cannot_mount() {
+    // Only a machine that forbids mounting gets here; CI runs as root and mounts.
+    eprintln!("this test needs permission to mount a tmpfs (root); not run here");
+}
+
+#[tokio::test]
+async fn a_read_only_database_answers_503_until_it_is_writable_again() {
+    let directory = tempfile::tempdir().unwrap();
+    let Some(volume) = Volume::mount(&directory.path().join("volume"), "16m") else {
+        return cannot_mount();
+    };
+    let database = volume.path.join("m2m-listener.db");
+    let template = String::from_utf8(fixture("deactivate_bare.xml")).unwrap();
+    let body = |tag: &str| template.replace("7d1c1f0e-5b7a-4a8e-9f57-1c0c7f3e2a11", tag);
+    let first = spawn_app_with(|settings| settings.storage.path = database.clone()).await;
+    assert_eq!(first.post_callback(body("before")).await.status(), 200);
+    first.stop().await;
+
+    volume.remount("ro");
+    let app = spawn_app_with(|settings| {
+        settings.storage.path = database.clone();
+        settings.storage.busy_timeout_ms = 200;
+    })
+    .await;
+    for attempt in 0..2 {
+        assert_eq!(
+            app.post_callback(body("while-read-only")).await.status(),
+            503,
+            "attempt {attempt}"
+        );
+    }
+    assert_eq!(app.get_api("/readyz").await.status(), 503);
+
+    volume.remount("rw");
+    assert_eq!(
+        app.post_callback(body("while-read-only")).await.status(),
+        200
+    );
+    assert_eq!(app.get_api("/readyz").await.status(), 200);
+    let stored = app.count("SELECT count(*) FROM deliveries WHERE result = 'stored'");
+    app.stop().await;
+    assert_eq!(stored, 2);
+}
+
+#[tokio::test]
+async fn a_full_disk_answers_503_never_200_and_recovers_when_space_returns() {
+    let directory = tempfile::tempdir().unwrap();
+    let Some(volume) = Volume::mount(&directory.path().join("volume"), "1m") else {
+        return cannot_mount();
+    };
+    let database = volume.path.join("m2m-listener.db");
+    let app = spawn_app_with(|settings| settings.storage.path = database.clone()).await;
+    let template = String::from_utf8(fixture("activate_seed004.xml")).unwrap();
+    let body = |index: usize| {
+        template.replace(
+            "2c90bd28-ece4-42ef-9f02-7e3bd4fbff33",
+            &format!("fill-{index}"),
+        )
+    };
+
+    let mut acknowledged = Vec::new();
+    let mut refused = None;
+    for index in 0..2000 {
+        match app.post_callback(body(index)).await.status().as_u16() {
+            200 => acknowledged.push(index),
+            503 => {
+                refused = Some(index);
+                break;
+            }
+            other => panic!("callback {index} answered {other}"),
+        }
+    }
+    let refused = refused.expect("a 1 MiB volume fills up");
+    assert_eq!(
+        app.get_api("/readyz").await.status(),
+        503,
+        "not ready while full"
+    );
+
+    volume.remount("size=16m");
+    assert_eq!(
+        app.post_callback(body(refused)).await.status(),
+        200,
+        "the refused callback is taken on retry"
+    );
+    assert_eq!(app.get_api("/readyz").await.status(), 200);
+    let database = app.database();
+    for index in acknowledged.iter().chain([&refused]) {
+        let stored: i64 = database
+            .query_row(
+                "SELECT count(*) FROM deliveries WHERE request_id = ?1",
+                [format!("fill-{index}")],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, 1, "acknowledged callback {index} is missing");
+    }
+    let integrity: String = database
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(integrity, "ok");
+    drop(database);
+    app.stop().await;
+}
