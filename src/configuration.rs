@@ -26,6 +26,7 @@ pub struct Settings {
     pub storage: StorageSettings,
     pub telemetry: TelemetrySettings,
     pub shutdown: ShutdownSettings,
+    pub jobs: JobSettings,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -162,6 +163,25 @@ impl Default for TelemetrySettings {
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct JobSettings {
+    /// A job's deadline, from registration (or its first callback), unless it sets `timeout_s`.
+    /// Activations can take up to 24 hours.
+    pub default_timeout_s: u64,
+    /// How often overdue jobs are moved to `timed_out`.
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for JobSettings {
+    fn default() -> Self {
+        Self {
+            default_timeout_s: 24 * 3600,
+            sweep_interval_ms: 60_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ShutdownSettings {
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     pub drain_timeout_s: u64,
@@ -238,6 +258,12 @@ impl Settings {
         }
         if self.storage.path.as_os_str().is_empty() {
             return fail("storage.path", "must not be empty".to_owned());
+        }
+        if !(1..=crate::jobs::MAX_TIMEOUT_S).contains(&self.jobs.default_timeout_s) {
+            return fail("jobs.default_timeout_s", format!("must be from 1 to {}", crate::jobs::MAX_TIMEOUT_S));
+        }
+        if self.jobs.sweep_interval_ms < 10 {
+            return fail("jobs.sweep_interval_ms", "must be at least 10".to_owned());
         }
         if !(1..=10_000).contains(&self.storage.max_batch) {
             return fail(

@@ -93,13 +93,14 @@ macro_rules! label_enum {
             }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 f.write_str(self.as_str())
             }
         }
     };
 }
+pub(crate) use label_enum;
 
 label_enum! {
     /// The callback service a delivery belongs to (spec §2, "kind label"). A bounded set: it is a

@@ -6,18 +6,21 @@
 //! # Layout
 //! - [`domain`]: what a callback means, free of wire formats and storage.
 //! - [`parser`]: wire formats → domain types; pure, no IO.
+//! - [`jobs`]: job states and registration; pure.
 //! - [`auth`]: which callback credentials are accepted; the generated pair.
 //! - [`storage`]: the [`storage::Store`] interface and its SQLite backend (the only SQL).
 //! - [`http`]: the callback port and the API port, with graceful shutdown.
 //! - [`configuration`]: defaults, TOML file, `M2M_` environment.
 //! - [`telemetry`]: the log subscriber.
 //! - [`startup`]: wiring everything into an [`startup::Application`].
-//! - [`cli`]: the command line.
+//! - [`cli`]: the command line; [`client`]: its client for the API.
 pub mod auth;
 pub mod cli;
+pub mod client;
 pub mod configuration;
 pub mod domain;
 pub mod http;
+pub mod jobs;
 pub mod parser;
 pub mod startup;
 pub mod storage;

@@ -25,13 +25,17 @@ pub struct Application {
     callback_state: Arc<CallbackState>,
     api_state: Arc<ApiState>,
     drain_timeout: Duration,
+    sweep_interval: Duration,
     /// Where the accepted callback credentials came from; the CLI tells the operator.
     pub credential_source: CredentialSource,
 }
 
 impl Application {
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
-        let store = Arc::new(SqliteStore::open(&settings.storage)?);
+        let store = Arc::new(SqliteStore::open(
+            &settings.storage,
+            Duration::from_secs(settings.jobs.default_timeout_s),
+        )?);
         let (credentials, credential_source) = auth::resolve_credentials(
             &settings.callback.credentials,
             &settings.storage.generated_credentials_path(),
@@ -67,6 +71,7 @@ impl Application {
             callback_state,
             api_state,
             drain_timeout: Duration::from_secs(settings.shutdown.drain_timeout_s),
+            sweep_interval: Duration::from_millis(settings.jobs.sweep_interval_ms),
             credential_source,
         })
     }
@@ -106,7 +111,12 @@ impl Application {
             stopped,
             self.drain_timeout,
         ));
+        let sweeper = tokio::spawn(sweep_overdue_jobs(
+            Arc::clone(&self.store) as Arc<dyn Store>,
+            self.sweep_interval,
+        ));
         shutdown.await;
+        sweeper.abort();
         tracing::info!("shutting down: no new connections; finishing in-flight callbacks");
         let _ = stop.send(true);
         let (callback_result, api_result) = tokio::join!(callback_server, api_server);
@@ -115,6 +125,20 @@ impl Application {
         api_result.context("API server task failed")?;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Moves overdue jobs to their final state every `interval`.
+async fn sweep_overdue_jobs(store: Arc<dyn Store>, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match store.sweep_jobs(time::OffsetDateTime::now_utc()).await {
+            Ok(0) => {}
+            Ok(changed) => tracing::info!(jobs = changed, "jobs reached their deadline"),
+            Err(error) => tracing::warn!(%error, "job deadline sweep failed; retrying at the next interval"),
+        }
     }
 }
 

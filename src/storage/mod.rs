@@ -14,7 +14,8 @@ use bytes::Bytes;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::domain::{Callback, DeliveryResult, UnreadableBody};
+use crate::domain::{Callback, DeliveryResult, DeviceIdentifier, UnreadableBody};
+use crate::jobs::{JobState, Registration};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -140,6 +141,108 @@ pub enum RawBody {
     NotFound,
 }
 
+/// A job as the API shows it (spec §6).
+#[derive(Clone, Debug, Serialize)]
+pub struct JobRecord {
+    /// Storage order, for cursors; not part of the API.
+    #[serde(skip)]
+    pub id: i64,
+    pub request_id: String,
+    pub registered: bool,
+    pub operation: Option<String>,
+    pub account: Option<String>,
+    pub label: Option<String>,
+    pub state: String,
+    /// From registration, else an upload's `TotalLineCount`; `null` while unknown.
+    pub expected_devices: Option<i64>,
+    pub devices_reported: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    /// Upload lines accepted for processing ("Device upload request submitted").
+    pub accepted: i64,
+    /// Expected devices not reported yet; `null` while the expected count is unknown.
+    pub pending: Option<i64>,
+    pub upload: Option<UploadRecord>,
+    pub deliveries: i64,
+    pub duplicates: i64,
+    pub timeout_s: Option<i64>,
+    pub registered_at: Option<String>,
+    pub first_callback_at: Option<String>,
+    pub last_callback_at: Option<String>,
+    pub completed_at: Option<String>,
+    pub deadline: String,
+}
+
+/// The latest upload report of a job.
+#[derive(Clone, Debug, Serialize)]
+pub struct UploadRecord {
+    pub total_lines: Option<i64>,
+    pub pending_lines: Option<i64>,
+    pub success_lines: Option<i64>,
+    pub failed_lines: Option<i64>,
+    pub package_error: Option<String>,
+}
+
+/// What a registration did.
+#[derive(Debug)]
+pub enum Registered {
+    Created(JobRecord),
+    /// A job created by earlier callbacks is now registered, with everything already received.
+    Adopted(JobRecord),
+    /// The same registration again.
+    Unchanged(JobRecord),
+    /// A different registration for a registered request id; the stored job is returned.
+    Conflict(JobRecord),
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct JobQuery {
+    pub state: Option<JobState>,
+    pub operation: Option<String>,
+    pub registered: Option<bool>,
+    pub limit: u32,
+    /// Jobs stored before this one (newest first).
+    pub before_id: Option<i64>,
+}
+
+/// One device outcome as the API shows it (spec §6).
+#[derive(Clone, Debug, Serialize)]
+pub struct OutcomeRecord {
+    pub request_id: Option<String>,
+    pub operation: Option<String>,
+    pub identifiers: Vec<DeviceIdentifier>,
+    /// `succeeded`, `failed`, `accepted`; for registered devices not reported: `pending`, then
+    /// `missing` after the deadline.
+    pub status: String,
+    pub line_status: Option<String>,
+    pub fault: Option<FaultRecord>,
+    pub state: Option<String>,
+    pub service_plan: Option<String>,
+    pub ip_address: Option<String>,
+    pub mdn: Option<String>,
+    pub received_at: Option<String>,
+    pub delivery_id: Option<i64>,
+    /// Other fields of the operation result. May hold device credentials: redact before showing.
+    pub details: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FaultRecord {
+    pub code: Option<String>,
+    pub message: Option<String>,
+    /// The fault catalog's resolution hint; filled in by the API.
+    pub resolution: Option<String>,
+}
+
+/// Everything known about one device, found by any of its identifiers.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceHistory {
+    pub identifiers: Vec<DeviceIdentifier>,
+    pub latest: OutcomeRecord,
+    /// Newest first.
+    pub history: Vec<OutcomeRecord>,
+}
+
 /// The storage interface of the HTTP edge.
 pub trait Store: Send + Sync + 'static {
     /// Stores the delivery and returns once it is committed durably.
@@ -154,6 +257,27 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Page<DeliveryRecord>, StoreError>>;
 
     fn raw_body(&self, delivery_id: i64) -> BoxFuture<'_, Result<RawBody, StoreError>>;
+
+    /// Registers a job, adopting one that callbacks created first.
+    fn register_job(&self, registration: Registration, now: OffsetDateTime) -> BoxFuture<'_, Result<Registered, StoreError>>;
+
+    /// Moves jobs whose deadline passed to their final state; returns how many changed.
+    fn sweep_jobs(&self, now: OffsetDateTime) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    fn get_job(&self, request_id: String) -> BoxFuture<'_, Result<Option<JobRecord>, StoreError>>;
+
+    fn list_jobs(&self, query: JobQuery) -> BoxFuture<'_, Result<Page<JobRecord>, StoreError>>;
+
+    /// Every device of a job with its latest outcome (registered devices not reported included);
+    /// `None` if the job is unknown.
+    fn job_devices(
+        &self,
+        request_id: String,
+        now: OffsetDateTime,
+    ) -> BoxFuture<'_, Result<Option<Vec<OutcomeRecord>>, StoreError>>;
+
+    /// The device one identifier names, across jobs; `None` if never reported.
+    fn device_history(&self, identifier: DeviceIdentifier) -> BoxFuture<'_, Result<Option<DeviceHistory>, StoreError>>;
 
     /// Finishes queued writes and stops taking new ones.
     fn close(&self) -> BoxFuture<'_, ()>;

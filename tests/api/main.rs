@@ -4,4 +4,6 @@ mod binary;
 mod callbacks;
 mod deliveries;
 mod helpers;
+mod jobs;
+mod openapi;
 mod storage_faults;

@@ -1,10 +1,12 @@
-//! Command line: `serve` (default) and `check-config`. Exit codes: 0 ok, 2 usage or configuration
+//! Command line: `serve` (default), `check-config` and `jobs`. Exit codes: 0 ok, 2 usage or configuration
 //! error, 1 runtime failure.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+mod jobs;
 
 use crate::auth::CredentialSource;
 use crate::configuration::Settings;
@@ -31,6 +33,8 @@ enum Command {
     Serve,
     /// Validate the configuration and print the effective settings, secrets masked.
     CheckConfig,
+    /// Register and inspect jobs through the running listener's API.
+    Jobs(jobs::JobsArgs),
 }
 
 pub fn run() -> ExitCode {
@@ -54,6 +58,7 @@ pub fn run() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve => serve(&settings),
+        Command::Jobs(arguments) => jobs::run(&settings, arguments),
     }
 }
 

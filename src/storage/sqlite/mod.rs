@@ -11,102 +11,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior, params};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
+mod jobs;
+mod queries;
+mod schema;
+
+use schema::MIGRATIONS;
 use super::{
-    BoxFuture, DeliveryContent, DeliveryQuery, DeliveryRecord, NewDelivery, Page, RawBody, Receipt,
+    DeviceHistory, JobQuery, JobRecord, OutcomeRecord, Registered, BoxFuture, DeliveryContent, DeliveryQuery, DeliveryRecord, NewDelivery, Page, RawBody, Receipt,
     Store, StoreError, timestamp,
 };
 use crate::configuration::StorageSettings;
-use crate::domain::{Callback, DeliveryResult, DeviceOutcome};
-
-/// Schema versions, applied in order; `PRAGMA user_version` records how many have been applied.
-/// Never edit an applied migration: add a new one.
-const MIGRATIONS: &[&str] = &[r#"
-CREATE TABLE deliveries (
-    id                     INTEGER PRIMARY KEY,
-    received_at            TEXT NOT NULL,
-    form                   TEXT,
-    kind                   TEXT,
-    operation              TEXT,
-    request_id             TEXT,
-    callback_count         INTEGER,
-    max_callback_threshold INTEGER,
-    dedup_key              BLOB NOT NULL,
-    result                 TEXT NOT NULL CHECK (result IN ('stored', 'duplicate', 'quarantined')),
-    duplicate_of           INTEGER REFERENCES deliveries (id),
-    duplicates             INTEGER NOT NULL DEFAULT 0,
-    size                   INTEGER NOT NULL,
-    content_type           TEXT,
-    source_address         TEXT,
-    account                TEXT,
-    status                 TEXT,
-    fault_code             TEXT,
-    fault_message          TEXT,
-    comment                TEXT,
-    details                TEXT,
-    parse_error            TEXT
-);
--- One first delivery per message: re-deliveries (duplicate_of set) are outside the index, so a
--- concurrent re-delivery cannot be stored twice whatever the interleaving.
-CREATE UNIQUE INDEX deliveries_message ON deliveries (dedup_key) WHERE duplicate_of IS NULL;
-CREATE INDEX deliveries_request ON deliveries (request_id, id);
-CREATE INDEX deliveries_result ON deliveries (result, id);
-
-CREATE TABLE raw_bodies (
-    delivery_id INTEGER PRIMARY KEY REFERENCES deliveries (id),
-    body        BLOB NOT NULL
-);
-
-CREATE TABLE device_outcomes (
-    id            INTEGER PRIMARY KEY,
-    delivery_id   INTEGER NOT NULL REFERENCES deliveries (id),
-    request_id    TEXT,
-    operation     TEXT NOT NULL,
-    status        TEXT NOT NULL,
-    line_status   TEXT,
-    fault_code    TEXT,
-    fault_message TEXT,
-    state         TEXT,
-    service_plan  TEXT,
-    ip_address    TEXT,
-    mdn           TEXT,
-    details       TEXT,
-    received_at   TEXT NOT NULL
-);
-CREATE INDEX device_outcomes_request ON device_outcomes (request_id, id);
-CREATE INDEX device_outcomes_delivery ON device_outcomes (delivery_id);
-
--- Every identifier of a device outcome: a lookup by any (kind, identifier) pair finds it.
-CREATE TABLE outcome_identifiers (
-    kind       TEXT NOT NULL,
-    identifier TEXT NOT NULL,
-    outcome_id INTEGER NOT NULL REFERENCES device_outcomes (id),
-    PRIMARY KEY (kind, identifier, outcome_id)
-) WITHOUT ROWID;
-CREATE INDEX outcome_identifiers_outcome ON outcome_identifiers (outcome_id);
-
-CREATE TABLE upload_summaries (
-    delivery_id   INTEGER PRIMARY KEY REFERENCES deliveries (id),
-    request_id    TEXT,
-    account_name  TEXT,
-    device_sku    TEXT,
-    total_lines   INTEGER,
-    pending_lines INTEGER,
-    success_lines INTEGER,
-    failed_lines  INTEGER,
-    package_error TEXT
-);
-CREATE INDEX upload_summaries_request ON upload_summaries (request_id);
-
--- Written by the readiness probe: proves a commit can go through right now.
-CREATE TABLE heartbeat (
-    id         INTEGER PRIMARY KEY CHECK (id = 1),
-    checked_at TEXT NOT NULL
-);
-"#];
+use crate::domain::{Callback, DeliveryResult, DeviceIdentifier, DeviceOutcome, Operation};
+use crate::jobs::Registration;
 
 /// Idle read-only connections kept for reuse.
 const MAX_IDLE_READERS: usize = 4;
@@ -126,6 +46,8 @@ enum Command {
         oneshot::Sender<Result<Receipt, StoreError>>,
     ),
     Probe(oneshot::Sender<Result<(), StoreError>>),
+    Register(Box<Registration>, OffsetDateTime, oneshot::Sender<Result<Registered, StoreError>>),
+    Sweep(OffsetDateTime, oneshot::Sender<Result<u64, StoreError>>),
     Shutdown,
 }
 
@@ -140,7 +62,8 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database, applies migrations and starts the writer thread.
-    pub fn open(settings: &StorageSettings) -> anyhow::Result<Self> {
+    /// `job_timeout` is the deadline of jobs that do not set their own.
+    pub fn open(settings: &StorageSettings, job_timeout: Duration) -> anyhow::Result<Self> {
         let path = settings.path.clone();
         if let Some(directory) = path
             .parent()
@@ -176,6 +99,7 @@ impl SqliteStore {
             path: path.clone(),
             settings: settings.clone(),
             last_failure: None,
+            job_timeout,
         };
         let writer_thread = std::thread::Builder::new()
             .name("sqlite-writer".to_owned())
@@ -196,6 +120,16 @@ impl SqliteStore {
         &self.path
     }
 
+    /// Sends a command to the writer thread and waits for its answer.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(command(reply)).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
     async fn read<T: Send + 'static>(
         &self,
         query: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
@@ -209,36 +143,50 @@ impl SqliteStore {
 
 impl Store for SqliteStore {
     fn submit(&self, delivery: NewDelivery) -> BoxFuture<'_, Result<Receipt, StoreError>> {
-        Box::pin(async move {
-            let (reply, receipt) = oneshot::channel();
-            self.commands
-                .send(Command::Write(Box::new(delivery), reply))
-                .await
-                .map_err(|_| StoreError::Closed)?;
-            receipt.await.map_err(|_| StoreError::Closed)?
-        })
+        Box::pin(self.ask(move |reply| Command::Write(Box::new(delivery), reply)))
     }
 
     fn check_writable(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            let (reply, answer) = oneshot::channel();
-            self.commands
-                .send(Command::Probe(reply))
-                .await
-                .map_err(|_| StoreError::Closed)?;
-            answer.await.map_err(|_| StoreError::Closed)?
-        })
+        Box::pin(self.ask(Command::Probe))
     }
 
     fn list_deliveries(
         &self,
         query: DeliveryQuery,
     ) -> BoxFuture<'_, Result<Page<DeliveryRecord>, StoreError>> {
-        Box::pin(self.read(move |connection| list_deliveries(connection, &query)))
+        Box::pin(self.read(move |connection| queries::list_deliveries(connection, &query)))
     }
 
     fn raw_body(&self, delivery_id: i64) -> BoxFuture<'_, Result<RawBody, StoreError>> {
-        Box::pin(self.read(move |connection| raw_body(connection, delivery_id)))
+        Box::pin(self.read(move |connection| queries::raw_body(connection, delivery_id)))
+    }
+
+    fn register_job(&self, registration: Registration, now: OffsetDateTime) -> BoxFuture<'_, Result<Registered, StoreError>> {
+        Box::pin(self.ask(move |reply| Command::Register(Box::new(registration), now, reply)))
+    }
+
+    fn sweep_jobs(&self, now: OffsetDateTime) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(self.ask(move |reply| Command::Sweep(now, reply)))
+    }
+
+    fn get_job(&self, request_id: String) -> BoxFuture<'_, Result<Option<JobRecord>, StoreError>> {
+        Box::pin(self.read(move |connection| queries::job_by_request_id(connection, &request_id)))
+    }
+
+    fn list_jobs(&self, query: JobQuery) -> BoxFuture<'_, Result<Page<JobRecord>, StoreError>> {
+        Box::pin(self.read(move |connection| queries::list_jobs(connection, &query)))
+    }
+
+    fn job_devices(
+        &self,
+        request_id: String,
+        now: OffsetDateTime,
+    ) -> BoxFuture<'_, Result<Option<Vec<OutcomeRecord>>, StoreError>> {
+        Box::pin(self.read(move |connection| queries::job_devices(connection, &request_id, &timestamp(now))))
+    }
+
+    fn device_history(&self, identifier: DeviceIdentifier) -> BoxFuture<'_, Result<Option<DeviceHistory>, StoreError>> {
+        Box::pin(self.read(move |connection| queries::device_history(connection, &identifier)))
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
@@ -317,6 +265,8 @@ struct Writer {
     settings: StorageSettings,
     /// When deliveries last failed to commit, and why; cleared by the next delivery that commits.
     last_failure: Option<(std::time::Instant, String)>,
+    /// The deadline of jobs that do not set their own.
+    job_timeout: Duration,
 }
 
 impl Writer {
@@ -335,6 +285,16 @@ impl Writer {
                 match command {
                     Command::Write(delivery, reply) => writes.push((delivery, reply)),
                     Command::Probe(reply) => probes.push(reply),
+                    // Registrations and sweeps are rare: each gets its own transaction.
+                    Command::Register(registration, now, reply) => {
+                        let job_timeout = self.job_timeout;
+                        let _ = reply.send(self.transact(|connection| {
+                            jobs::register(connection, &registration, now, job_timeout)
+                        }));
+                    }
+                    Command::Sweep(now, reply) => {
+                        let _ = reply.send(self.transact(|connection| jobs::sweep(connection, now)));
+                    }
                     // Stop taking commands; those already queued are still drained below.
                     Command::Shutdown => receiver.close(),
                 }
@@ -351,12 +311,13 @@ impl Writer {
         writes: Vec<(Box<NewDelivery>, ReceiptSender)>,
         probes: Vec<oneshot::Sender<Result<(), StoreError>>>,
     ) {
+        let job_timeout = self.job_timeout;
         let outcome = self.connection().and_then(|connection| {
             let deliveries: Vec<&NewDelivery> = writes
                 .iter()
                 .map(|(delivery, _)| delivery.as_ref())
                 .collect();
-            write_batch(connection, &deliveries)
+            write_batch(connection, &deliveries, job_timeout)
         });
         match outcome {
             Ok(results) => {
@@ -399,6 +360,26 @@ impl Writer {
         }
     }
 
+    /// Runs `work` in its own transaction.
+    fn transact<T>(&mut self, work: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let result = self.connection().and_then(|connection| {
+            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let value = work(&transaction)?;
+            transaction.commit()?;
+            Ok(value)
+        });
+        result.map_err(|error| {
+            if needs_reopen(&error) {
+                self.connection = None;
+            }
+            if is_storage_wide(&error) {
+                StoreError::Unavailable(describe(&error))
+            } else {
+                StoreError::Internal(describe(&error))
+            }
+        })
+    }
+
     fn connection(&mut self) -> rusqlite::Result<&mut Connection> {
         if self.connection.is_none() {
             let mut connection = open_writer(&self.path, &self.settings)?;
@@ -418,12 +399,13 @@ impl Writer {
 fn write_batch(
     connection: &mut Connection,
     deliveries: &[&NewDelivery],
+    job_timeout: Duration,
 ) -> rusqlite::Result<Vec<Result<Receipt, StoreError>>> {
     let mut transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
         let savepoint = transaction.savepoint()?;
-        match insert_delivery(&savepoint, delivery) {
+        match insert_delivery(&savepoint, delivery, job_timeout) {
             Ok(receipt) => {
                 savepoint.commit()?;
                 results.push(Ok(receipt));
@@ -446,7 +428,11 @@ fn write_batch(
     Ok(results)
 }
 
-fn insert_delivery(transaction: &Connection, delivery: &NewDelivery) -> rusqlite::Result<Receipt> {
+fn insert_delivery(
+    transaction: &Connection,
+    delivery: &NewDelivery,
+    job_timeout: Duration,
+) -> rusqlite::Result<Receipt> {
     let received_at = timestamp(delivery.received_at);
     let (callback, parse_error) = match &delivery.content {
         DeliveryContent::Callback(callback) => (Some(callback.as_ref()), None),
@@ -458,6 +444,11 @@ fn insert_delivery(transaction: &Connection, delivery: &NewDelivery) -> rusqlite
         DeliveryResult::Quarantined
     };
     let fault = callback.and_then(|callback| callback.fault.as_ref());
+    // A job takes its operation from the first callback that names one.
+    let job_operation = callback
+        .map(|callback| callback.operation)
+        .filter(|operation| *operation != Operation::Other)
+        .map(Operation::as_str);
     let insert = |result: DeliveryResult, duplicate_of: Option<i64>| -> rusqlite::Result<usize> {
         transaction.prepare_cached(
             "INSERT INTO deliveries (received_at, form, kind, operation, request_id, callback_count,
@@ -501,8 +492,12 @@ fn insert_delivery(transaction: &Connection, delivery: &NewDelivery) -> rusqlite
             .prepare_cached("UPDATE deliveries SET duplicates = duplicates + 1 WHERE id = ?1")?
             .execute([original])?;
         insert(DeliveryResult::Duplicate, Some(original))?;
+        let delivery_id = transaction.last_insert_rowid();
+        if let Some(request_id) = delivery.content.request_id() {
+            jobs::record_delivery(transaction, request_id, job_operation, delivery.received_at, true, job_timeout)?;
+        }
         return Ok(Receipt {
-            delivery_id: transaction.last_insert_rowid(),
+            delivery_id,
             result: DeliveryResult::Duplicate,
             duplicate_of: Some(original),
         });
@@ -511,8 +506,22 @@ fn insert_delivery(transaction: &Connection, delivery: &NewDelivery) -> rusqlite
     transaction
         .prepare_cached("INSERT INTO raw_bodies (delivery_id, body) VALUES (?1, ?2)")?
         .execute(params![delivery_id, &delivery.body[..]])?;
+    let job_id = match delivery.content.request_id() {
+        Some(request_id) => Some(jobs::record_delivery(
+            transaction,
+            request_id,
+            job_operation,
+            delivery.received_at,
+            false,
+            job_timeout,
+        )?),
+        None => None,
+    };
     if let Some(callback) = callback {
-        insert_outcomes(transaction, delivery_id, &received_at, callback)?;
+        insert_outcomes(transaction, delivery_id, &received_at, callback, job_id)?;
+    }
+    if let Some(job_id) = job_id {
+        jobs::recompute(transaction, job_id, delivery.received_at)?;
     }
     Ok(Receipt {
         delivery_id,
@@ -526,6 +535,7 @@ fn insert_outcomes(
     delivery_id: i64,
     received_at: &str,
     callback: &Callback,
+    job_id: Option<i64>,
 ) -> rusqlite::Result<()> {
     let mut insert_outcome = transaction.prepare_cached(
         "INSERT INTO device_outcomes (delivery_id, request_id, operation, status, line_status, fault_code,
@@ -566,6 +576,12 @@ fn insert_outcomes(
         for identifier in identifiers {
             insert_identifier.execute(params![identifier.kind, identifier.id, outcome_id])?;
         }
+        if let Some(job_id) = job_id {
+            jobs::record_outcome(transaction, job_id, outcome_id, identifiers, *status)?;
+        }
+    }
+    if let (Some(job_id), Some(upload)) = (job_id, &callback.upload) {
+        jobs::record_upload(transaction, job_id, upload)?;
     }
     if let Some(upload) = &callback.upload {
         let count = |value: Option<u64>| value.and_then(|value| i64::try_from(value).ok());
@@ -675,76 +691,3 @@ impl Readers {
     }
 }
 
-fn list_deliveries(
-    connection: &Connection,
-    query: &DeliveryQuery,
-) -> rusqlite::Result<Page<DeliveryRecord>> {
-    let limit = i64::from(query.limit.max(1));
-    let mut statement = connection.prepare_cached(
-        "SELECT id, received_at, form, kind, operation, request_id, callback_count, max_callback_threshold,
-                result, duplicate_of, duplicates, size, content_type, account, status, fault_code, parse_error
-         FROM deliveries
-         WHERE (?1 IS NULL OR request_id = ?1)
-           AND (?2 IS NULL OR result = ?2)
-           AND (?3 IS NULL OR id < ?3)
-         ORDER BY id DESC
-         LIMIT ?4",
-    )?;
-    let mut items = statement
-        .query_map(
-            params![
-                query.request_id,
-                query.result.map(DeliveryResult::as_str),
-                query.before_id,
-                limit + 1
-            ],
-            |row| {
-                Ok(DeliveryRecord {
-                    id: row.get(0)?,
-                    received_at: row.get(1)?,
-                    form: row.get(2)?,
-                    kind: row.get(3)?,
-                    operation: row.get(4)?,
-                    request_id: row.get(5)?,
-                    callback_count: row.get(6)?,
-                    max_callback_threshold: row.get(7)?,
-                    result: row.get(8)?,
-                    duplicate_of: row.get(9)?,
-                    duplicates: row.get(10)?,
-                    size: row.get(11)?,
-                    content_type: row.get(12)?,
-                    account: row.get(13)?,
-                    status: row.get(14)?,
-                    fault_code: row.get(15)?,
-                    parse_error: row.get(16)?,
-                })
-            },
-        )?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    let more = items.len() as i64 > limit;
-    items.truncate(limit as usize);
-    let next_cursor = more
-        .then(|| items.last().map(|last| last.id.to_string()))
-        .flatten();
-    Ok(Page { items, next_cursor })
-}
-
-fn raw_body(connection: &Connection, delivery_id: i64) -> rusqlite::Result<RawBody> {
-    type RawRow = (Option<String>, Option<i64>, Option<Vec<u8>>);
-    let row: Option<RawRow> = connection
-        .prepare_cached(
-            "SELECT d.content_type, d.duplicate_of, r.body
-             FROM deliveries d LEFT JOIN raw_bodies r ON r.delivery_id = d.id
-             WHERE d.id = ?1",
-        )?
-        .query_row([delivery_id], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-        })
-        .optional()?;
-    Ok(match row {
-        None => RawBody::NotFound,
-        Some((content_type, _, Some(body))) => RawBody::Found { content_type, body },
-        Some((_, Some(duplicate_of), None)) => RawBody::Duplicate { duplicate_of },
-        Some((_, None, None)) => RawBody::Pruned,
-    })
-}

@@ -1,0 +1,292 @@
+//! `m2m-listener jobs add|show|list`: the jobs API from a terminal.
+
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use hyper::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::client::ApiClient;
+use crate::configuration::Settings;
+
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// The listener's API, e.g. http://127.0.0.1:9090 (default: from api.listen).
+    #[arg(long, env = "M2M_API_URL", global = true)]
+    api_url: Option<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: JobsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// Register a job: the RequestId the platform returned, and what it was for.
+    Add {
+        request_id: String,
+        /// activate, deactivate, suspend, restore, upload_devices, ...
+        #[arg(long)]
+        operation: String,
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long)]
+        label: Option<String>,
+        /// How many devices the request covers (else the number of --device).
+        #[arg(long)]
+        expected_devices: Option<u64>,
+        /// A device of the request, as KIND:ID (e.g. IMEI:990000862471854); repeatable.
+        #[arg(long = "device", value_name = "KIND:ID")]
+        devices: Vec<String>,
+        /// Deadline in seconds after registration (default jobs.default_timeout_s).
+        #[arg(long)]
+        timeout_s: Option<u64>,
+    },
+    /// Show one job, and with --devices its devices.
+    Show {
+        request_id: String,
+        #[arg(long)]
+        devices: bool,
+    },
+    /// List jobs, newest first.
+    List {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        operation: Option<String>,
+        #[arg(long)]
+        registered: Option<bool>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+}
+
+pub fn run(settings: &Settings, arguments: JobsArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("m2m-listener: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let client = match ApiClient::new(settings, arguments.api_url.as_deref()) {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("m2m-listener: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(execute(&client, arguments.command, arguments.json)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("m2m-listener: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(client: &ApiClient, command: JobsCommand, as_json: bool) -> anyhow::Result<ExitCode> {
+    let (status, body) = match &command {
+        JobsCommand::Add {
+            request_id,
+            operation,
+            account,
+            label,
+            expected_devices,
+            devices,
+            timeout_s,
+        } => {
+            let mut parsed = Vec::with_capacity(devices.len());
+            for device in devices {
+                let Some((kind, id)) = device.split_once(':') else {
+                    eprintln!("m2m-listener: --device {device}: expected KIND:ID, e.g. IMEI:990000862471854");
+                    return Ok(ExitCode::from(2));
+                };
+                parsed.push(json!({"kind": kind, "id": id}));
+            }
+            let mut registration = json!({"request_id": request_id, "operation": operation});
+            for (key, value) in [
+                ("account", account.clone().map(Value::from)),
+                ("label", label.clone().map(Value::from)),
+                ("expected_devices", expected_devices.map(Value::from)),
+                ("timeout_s", timeout_s.map(Value::from)),
+            ] {
+                if let Some(value) = value {
+                    registration[key] = value;
+                }
+            }
+            if !parsed.is_empty() {
+                registration["devices"] = Value::from(parsed);
+            }
+            client.send(Method::POST, "/api/v1/jobs", Some(registration.to_string())).await?
+        }
+        JobsCommand::Show { request_id, devices } => {
+            let path = if *devices {
+                format!("/api/v1/jobs/{}/devices", encode(request_id))
+            } else {
+                format!("/api/v1/jobs/{}", encode(request_id))
+            };
+            client.send(Method::GET, &path, None).await?
+        }
+        JobsCommand::List {
+            state,
+            operation,
+            registered,
+            limit,
+            cursor,
+        } => {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            query.append_pair("limit", &limit.to_string());
+            for (key, value) in [
+                ("state", state.clone()),
+                ("operation", operation.clone()),
+                ("registered", registered.map(|registered| registered.to_string())),
+                ("cursor", cursor.clone()),
+            ] {
+                if let Some(value) = value {
+                    query.append_pair(key, &value);
+                }
+            }
+            client.send(Method::GET, &format!("/api/v1/jobs?{}", query.finish()), None).await?
+        }
+    };
+    let value: Value = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    if !status.is_success() {
+        let code = value["error"]["code"].as_str().unwrap_or("ERROR");
+        let message = value["error"]["message"].as_str().map(str::to_owned).unwrap_or_else(|| value.to_string());
+        eprintln!("m2m-listener: {} {code}: {message}", status.as_u16());
+        return Ok(if status == StatusCode::BAD_REQUEST || status == StatusCode::CONFLICT {
+            ExitCode::from(2)
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    match command {
+        JobsCommand::Add { .. } => {
+            let verb = if status == StatusCode::CREATED { "registered" } else { "already registered" };
+            println!("{verb}: {}", value["request_id"].as_str().unwrap_or_default());
+            print_job(&value);
+        }
+        JobsCommand::Show { devices: false, .. } => print_job(&value),
+        JobsCommand::Show { devices: true, .. } => print_devices(&value),
+        JobsCommand::List { .. } => print_job_list(&value),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn encode(segment: &str) -> String {
+    form_urlencoded::byte_serialize(segment.as_bytes()).collect::<String>().replace('+', "%20")
+}
+
+/// A JSON value as a table cell.
+fn cell(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn print_job(job: &Value) {
+    let rows = [
+        "request_id", "registered", "operation", "account", "label", "state", "expected_devices",
+        "devices_reported", "succeeded", "failed", "pending", "deliveries", "duplicates", "registered_at",
+        "first_callback_at", "last_callback_at", "completed_at", "deadline",
+    ];
+    for key in rows {
+        println!("{key:<18} {}", cell(&job[key]));
+    }
+    if let Some(upload) = job["upload"].as_object() {
+        println!(
+            "{:<18} total {} / pending {} / success {} / failed {}{}",
+            "upload",
+            cell(&upload["total_lines"]),
+            cell(&upload["pending_lines"]),
+            cell(&upload["success_lines"]),
+            cell(&upload["failed_lines"]),
+            upload["package_error"].as_str().map(|error| format!(" / package error: {error}")).unwrap_or_default()
+        );
+    }
+}
+
+fn print_job_list(page: &Value) {
+    let rows: Vec<Vec<String>> = page["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|job| {
+                    vec![
+                        cell(&job["request_id"]),
+                        cell(&job["operation"]),
+                        cell(&job["state"]),
+                        format!("{}/{}", cell(&job["devices_reported"]), cell(&job["expected_devices"])),
+                        cell(&job["failed"]),
+                        cell(&job["registered"]),
+                        cell(&job["last_callback_at"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    print_table(&["REQUEST_ID", "OPERATION", "STATE", "REPORTED", "FAILED", "REGISTERED", "LAST_CALLBACK"], &rows);
+    if let Some(cursor) = page["next_cursor"].as_str() {
+        println!("more: --cursor {cursor}");
+    }
+}
+
+fn print_devices(page: &Value) {
+    let rows: Vec<Vec<String>> = page["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|device| {
+                    let identifiers: Vec<String> = device["identifiers"]
+                        .as_array()
+                        .map(|identifiers| identifiers.iter().map(|id| format!("{}:{}", cell(&id["kind"]), cell(&id["id"]))).collect())
+                        .unwrap_or_default();
+                    vec![
+                        identifiers.join(" "),
+                        cell(&device["status"]),
+                        device["fault"]["code"]
+                            .as_str()
+                            .or(device["line_status"].as_str())
+                            .unwrap_or("-")
+                            .to_owned(),
+                        cell(&device["fault"]["resolution"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    print_table(&["DEVICE", "STATUS", "FAULT", "RESOLUTION"], &rows);
+}
+
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|title| title.len()).collect();
+    for row in rows {
+        for (width, value) in widths.iter_mut().zip(row) {
+            *width = (*width).max(value.chars().count()).min(60);
+        }
+    }
+    let line = |values: Vec<String>| {
+        let cells: Vec<String> = values
+            .iter()
+            .zip(&widths)
+            .map(|(value, width)| format!("{:<width$}", value.chars().take(*width).collect::<String>(), width = *width))
+            .collect();
+        println!("{}", cells.join("  ").trim_end());
+    };
+    line(header.iter().map(|title| title.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}

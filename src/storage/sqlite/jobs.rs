@@ -1,0 +1,300 @@
+//! Job writes: correlation of stored callbacks with jobs, registration (and adoption), the state
+//! recompute and the deadline sweep. Always called on the writer thread, inside its transaction.
+
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use time::OffsetDateTime;
+
+use super::queries;
+use crate::domain::{DeviceIdentifier, OutcomeStatus, UploadSummary};
+use crate::jobs::{self, JobFacts, JobState, Registration, UploadCounts};
+use crate::storage::{Registered, timestamp};
+
+/// Finds or creates the job for `request_id` and counts this delivery on it. Returns its id.
+pub(super) fn record_delivery(
+    connection: &Connection,
+    request_id: &str,
+    operation: Option<&str>,
+    received_at: OffsetDateTime,
+    duplicate: bool,
+    default_timeout: Duration,
+) -> rusqlite::Result<i64> {
+    let at = timestamp(received_at);
+    connection
+        .prepare_cached(
+            "INSERT INTO jobs (request_id, operation, state, created_at, deadline) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (request_id) DO NOTHING",
+        )?
+        .execute(params![
+            request_id,
+            operation,
+            JobState::Pending.as_str(),
+            at,
+            timestamp(received_at + default_timeout)
+        ])?;
+    connection
+        .prepare_cached(
+            "UPDATE jobs SET
+                 deliveries = deliveries + 1,
+                 duplicates = duplicates + ?2,
+                 operation = coalesce(operation, ?3),
+                 first_callback_at = CASE WHEN first_callback_at IS NULL OR first_callback_at > ?4
+                                          THEN ?4 ELSE first_callback_at END,
+                 last_callback_at = CASE WHEN last_callback_at IS NULL OR last_callback_at < ?4
+                                         THEN ?4 ELSE last_callback_at END
+             WHERE request_id = ?1
+             RETURNING id",
+        )?
+        .query_row(params![request_id, i64::from(duplicate), operation, at], |row| row.get(0))
+}
+
+/// Makes `outcome_id` the latest outcome of the job's device it names, matching the device by any
+/// of its identifiers (a registered IMEI finds the device a callback reports by IMEI and ICCID).
+pub(super) fn record_outcome(
+    connection: &Connection,
+    job_id: i64,
+    outcome_id: i64,
+    identifiers: &[DeviceIdentifier],
+    status: OutcomeStatus,
+) -> rusqlite::Result<()> {
+    let device_id = match find_job_device(connection, job_id, identifiers)? {
+        Some(device_id) => device_id,
+        None => {
+            connection
+                .prepare_cached("INSERT INTO job_devices (job_id) VALUES (?1)")?
+                .execute([job_id])?;
+            connection.last_insert_rowid()
+        }
+    };
+    connection
+        .prepare_cached("UPDATE job_devices SET latest_outcome_id = ?2, status = ?3 WHERE id = ?1")?
+        .execute(params![device_id, outcome_id, status.as_str()])?;
+    add_identifiers(connection, job_id, device_id, identifiers)
+}
+
+fn find_job_device(
+    connection: &Connection,
+    job_id: i64,
+    identifiers: &[DeviceIdentifier],
+) -> rusqlite::Result<Option<i64>> {
+    let mut find = connection.prepare_cached(
+        "SELECT job_device_id FROM job_device_identifiers WHERE job_id = ?1 AND kind = ?2 AND identifier = ?3",
+    )?;
+    for identifier in identifiers {
+        let found: Option<i64> = find
+            .query_row(params![job_id, identifier.kind, identifier.id], |row| row.get(0))
+            .optional()?;
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    Ok(None)
+}
+
+fn add_identifiers(
+    connection: &Connection,
+    job_id: i64,
+    device_id: i64,
+    identifiers: &[DeviceIdentifier],
+) -> rusqlite::Result<()> {
+    let mut insert = connection.prepare_cached(
+        "INSERT INTO job_device_identifiers (job_id, kind, identifier, job_device_id) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT DO NOTHING",
+    )?;
+    for identifier in identifiers {
+        insert.execute(params![job_id, identifier.kind, identifier.id, device_id])?;
+    }
+    Ok(())
+}
+
+/// The latest upload report sets the job's line counts; a package-level error sticks.
+pub(super) fn record_upload(connection: &Connection, job_id: i64, upload: &UploadSummary) -> rusqlite::Result<()> {
+    let count = |value: Option<u64>| value.and_then(|value| i64::try_from(value).ok());
+    connection
+        .prepare_cached(
+            "UPDATE jobs SET is_upload = 1,
+                 total_lines = coalesce(?2, total_lines),
+                 pending_lines = coalesce(?3, pending_lines),
+                 success_lines = coalesce(?4, success_lines),
+                 failed_lines = coalesce(?5, failed_lines),
+                 package_error = coalesce(package_error, ?6)
+             WHERE id = ?1",
+        )?
+        .execute(params![
+            job_id,
+            count(upload.total_lines),
+            count(upload.pending_lines),
+            count(upload.success_lines),
+            count(upload.failed_lines),
+            upload.package_error,
+        ])?;
+    Ok(())
+}
+
+/// Recounts the job's devices and applies the state rule as of `now`. Returns the new state and
+/// whether it changed.
+pub(super) fn recompute(connection: &Connection, job_id: i64, now: OffsetDateTime) -> rusqlite::Result<(JobState, bool)> {
+    let (reported, succeeded, failed, accepted): (i64, i64, i64, i64) = connection
+        .prepare_cached(
+            "SELECT count(status),
+                    coalesce(sum(CASE WHEN status = 'succeeded' THEN 1 ELSE 0 END), 0),
+                    coalesce(sum(CASE WHEN status = 'failed' THEN 1 ELSE 0 END), 0),
+                    coalesce(sum(CASE WHEN status = 'accepted' THEN 1 ELSE 0 END), 0)
+             FROM job_devices WHERE job_id = ?1",
+        )?
+        .query_row([job_id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?;
+    let now_text = timestamp(now);
+    let (facts, old_state, completed_at) = connection
+        .prepare_cached(
+            "SELECT expected_devices, is_upload, total_lines, pending_lines, success_lines, failed_lines,
+                    package_error IS NOT NULL, deadline < ?2, state, completed_at
+             FROM jobs WHERE id = ?1",
+        )?
+        .query_row(params![job_id, now_text], |row| {
+            let unsigned = |index: usize| -> rusqlite::Result<Option<u64>> {
+                Ok(row.get::<_, Option<i64>>(index)?.and_then(|value| u64::try_from(value).ok()))
+            };
+            let is_upload: bool = row.get(1)?;
+            let facts = JobFacts {
+                registered_expected: unsigned(0)?,
+                reported: u64::try_from(reported).unwrap_or(0),
+                succeeded: u64::try_from(succeeded).unwrap_or(0),
+                failed: u64::try_from(failed).unwrap_or(0),
+                accepted: u64::try_from(accepted).unwrap_or(0),
+                upload: if is_upload {
+                    Some(UploadCounts {
+                        total: unsigned(2)?,
+                        pending: unsigned(3)?,
+                        success: unsigned(4)?,
+                        failed: unsigned(5)?,
+                    })
+                } else {
+                    None
+                },
+                package_error: row.get(6)?,
+                deadline_passed: row.get(7)?,
+            };
+            Ok((facts, row.get::<_, String>(8)?, row.get::<_, Option<String>>(9)?))
+        })?;
+    let state = jobs::compute_state(&facts);
+    let was_terminal = JobState::from_label(&old_state).is_some_and(JobState::is_terminal);
+    let completed_at = match (state.is_terminal(), was_terminal) {
+        (false, _) => None,
+        (true, true) => completed_at.or(Some(now_text)),
+        (true, false) => Some(now_text),
+    };
+    connection
+        .prepare_cached(
+            "UPDATE jobs SET devices_reported = ?2, succeeded = ?3, failed = ?4, accepted = ?5, state = ?6,
+                 completed_at = ?7
+             WHERE id = ?1",
+        )?
+        .execute(params![job_id, reported, succeeded, failed, accepted, state.as_str(), completed_at])?;
+    Ok((state, state.as_str() != old_state))
+}
+
+/// Registers a job, or adopts the unregistered one earlier callbacks created.
+pub(super) fn register(
+    connection: &Connection,
+    registration: &Registration,
+    now: OffsetDateTime,
+    default_timeout: Duration,
+) -> rusqlite::Result<Registered> {
+    let canonical = serde_json::to_string(registration).map_err(|error| rusqlite::Error::ToSqlConversionFailure(Box::new(error)))?;
+    let existing: Option<(i64, bool, Option<String>)> = connection
+        .prepare_cached("SELECT id, registered, registration FROM jobs WHERE request_id = ?1")?
+        .query_row([&registration.request_id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .optional()?;
+    if let Some((job_id, true, stored)) = &existing {
+        let job = queries::job_by_id(connection, *job_id)?;
+        return Ok(if stored.as_deref() == Some(canonical.as_str()) {
+            Registered::Unchanged(job)
+        } else {
+            Registered::Conflict(job)
+        });
+    }
+    let timeout = registration.timeout_s.map(Duration::from_secs).unwrap_or(default_timeout);
+    let at = timestamp(now);
+    let deadline = timestamp(now + timeout);
+    let expected = registration.expected().and_then(|expected| i64::try_from(expected).ok());
+    let timeout_s = registration.timeout_s.and_then(|timeout| i64::try_from(timeout).ok());
+    let operation = registration.operation.as_str();
+    let job_id = match existing {
+        Some((job_id, _, _)) => {
+            connection
+                .prepare_cached(
+                    "UPDATE jobs SET registered = 1, operation = ?2, account = ?3, label = ?4, expected_devices = ?5,
+                         timeout_s = ?6, registration = ?7, registered_at = ?8, deadline = ?9
+                     WHERE id = ?1",
+                )?
+                .execute(params![
+                    job_id,
+                    operation,
+                    registration.account,
+                    registration.label,
+                    expected,
+                    timeout_s,
+                    canonical,
+                    at,
+                    deadline
+                ])?;
+            job_id
+        }
+        None => {
+            connection
+                .prepare_cached(
+                    "INSERT INTO jobs (request_id, registered, operation, account, label, expected_devices, timeout_s,
+                         registration, state, created_at, registered_at, deadline)
+                     VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
+                )?
+                .execute(params![
+                    registration.request_id,
+                    operation,
+                    registration.account,
+                    registration.label,
+                    expected,
+                    timeout_s,
+                    canonical,
+                    JobState::Pending.as_str(),
+                    at,
+                    deadline
+                ])?;
+            connection.last_insert_rowid()
+        }
+    };
+    for device in &registration.devices {
+        let identifiers = std::slice::from_ref(device);
+        match find_job_device(connection, job_id, identifiers)? {
+            Some(device_id) => {
+                connection
+                    .prepare_cached("UPDATE job_devices SET registered = 1 WHERE id = ?1")?
+                    .execute([device_id])?;
+            }
+            None => {
+                connection
+                    .prepare_cached("INSERT INTO job_devices (job_id, registered) VALUES (?1, 1)")?
+                    .execute([job_id])?;
+                add_identifiers(connection, job_id, connection.last_insert_rowid(), identifiers)?;
+            }
+        }
+    }
+    recompute(connection, job_id, now)?;
+    let job = queries::job_by_id(connection, job_id)?;
+    Ok(if existing.is_some() { Registered::Adopted(job) } else { Registered::Created(job) })
+}
+
+/// Applies the state rule to every open job whose deadline has passed.
+pub(super) fn sweep(connection: &Connection, now: OffsetDateTime) -> rusqlite::Result<u64> {
+    let overdue: Vec<i64> = connection
+        .prepare_cached("SELECT id FROM jobs WHERE state IN ('pending', 'in_progress') AND deadline < ?1")?
+        .query_map([timestamp(now)], |row| row.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut changed = 0;
+    for job_id in overdue {
+        if recompute(connection, job_id, now)?.1 {
+            changed += 1;
+        }
+    }
+    Ok(changed)
+}

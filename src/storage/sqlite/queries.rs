@@ -1,0 +1,316 @@
+//! Read queries for the API, run on read-only connections.
+
+use std::collections::HashMap;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::domain::{DeliveryResult, DeviceIdentifier};
+use crate::jobs::JobState;
+use crate::storage::{
+    DeliveryQuery, DeliveryRecord, DeviceHistory, FaultRecord, JobQuery, JobRecord, OutcomeRecord, Page, RawBody,
+    UploadRecord,
+};
+
+pub(super) fn list_deliveries(
+    connection: &Connection,
+    query: &DeliveryQuery,
+) -> rusqlite::Result<Page<DeliveryRecord>> {
+    let limit = i64::from(query.limit.max(1));
+    let mut statement = connection.prepare_cached(
+        "SELECT id, received_at, form, kind, operation, request_id, callback_count, max_callback_threshold,
+                result, duplicate_of, duplicates, size, content_type, account, status, fault_code, parse_error
+         FROM deliveries
+         WHERE (?1 IS NULL OR request_id = ?1)
+           AND (?2 IS NULL OR result = ?2)
+           AND (?3 IS NULL OR id < ?3)
+         ORDER BY id DESC
+         LIMIT ?4",
+    )?;
+    let mut items = statement
+        .query_map(
+            params![
+                query.request_id,
+                query.result.map(DeliveryResult::as_str),
+                query.before_id,
+                limit + 1
+            ],
+            |row| {
+                Ok(DeliveryRecord {
+                    id: row.get(0)?,
+                    received_at: row.get(1)?,
+                    form: row.get(2)?,
+                    kind: row.get(3)?,
+                    operation: row.get(4)?,
+                    request_id: row.get(5)?,
+                    callback_count: row.get(6)?,
+                    max_callback_threshold: row.get(7)?,
+                    result: row.get(8)?,
+                    duplicate_of: row.get(9)?,
+                    duplicates: row.get(10)?,
+                    size: row.get(11)?,
+                    content_type: row.get(12)?,
+                    account: row.get(13)?,
+                    status: row.get(14)?,
+                    fault_code: row.get(15)?,
+                    parse_error: row.get(16)?,
+                })
+            },
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let more = items.len() as i64 > limit;
+    items.truncate(limit as usize);
+    let next_cursor = more
+        .then(|| items.last().map(|last| last.id.to_string()))
+        .flatten();
+    Ok(Page { items, next_cursor })
+}
+
+pub(super) fn raw_body(connection: &Connection, delivery_id: i64) -> rusqlite::Result<RawBody> {
+    type RawRow = (Option<String>, Option<i64>, Option<Vec<u8>>);
+    let row: Option<RawRow> = connection
+        .prepare_cached(
+            "SELECT d.content_type, d.duplicate_of, r.body
+             FROM deliveries d LEFT JOIN raw_bodies r ON r.delivery_id = d.id
+             WHERE d.id = ?1",
+        )?
+        .query_row([delivery_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .optional()?;
+    Ok(match row {
+        None => RawBody::NotFound,
+        Some((content_type, _, Some(body))) => RawBody::Found { content_type, body },
+        Some((_, Some(duplicate_of), None)) => RawBody::Duplicate { duplicate_of },
+        Some((_, None, None)) => RawBody::Pruned,
+    })
+}
+
+const JOB_COLUMNS: &str = "id, request_id, registered, operation, account, label, state, expected_devices, devices_reported,
+     succeeded, failed, accepted, deliveries, duplicates, is_upload, total_lines, pending_lines, success_lines,
+     failed_lines, package_error, timeout_s, registered_at, first_callback_at, last_callback_at, completed_at, deadline";
+
+fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
+    let is_upload: bool = row.get(14)?;
+    let total_lines: Option<i64> = row.get(15)?;
+    let devices_reported: i64 = row.get(8)?;
+    let expected_devices = row.get::<_, Option<i64>>(7)?.or(if is_upload { total_lines } else { None });
+    Ok(JobRecord {
+        id: row.get(0)?,
+        request_id: row.get(1)?,
+        registered: row.get(2)?,
+        operation: row.get(3)?,
+        account: row.get(4)?,
+        label: row.get(5)?,
+        state: row.get(6)?,
+        expected_devices,
+        devices_reported,
+        succeeded: row.get(9)?,
+        failed: row.get(10)?,
+        accepted: row.get(11)?,
+        pending: expected_devices.map(|expected| (expected - devices_reported).max(0)),
+        upload: if is_upload {
+            Some(UploadRecord {
+                total_lines,
+                pending_lines: row.get(16)?,
+                success_lines: row.get(17)?,
+                failed_lines: row.get(18)?,
+                package_error: row.get(19)?,
+            })
+        } else {
+            None
+        },
+        deliveries: row.get(12)?,
+        duplicates: row.get(13)?,
+        timeout_s: row.get(20)?,
+        registered_at: row.get(21)?,
+        first_callback_at: row.get(22)?,
+        last_callback_at: row.get(23)?,
+        completed_at: row.get(24)?,
+        deadline: row.get(25)?,
+    })
+}
+
+pub(super) fn job_by_id(connection: &Connection, job_id: i64) -> rusqlite::Result<JobRecord> {
+    connection
+        .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
+        .query_row([job_id], job_from_row)
+}
+
+pub(super) fn job_by_request_id(connection: &Connection, request_id: &str) -> rusqlite::Result<Option<JobRecord>> {
+    connection
+        .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE request_id = ?1"))?
+        .query_row([request_id], job_from_row)
+        .optional()
+}
+
+pub(super) fn list_jobs(connection: &Connection, query: &JobQuery) -> rusqlite::Result<Page<JobRecord>> {
+    let limit = i64::from(query.limit.max(1));
+    let mut items = connection
+        .prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs
+             WHERE (?1 IS NULL OR state = ?1)
+               AND (?2 IS NULL OR operation = ?2)
+               AND (?3 IS NULL OR registered = ?3)
+               AND (?4 IS NULL OR id < ?4)
+             ORDER BY id DESC
+             LIMIT ?5"
+        ))?
+        .query_map(
+            params![query.state.map(JobState::as_str), query.operation, query.registered, query.before_id, limit + 1],
+            job_from_row,
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let more = items.len() as i64 > limit;
+    items.truncate(limit as usize);
+    let next_cursor = more.then(|| items.last().map(|last| last.id.to_string())).flatten();
+    Ok(Page { items, next_cursor })
+}
+
+const OUTCOME_COLUMNS: &str = "o.id, o.request_id, o.operation, o.status, o.line_status, o.fault_code, o.fault_message,
+     o.state, o.service_plan, o.ip_address, o.mdn, o.received_at, o.delivery_id, o.details";
+
+/// An outcome row (columns as in `OUTCOME_COLUMNS`, starting at `first`), identifiers left empty.
+fn outcome_from_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<OutcomeRecord> {
+    let fault_code: Option<String> = row.get(first + 5)?;
+    let fault_message: Option<String> = row.get(first + 6)?;
+    let details: Option<String> = row.get(first + 13)?;
+    Ok(OutcomeRecord {
+        request_id: row.get(first + 1)?,
+        operation: row.get(first + 2)?,
+        identifiers: Vec::new(),
+        status: row.get(first + 3)?,
+        line_status: row.get(first + 4)?,
+        fault: (fault_code.is_some() || fault_message.is_some()).then_some(FaultRecord {
+            code: fault_code,
+            message: fault_message,
+            resolution: None,
+        }),
+        state: row.get(first + 7)?,
+        service_plan: row.get(first + 8)?,
+        ip_address: row.get(first + 9)?,
+        mdn: row.get(first + 10)?,
+        received_at: row.get(first + 11)?,
+        delivery_id: row.get(first + 12)?,
+        details: details.and_then(|details| serde_json::from_str(&details).ok()),
+    })
+}
+
+/// Every device of a job, in the order they became known, with its latest outcome.
+pub(super) fn job_devices(
+    connection: &Connection,
+    request_id: &str,
+    now: &str,
+) -> rusqlite::Result<Option<Vec<OutcomeRecord>>> {
+    let Some(job) = job_by_request_id(connection, request_id)? else {
+        return Ok(None);
+    };
+    let mut identifiers: HashMap<i64, Vec<DeviceIdentifier>> = HashMap::new();
+    let mut rows = connection
+        .prepare_cached("SELECT job_device_id, kind, identifier FROM job_device_identifiers WHERE job_id = ?1")?;
+    let mut found = rows.query([job.id])?;
+    while let Some(row) = found.next()? {
+        identifiers.entry(row.get(0)?).or_default().push(DeviceIdentifier {
+            kind: row.get(1)?,
+            id: row.get(2)?,
+        });
+    }
+    let unreported = if job.deadline.as_str() < now { "missing" } else { "pending" };
+    let mut statement = connection.prepare_cached(&format!(
+        "SELECT d.id, o.id IS NOT NULL, {OUTCOME_COLUMNS}
+         FROM job_devices d LEFT JOIN device_outcomes o ON o.id = d.latest_outcome_id
+         WHERE d.job_id = ?1 ORDER BY d.id"
+    ))?;
+    let devices = statement
+        .query_map([job.id], |row| {
+            let device_id: i64 = row.get(0)?;
+            let reported: bool = row.get(1)?;
+            let mut outcome = if reported {
+                outcome_from_row(row, 2)?
+            } else {
+                OutcomeRecord {
+                    request_id: Some(job.request_id.clone()),
+                    operation: job.operation.clone(),
+                    identifiers: Vec::new(),
+                    status: unreported.to_owned(),
+                    line_status: None,
+                    fault: None,
+                    state: None,
+                    service_plan: None,
+                    ip_address: None,
+                    mdn: None,
+                    received_at: None,
+                    delivery_id: None,
+                    details: None,
+                }
+            };
+            outcome.identifiers = identifiers.remove(&device_id).unwrap_or_default();
+            outcome.identifiers.sort_by(|left, right| (&left.kind, &left.id).cmp(&(&right.kind, &right.id)));
+            Ok(outcome)
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Some(devices))
+}
+
+/// Outcomes shown in a device history, newest first.
+const HISTORY_LIMIT: i64 = 500;
+
+pub(super) fn device_history(
+    connection: &Connection,
+    identifier: &DeviceIdentifier,
+) -> rusqlite::Result<Option<DeviceHistory>> {
+    // Identifiers are stored as sent; hexadecimal ones (MEID, ESN) may differ in case only.
+    let mut candidates = vec![identifier.id.clone()];
+    for variant in [identifier.id.to_ascii_uppercase(), identifier.id.to_ascii_lowercase()] {
+        if !candidates.contains(&variant) {
+            candidates.push(variant);
+        }
+    }
+    let mut outcome_ids: Vec<i64> = Vec::new();
+    for candidate in &candidates {
+        outcome_ids = connection
+            .prepare_cached(
+                "SELECT outcome_id FROM outcome_identifiers WHERE kind = ?1 AND identifier = ?2
+                 ORDER BY outcome_id DESC LIMIT ?3",
+            )?
+            .query_map(params![identifier.kind, candidate, HISTORY_LIMIT], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        if !outcome_ids.is_empty() {
+            break;
+        }
+    }
+    if outcome_ids.is_empty() {
+        return Ok(None);
+    }
+    let mut history = Vec::with_capacity(outcome_ids.len());
+    let mut all_identifiers: Vec<DeviceIdentifier> = Vec::new();
+    let mut outcome_statement =
+        connection.prepare_cached(&format!("SELECT {OUTCOME_COLUMNS} FROM device_outcomes o WHERE o.id = ?1"))?;
+    let mut identifier_statement =
+        connection.prepare_cached("SELECT kind, identifier FROM outcome_identifiers WHERE outcome_id = ?1 ORDER BY kind, identifier")?;
+    for outcome_id in outcome_ids {
+        let mut outcome = outcome_statement.query_row([outcome_id], |row| outcome_from_row(row, 0))?;
+        outcome.identifiers = identifier_statement
+            .query_map([outcome_id], |row| {
+                Ok(DeviceIdentifier {
+                    kind: row.get(0)?,
+                    id: row.get(1)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        for found in &outcome.identifiers {
+            if !all_identifiers.contains(found) {
+                all_identifiers.push(found.clone());
+            }
+        }
+        history.push(outcome);
+    }
+    all_identifiers.sort_by(|left, right| (&left.kind, &left.id).cmp(&(&right.kind, &right.id)));
+    let Some(latest) = history.first().cloned() else {
+        return Ok(None);
+    };
+    Ok(Some(DeviceHistory {
+        identifiers: all_identifiers,
+        latest,
+        history,
+    }))
+}

@@ -1,0 +1,146 @@
+//! The schema, as an ordered list of migrations.
+
+/// Schema versions, applied in order; `PRAGMA user_version` records how many have been applied.
+/// Never edit an applied migration: add a new one.
+pub(super) const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE deliveries (
+    id                     INTEGER PRIMARY KEY,
+    received_at            TEXT NOT NULL,
+    form                   TEXT,
+    kind                   TEXT,
+    operation              TEXT,
+    request_id             TEXT,
+    callback_count         INTEGER,
+    max_callback_threshold INTEGER,
+    dedup_key              BLOB NOT NULL,
+    result                 TEXT NOT NULL CHECK (result IN ('stored', 'duplicate', 'quarantined')),
+    duplicate_of           INTEGER REFERENCES deliveries (id),
+    duplicates             INTEGER NOT NULL DEFAULT 0,
+    size                   INTEGER NOT NULL,
+    content_type           TEXT,
+    source_address         TEXT,
+    account                TEXT,
+    status                 TEXT,
+    fault_code             TEXT,
+    fault_message          TEXT,
+    comment                TEXT,
+    details                TEXT,
+    parse_error            TEXT
+);
+-- One first delivery per message: re-deliveries (duplicate_of set) are outside the index, so a
+-- concurrent re-delivery cannot be stored twice whatever the interleaving.
+CREATE UNIQUE INDEX deliveries_message ON deliveries (dedup_key) WHERE duplicate_of IS NULL;
+CREATE INDEX deliveries_request ON deliveries (request_id, id);
+CREATE INDEX deliveries_result ON deliveries (result, id);
+
+CREATE TABLE raw_bodies (
+    delivery_id INTEGER PRIMARY KEY REFERENCES deliveries (id),
+    body        BLOB NOT NULL
+);
+
+CREATE TABLE device_outcomes (
+    id            INTEGER PRIMARY KEY,
+    delivery_id   INTEGER NOT NULL REFERENCES deliveries (id),
+    request_id    TEXT,
+    operation     TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    line_status   TEXT,
+    fault_code    TEXT,
+    fault_message TEXT,
+    state         TEXT,
+    service_plan  TEXT,
+    ip_address    TEXT,
+    mdn           TEXT,
+    details       TEXT,
+    received_at   TEXT NOT NULL
+);
+CREATE INDEX device_outcomes_request ON device_outcomes (request_id, id);
+CREATE INDEX device_outcomes_delivery ON device_outcomes (delivery_id);
+
+-- Every identifier of a device outcome: a lookup by any (kind, identifier) pair finds it.
+CREATE TABLE outcome_identifiers (
+    kind       TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    outcome_id INTEGER NOT NULL REFERENCES device_outcomes (id),
+    PRIMARY KEY (kind, identifier, outcome_id)
+) WITHOUT ROWID;
+CREATE INDEX outcome_identifiers_outcome ON outcome_identifiers (outcome_id);
+
+CREATE TABLE upload_summaries (
+    delivery_id   INTEGER PRIMARY KEY REFERENCES deliveries (id),
+    request_id    TEXT,
+    account_name  TEXT,
+    device_sku    TEXT,
+    total_lines   INTEGER,
+    pending_lines INTEGER,
+    success_lines INTEGER,
+    failed_lines  INTEGER,
+    package_error TEXT
+);
+CREATE INDEX upload_summaries_request ON upload_summaries (request_id);
+
+-- Written by the readiness probe: proves a commit can go through right now.
+CREATE TABLE heartbeat (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_at TEXT NOT NULL
+);
+"#,
+    r#"
+-- A job: one platform request, keyed by RequestId; registered by the operator or created by the
+-- first callback naming it. Counters and state are recomputed inside every transaction that adds
+-- an outcome, so they are never behind.
+CREATE TABLE jobs (
+    id                INTEGER PRIMARY KEY,
+    request_id        TEXT NOT NULL UNIQUE,
+    registered        INTEGER NOT NULL DEFAULT 0,
+    operation         TEXT,
+    account           TEXT,
+    label             TEXT,
+    expected_devices  INTEGER,
+    timeout_s         INTEGER,
+    -- The registration as validated, to tell "the same again" from a conflict.
+    registration      TEXT,
+    state             TEXT NOT NULL,
+    devices_reported  INTEGER NOT NULL DEFAULT 0,
+    succeeded         INTEGER NOT NULL DEFAULT 0,
+    failed            INTEGER NOT NULL DEFAULT 0,
+    accepted          INTEGER NOT NULL DEFAULT 0,
+    deliveries        INTEGER NOT NULL DEFAULT 0,
+    duplicates        INTEGER NOT NULL DEFAULT 0,
+    is_upload         INTEGER NOT NULL DEFAULT 0,
+    total_lines       INTEGER,
+    pending_lines     INTEGER,
+    success_lines     INTEGER,
+    failed_lines      INTEGER,
+    package_error     TEXT,
+    created_at        TEXT NOT NULL,
+    registered_at     TEXT,
+    first_callback_at TEXT,
+    last_callback_at  TEXT,
+    completed_at      TEXT,
+    deadline          TEXT NOT NULL
+);
+CREATE INDEX jobs_state ON jobs (state, id);
+CREATE INDEX jobs_open_deadline ON jobs (deadline) WHERE state IN ('pending', 'in_progress');
+
+-- The devices of a job: registered ones and reported ones, matched by any identifier.
+CREATE TABLE job_devices (
+    id                INTEGER PRIMARY KEY,
+    job_id            INTEGER NOT NULL REFERENCES jobs (id),
+    registered        INTEGER NOT NULL DEFAULT 0,
+    latest_outcome_id INTEGER REFERENCES device_outcomes (id),
+    -- The latest outcome's status; NULL while not reported.
+    status            TEXT
+);
+CREATE INDEX job_devices_job ON job_devices (job_id, id);
+
+CREATE TABLE job_device_identifiers (
+    job_id        INTEGER NOT NULL,
+    kind          TEXT NOT NULL,
+    identifier    TEXT NOT NULL,
+    job_device_id INTEGER NOT NULL REFERENCES job_devices (id),
+    PRIMARY KEY (job_id, kind, identifier)
+) WITHOUT ROWID;
+CREATE INDEX job_device_identifiers_device ON job_device_identifiers (job_device_id);
+"#,
+];
