@@ -14,6 +14,7 @@
 //! - [`startup`]: wiring everything into an [`startup::Application`].
 //! - [`cli`]: the command line.
 pub mod auth;
+pub mod catalog;
 pub mod cli;
 pub mod configuration;
 pub mod domain;
