@@ -15,6 +15,7 @@
 //! - [`startup`]: wiring everything into an [`startup::Application`].
 //! - [`cli`]: the command line; [`client`]: its client for the API.
 pub mod auth;
+pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod configuration;

@@ -1,0 +1,669 @@
+//! The fault-code catalog: every error and status code in the seed documents, with its message, cause,
+//! resolution, class and whether a retry can help, for `GET /api/v1/errors/{code}` and for classifying
+//! the faults and upload line statuses that callbacks carry.
+//!
+//! `data/error-catalog.json` is generated from the seeds by `scripts/extract_catalog.py` (which
+//! documents how ambiguous seed rows were split and what `class` and `retryable` mean) and embedded at
+//! compile time. This module only parses and indexes it.
+//!
+//! Architecture Invariant: no IO and no panics. A lookup takes any string a caller or the platform
+//! sends, and a catalog that failed to parse is empty rather than fatal.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
+
+const EMBEDDED_CATALOG_JSON: &str = include_str!("../data/error-catalog.json");
+
+/// The `class` of seed 001 package-level upload errors, which fail a whole upload.
+const UPLOAD_PACKAGE_CLASS: &str = "upload_package";
+
+/// When one text is in several sources, the one the listener actually receives wins: upload line
+/// statuses first, then ThingSpace faults, then the two secondary catalogs.
+const SOURCES_BY_TEXT_PRIORITY: [&str; 4] = [
+    "thingspace_upload_devices",
+    "thingspace_sync_errors",
+    "imiconnect_status",
+    "provisioning_api_errors",
+];
+
+/// Real codes, even with a service-name prefix, are under 100 bytes. Anything far longer cannot be in
+/// the catalog, and refusing it up front bounds the cost of trying every suffix of it.
+const LONGEST_CODE_LOOKED_UP: usize = 512;
+
+/// The longest catalog message is a few hundred bytes; a filled placeholder adds a device id or an
+/// email address. Longer input cannot match, and refusing it bounds the cost of template matching.
+const LONGEST_TEXT_LOOKED_UP: usize = 8 * 1024;
+
+/// A template whose fixed text is shorter than this would match almost anything, so such a message is
+/// only ever matched exactly.
+const SHORTEST_TEMPLATE_LITERAL_TEXT: usize = 8;
+
+/// One code of the catalog, as `GET /api/v1/errors/{code}` returns it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CatalogEntry {
+    /// The code as the platform sends it (`INPUT_INVALID.Device.Kind.Invalid`, `7500`, `S2004`), or a
+    /// synthesized one for texts that have no code (`UPLOAD_LINE.ImeiInvalid`). A second message the
+    /// seeds list under the same code is a variant, `CODE~TAG`.
+    pub code: String,
+    /// The text the platform returns with the code (SOAP faultstring, line status, status message),
+    /// placeholders such as `(deviceId)` or `{account name}` left in.
+    pub message: String,
+    /// What the request did to cause it, where the seed says.
+    pub cause: Option<String>,
+    /// What to change before sending the request again, where known.
+    pub resolution: Option<String>,
+    /// A small per-source vocabulary (`input_invalid`, `request_failed`, `upload_line`,
+    /// `delivery_failed`, ...) so callers can group codes without knowing each one.
+    pub class: String,
+    /// Whether sending the same request again later can succeed.
+    pub retryable: bool,
+    /// Which seed document the code comes from (`thingspace_sync_errors`, ...).
+    pub source: String,
+}
+
+/// The catalog with its lookup indexes, built once.
+pub struct Catalog {
+    /// Every entry in file order (by source, then code).
+    entries: Vec<CatalogEntry>,
+    /// Lower-cased code → position in `entries`.
+    by_lowercase_code: HashMap<String, usize>,
+    /// Normalized message → positions in `entries`, highest text priority first.
+    by_normalized_message: HashMap<String, Vec<usize>>,
+    /// Messages with placeholders, highest text priority first.
+    message_templates: Vec<(MessageTemplate, usize)>,
+}
+
+/// The embedded catalog. If the embedded JSON failed to parse (a build defect), an empty catalog —
+/// never a panic.
+pub fn catalog() -> &'static Catalog {
+    static EMBEDDED_CATALOG: OnceLock<Catalog> = OnceLock::new();
+    EMBEDDED_CATALOG.get_or_init(|| Catalog::parse_or_empty(EMBEDDED_CATALOG_JSON))
+}
+
+impl Catalog {
+    /// An unparsable catalog becomes an empty one: explaining codes is a convenience, and must not
+    /// take the listener down. The unit tests make sure the embedded file parses.
+    fn parse_or_empty(json: &str) -> Self {
+        let entries: Vec<CatalogEntry> = serde_json::from_str(json).unwrap_or_default();
+        Self::from_entries(entries)
+    }
+
+    fn from_entries(entries: Vec<CatalogEntry>) -> Self {
+        let mut by_lowercase_code = HashMap::with_capacity(entries.len());
+        for (position, entry) in entries.iter().enumerate() {
+            by_lowercase_code
+                .entry(entry.code.to_lowercase())
+                .or_insert(position);
+        }
+
+        let mut by_text_priority: Vec<(usize, &CatalogEntry)> =
+            entries.iter().enumerate().collect();
+        by_text_priority
+            .sort_by_key(|(position, entry)| (text_priority_of_source(&entry.source), *position));
+        let mut by_normalized_message: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut message_templates = Vec::new();
+        for (position, entry) in by_text_priority {
+            let normalized_message = normalize_text(&entry.message);
+            if let Some(template) = MessageTemplate::parse(&normalized_message) {
+                message_templates.push((template, position));
+            }
+            by_normalized_message
+                .entry(normalized_message)
+                .or_default()
+                .push(position);
+        }
+
+        Self {
+            entries,
+            by_lowercase_code,
+            by_normalized_message,
+            message_templates,
+        }
+    }
+
+    /// By code as it appears in a callback fault or an API path: bare `INPUT_INVALID.Device.Kind.Invalid`,
+    /// or prefixed by an M2M service name `CarrierService.INPUT_INVALID.Device.Kind.Invalid`,
+    /// `UnifiedWebService.REQUEST_FAILED.UnexpectedError`, also with a SOAP QName prefix like
+    /// `s:Client.`: leading `.`- or `:`-separated segments that are not part of a known code are
+    /// stripped. Case-insensitive. Numeric codes (`7500`), synthesized upload codes and variants
+    /// (`REQUEST_FAILED.UnexpectedError~TriggerIdInvalid`) too. The seed spells two codes
+    /// `INVALID_INPUT.*`; either spelling finds them.
+    pub fn lookup(&self, code: &str) -> Option<&CatalogEntry> {
+        let trimmed = code.trim();
+        if trimmed.is_empty() || trimmed.len() > LONGEST_CODE_LOOKED_UP {
+            return None;
+        }
+        let lowercase_code = trimmed.to_lowercase();
+        // The longest candidate first, so a known code is never shortened into another known code.
+        let candidate_starts = std::iter::once(0).chain(
+            lowercase_code
+                .char_indices()
+                .filter(|(_, character)| matches!(character, '.' | ':'))
+                .map(|(separator, _)| separator + 1),
+        );
+        candidate_starts
+            .filter_map(|start| lowercase_code.get(start..))
+            .find_map(|candidate| self.position_of_lowercase_code(candidate))
+            .and_then(|position| self.entries.get(position))
+    }
+
+    fn position_of_lowercase_code(&self, candidate: &str) -> Option<usize> {
+        if let Some(&position) = self.by_lowercase_code.get(candidate) {
+            return Some(position);
+        }
+        let other_spelling = if let Some(rest) = candidate.strip_prefix("input_invalid.") {
+            format!("invalid_input.{rest}")
+        } else if let Some(rest) = candidate.strip_prefix("invalid_input.") {
+            format!("input_invalid.{rest}")
+        } else {
+            return None;
+        };
+        self.by_lowercase_code.get(&other_spelling).copied()
+    }
+
+    /// By message text (upload line statuses and package-level texts from seed 001 arrive as text,
+    /// not codes): trimmed, case-insensitive, runs of whitespace and one trailing full stop ignored.
+    /// A placeholder in the catalog text — `(deviceId)` or `{account name}` — matches any non-empty
+    /// value or the placeholder itself, so "IMEI 12345 is invalid" and "IMEI (deviceId) is invalid"
+    /// both find `UPLOAD_LINE.ImeiInvalid`. An exact match wins over a placeholder match.
+    pub fn lookup_text(&self, text: &str) -> Option<&CatalogEntry> {
+        self.find_by_text(text, |_| true)
+    }
+
+    /// Whether this text is a seed 001 package-level upload error (fails the whole upload).
+    pub fn is_upload_package_error(&self, text: &str) -> bool {
+        self.find_by_text(text, |entry| entry.class == UPLOAD_PACKAGE_CLASS)
+            .is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn find_by_text(
+        &self,
+        text: &str,
+        is_wanted: impl Fn(&CatalogEntry) -> bool,
+    ) -> Option<&CatalogEntry> {
+        if text.len() > LONGEST_TEXT_LOOKED_UP {
+            return None;
+        }
+        let normalized_text = normalize_text(text);
+        if normalized_text.is_empty() {
+            return None;
+        }
+        let exact_match = self
+            .by_normalized_message
+            .get(&normalized_text)
+            .into_iter()
+            .flatten()
+            .filter_map(|&position| self.entries.get(position))
+            .find(|entry| is_wanted(entry));
+        exact_match.or_else(|| {
+            self.message_templates
+                .iter()
+                .filter(|(template, _)| template.matches(&normalized_text))
+                .filter_map(|&(_, position)| self.entries.get(position))
+                .find(|entry| is_wanted(entry))
+        })
+    }
+}
+
+fn text_priority_of_source(source: &str) -> usize {
+    SOURCES_BY_TEXT_PRIORITY
+        .iter()
+        .position(|known| *known == source)
+        .unwrap_or(SOURCES_BY_TEXT_PRIORITY.len())
+}
+
+/// The form both catalog messages and looked-up texts are compared in: the platform pads values with
+/// spaces (seed 001's upload callback does) and is not consistent about case or a final full stop.
+fn normalize_text(text: &str) -> String {
+    let collapsed = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let lowercase = collapsed.to_lowercase();
+    match lowercase.strip_suffix('.') {
+        Some(without_full_stop) => without_full_stop.trim_end().to_owned(),
+        None => lowercase,
+    }
+}
+
+/// A normalized catalog message split at its placeholders: `literal_parts` has one more element than
+/// there are placeholders, and each placeholder matches at least one character.
+struct MessageTemplate {
+    literal_parts: Vec<String>,
+}
+
+impl MessageTemplate {
+    /// `None` when the message has no placeholder (it is only matched exactly) or too little fixed
+    /// text to be a safe pattern.
+    fn parse(normalized_message: &str) -> Option<Self> {
+        let mut literal_parts = Vec::new();
+        let mut literal_start = 0;
+        let mut search_from = 0;
+        while let Some(offset) = normalized_message.get(search_from..)?.find(['(', '{']) {
+            let opening = search_from + offset;
+            let placeholder_end = placeholder_length_at(normalized_message.get(opening..)?)
+                .map(|length| opening + length);
+            match placeholder_end {
+                Some(end) => {
+                    literal_parts.push(normalized_message.get(literal_start..opening)?.to_owned());
+                    literal_start = end;
+                    search_from = end;
+                }
+                None => search_from = opening + 1,
+            }
+        }
+        if literal_parts.is_empty() {
+            return None;
+        }
+        literal_parts.push(normalized_message.get(literal_start..)?.to_owned());
+        let literal_text_length: usize = literal_parts.iter().map(String::len).sum();
+        (literal_text_length >= SHORTEST_TEMPLATE_LITERAL_TEXT).then_some(Self { literal_parts })
+    }
+
+    fn matches(&self, normalized_text: &str) -> bool {
+        let Some((first_literal, later_literals)) = self.literal_parts.split_first() else {
+            return false;
+        };
+        let Some((last_literal, middle_literals)) = later_literals.split_last() else {
+            return false;
+        };
+        if !normalized_text.starts_with(first_literal.as_str()) {
+            return false;
+        }
+        // The leftmost occurrence of each middle literal is always a safe choice: it leaves the most
+        // text for the literals after it, so this never rejects a text that some split would accept.
+        let mut position = first_literal.len();
+        for literal in middle_literals {
+            let Some(search_start) = position_after_one_character(normalized_text, position) else {
+                return false;
+            };
+            let Some(found) = normalized_text
+                .get(search_start..)
+                .and_then(|rest| rest.find(literal.as_str()))
+            else {
+                return false;
+            };
+            position = search_start + found + literal.len();
+        }
+        let Some(earliest_last_literal_start) =
+            position_after_one_character(normalized_text, position)
+        else {
+            return false;
+        };
+        normalized_text.len() >= earliest_last_literal_start + last_literal.len()
+            && normalized_text.ends_with(last_literal.as_str())
+    }
+}
+
+/// The byte length of the placeholder `text` starts with, if it starts with one: `(` + an identifier
+/// of two or more letters, digits or underscores + `)` (seed 001: `(deviceId)`, but not the `(s)` of
+/// "identifier(s)"), or `{` + anything without braces + `}` (seed 000: `{account name}`).
+fn placeholder_length_at(text: &str) -> Option<usize> {
+    if let Some(after_opening) = text.strip_prefix('(') {
+        let closing = after_opening.find(')')?;
+        let name = after_opening.get(..closing)?;
+        let starts_with_letter = name.chars().next().is_some_and(char::is_alphabetic);
+        let is_identifier = name
+            .chars()
+            .all(|character| character.is_alphanumeric() || character == '_');
+        (name.chars().count() >= 2 && starts_with_letter && is_identifier).then_some(closing + 2)
+    } else if let Some(after_opening) = text.strip_prefix('{') {
+        let closing = after_opening.find('}')?;
+        let name = after_opening.get(..closing)?;
+        (!name.is_empty() && !name.contains('{')).then_some(closing + 2)
+    } else {
+        None
+    }
+}
+
+/// The position just after the character at `position`, or `None` at the end of the text: a
+/// placeholder must take at least one whole character, and byte arithmetic alone could land inside one.
+fn position_after_one_character(text: &str, position: usize) -> Option<usize> {
+    let character = text.get(position..)?.chars().next()?;
+    Some(position + character.len_utf8())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{HashMap, HashSet};
+
+    use super::*;
+
+    /// What `scripts/extract_catalog.py` printed when it wrote the embedded file.
+    const EXPECTED_ENTRIES_PER_SOURCE: [(&str, usize); 4] = [
+        ("thingspace_sync_errors", 154),
+        ("thingspace_upload_devices", 30),
+        ("imiconnect_status", 201),
+        ("provisioning_api_errors", 56),
+    ];
+
+    fn code_of(entry: Option<&CatalogEntry>) -> Option<&str> {
+        entry.map(|entry| entry.code.as_str())
+    }
+
+    #[test]
+    fn the_embedded_catalog_parses_with_the_counts_the_extraction_script_printed() {
+        let entries: Vec<CatalogEntry> =
+            serde_json::from_str(EMBEDDED_CATALOG_JSON).expect("embedded catalog must parse");
+        let mut entries_per_source: HashMap<&str, usize> = HashMap::new();
+        for entry in &entries {
+            *entries_per_source.entry(entry.source.as_str()).or_default() += 1;
+        }
+        let expected: HashMap<&str, usize> = EXPECTED_ENTRIES_PER_SOURCE.into_iter().collect();
+        assert_eq!(entries_per_source, expected);
+        assert_eq!(catalog().len(), 441);
+        assert!(!catalog().is_empty());
+    }
+
+    #[test]
+    fn every_entry_has_a_code_message_class_and_source_and_codes_are_unique() {
+        let entries: Vec<CatalogEntry> =
+            serde_json::from_str(EMBEDDED_CATALOG_JSON).expect("embedded catalog must parse");
+        let mut seen_codes = HashSet::new();
+        for entry in &entries {
+            assert!(!entry.code.trim().is_empty(), "{entry:?}");
+            assert!(!entry.message.trim().is_empty(), "{entry:?}");
+            assert!(!entry.class.trim().is_empty(), "{entry:?}");
+            assert!(!entry.source.trim().is_empty(), "{entry:?}");
+            // Lookups are case-insensitive, so uniqueness must be too.
+            assert!(
+                seen_codes.insert(entry.code.to_lowercase()),
+                "duplicate code {}",
+                entry.code
+            );
+            // Every code must find itself (no code is shadowed by another one's index entry).
+            assert_eq!(
+                code_of(catalog().lookup(&entry.code)),
+                Some(entry.code.as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn device_state_invalid_is_found_with_a_message_and_a_resolution() {
+        let entry = catalog()
+            .lookup("INPUT_INVALID.DeviceState.Invalid")
+            .expect("INPUT_INVALID.DeviceState.Invalid is in seed 000");
+        assert_eq!(
+            entry.message,
+            "The given device state is invalid, valid State values are Active, Active.Ready and Active.Test"
+        );
+        assert!(
+            entry
+                .resolution
+                .as_deref()
+                .is_some_and(|text| !text.is_empty())
+        );
+        assert_eq!(entry.class, "input_invalid");
+        assert!(!entry.retryable);
+        assert_eq!(entry.source, "thingspace_sync_errors");
+    }
+
+    #[test]
+    fn a_seed_000_row_is_split_into_message_cause_and_resolution() {
+        let entry = catalog()
+            .lookup("INPUT_INVALID.Device.Kind.Invalid")
+            .expect("in seed 000");
+        assert_eq!(
+            entry.message,
+            "The device kind was not recognized as valid. Valid ones are ICCID, MEID, IMSI, MDN, IMEI, MSISDN, or ESN."
+        );
+        assert_eq!(
+            entry.cause.as_deref(),
+            Some("The \"Kind\" field for DeviceIdentifier did not contain a recognized value.")
+        );
+        assert_eq!(
+            entry.resolution.as_deref(),
+            Some("Retry the request with \"Kind\" set to one of the valid values.")
+        );
+    }
+
+    #[test]
+    fn codes_prefixed_by_a_service_name_or_a_soap_qname_resolve() {
+        let catalog = catalog();
+        for (sent, expected) in [
+            (
+                "CarrierService.INPUT_INVALID.Device.Kind.Invalid",
+                "INPUT_INVALID.Device.Kind.Invalid",
+            ),
+            (
+                "UnifiedWebService.REQUEST_FAILED.UnexpectedError",
+                "REQUEST_FAILED.UnexpectedError",
+            ),
+            (
+                "s:Client.INPUT_INVALID.DeviceState.Invalid",
+                "INPUT_INVALID.DeviceState.Invalid",
+            ),
+            (
+                "s:Client.CarrierService.REQUEST_FAILED.SessionToken.Expired",
+                "REQUEST_FAILED.SessionToken.Expired",
+            ),
+            (
+                "  carrierservice.input_invalid.device.kind.invalid  ",
+                "INPUT_INVALID.Device.Kind.Invalid",
+            ),
+            (
+                "CarrierService.DeserializationFailed",
+                "DeserializationFailed",
+            ),
+        ] {
+            assert_eq!(code_of(catalog.lookup(sent)), Some(expected), "{sent}");
+        }
+    }
+
+    #[test]
+    fn numeric_synthesized_and_variant_codes_resolve() {
+        let catalog = catalog();
+        let delivered = catalog.lookup("7500").expect("7500 is in seed 002");
+        assert_eq!(delivered.message, "Delivered");
+        assert_eq!(delivered.class, "delivered");
+        assert_eq!(
+            catalog.lookup("7501").map(|entry| entry.message.as_str()),
+            Some("Submitted")
+        );
+        assert!(catalog.lookup("7201").is_some_and(|entry| entry.retryable));
+        assert!(catalog.lookup("7203").is_some_and(|entry| !entry.retryable));
+        assert_eq!(code_of(catalog.lookup("s2004")), Some("S2004"));
+        assert_eq!(
+            code_of(catalog.lookup("upload_line.imeiinvalid")),
+            Some("UPLOAD_LINE.ImeiInvalid")
+        );
+        // The bare code is the general row; the trigger rows that reuse it are variants.
+        let unexpected = catalog
+            .lookup("REQUEST_FAILED.UnexpectedError")
+            .expect("in seed 000");
+        assert!(unexpected.retryable);
+        assert!(unexpected.message.starts_with("Unexpected error occurred."));
+        assert_eq!(
+            code_of(
+                catalog.lookup("UnifiedWebService.REQUEST_FAILED.UnexpectedError~TriggerIdInvalid")
+            ),
+            Some("REQUEST_FAILED.UnexpectedError~TriggerIdInvalid")
+        );
+    }
+
+    #[test]
+    fn both_spellings_of_the_seeds_invalid_input_codes_resolve() {
+        let catalog = catalog();
+        for sent in [
+            "INVALID_INPUT.NPANXXRequiredForB2B",
+            "INPUT_INVALID.NPANXXRequiredForB2B",
+            "CarrierService.INPUT_INVALID.NPANXXRequiredForB2B",
+        ] {
+            assert_eq!(
+                code_of(catalog.lookup(sent)),
+                Some("INVALID_INPUT.NPANXXRequiredForB2B"),
+                "{sent}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_code_returns_none() {
+        let catalog = catalog();
+        for sent in [
+            "INPUT_INVALID.No.Such.Code",
+            "CarrierService.REQUEST_FAILED.Nope",
+            "9999",
+            "CarrierService.",
+            "",
+            "   ",
+            ".",
+            "~",
+        ] {
+            assert_eq!(code_of(catalog.lookup(sent)), None, "{sent:?}");
+        }
+    }
+
+    #[test]
+    fn upload_line_texts_resolve_with_placeholders_filled_or_not() {
+        let catalog = catalog();
+        for (sent, expected) in [
+            ("IMEI 12345 is invalid", "UPLOAD_LINE.ImeiInvalid"),
+            ("IMEI (deviceId) is invalid", "UPLOAD_LINE.ImeiInvalid"),
+            (
+                "  imei   990000862471854 IS INVALID.  ",
+                "UPLOAD_LINE.ImeiInvalid",
+            ),
+            (
+                "IMEI 990000862471854 not provided",
+                "UPLOAD_LINE.ImeiNotProvided",
+            ),
+            (
+                "Duplicate Device ID 990000862471854 found in the request",
+                "UPLOAD_LINE.DuplicateDeviceId",
+            ),
+            (
+                "SIM Id 89148000000800000000 is invalid",
+                "UPLOAD_LINE.SimIdInvalid",
+            ),
+            (
+                "EID 89049032000000000000000000000000 not provided",
+                "UPLOAD_LINE.EidNotProvided",
+            ),
+            (
+                "Device upload request submitted",
+                "UPLOAD_LINE.DeviceUploadRequestSubmitted",
+            ),
+            (
+                "Device upload successful",
+                "UPLOAD_LINE.DeviceUploadSuccessful",
+            ),
+            // Exactly as the upload callback example in seed 001 sends it, trailing space included.
+            (
+                "Line has been uploaded successfully ",
+                "UPLOAD_LINE.LineUploadedSuccessfully",
+            ),
+            (
+                "No Profile found for email address ops@example.com",
+                "UPLOAD_PACKAGE.NoProfileForEmailAddress",
+            ),
+            // A ThingSpace faultstring with its {placeholder} filled in.
+            (
+                "Could not find device \"IMEI 990000862471854\".",
+                "REQUEST_FAILED.DeviceNotFound",
+            ),
+        ] {
+            assert_eq!(
+                code_of(catalog.lookup_text(sent)),
+                Some(expected),
+                "{sent:?}"
+            );
+        }
+        assert!(
+            catalog
+                .lookup_text("Device upload successful")
+                .is_some_and(|entry| !entry.retryable && entry.class == "upload_line")
+        );
+        assert_eq!(code_of(catalog.lookup_text("IMEI is invalid")), None);
+        assert_eq!(
+            code_of(catalog.lookup_text("Nothing like any catalog text")),
+            None
+        );
+    }
+
+    #[test]
+    fn package_level_upload_errors_are_told_apart_from_line_statuses() {
+        let catalog = catalog();
+        assert!(catalog.is_upload_package_error("Device SKU is not Certified"));
+        assert!(catalog.is_upload_package_error(" device sku is not certified "));
+        assert!(catalog.is_upload_package_error("Device SKU ABC-123 not provided"));
+        assert!(catalog.is_upload_package_error("Processing failed due to an unknown error"));
+        assert!(!catalog.is_upload_package_error("Device upload successful"));
+        assert!(!catalog.is_upload_package_error("IMEI 12345 is invalid"));
+        assert!(!catalog.is_upload_package_error(""));
+    }
+
+    #[test]
+    fn lookups_never_panic_on_odd_input() {
+        let catalog = catalog();
+        let very_long_code = "CarrierService.".repeat(100_000);
+        let very_long_text = "IMEI (".repeat(100_000);
+        let just_under_the_text_limit = format!("IMEI {} is invalid", "é".repeat(4_000));
+        for sent in [
+            "",
+            " ",
+            ".",
+            "..",
+            ":",
+            "(",
+            "((((",
+            "{",
+            "{}",
+            "()",
+            "é",
+            "İİİ.ÅÄÖ",
+            "日本語.コード",
+            "IMEI é is invalid",
+            "IMEI (é) is invalid",
+            "\u{0}\u{feff}",
+            very_long_code.as_str(),
+            very_long_text.as_str(),
+            just_under_the_text_limit.as_str(),
+        ] {
+            let _ = catalog.lookup(sent);
+            let _ = catalog.lookup_text(sent);
+            let _ = catalog.is_upload_package_error(sent);
+        }
+        assert_eq!(
+            code_of(catalog.lookup_text("IMEI é is invalid")),
+            Some("UPLOAD_LINE.ImeiInvalid")
+        );
+        assert_eq!(
+            code_of(catalog.lookup_text(&just_under_the_text_limit)),
+            Some("UPLOAD_LINE.ImeiInvalid")
+        );
+    }
+
+    #[test]
+    fn an_unparsable_catalog_is_empty_rather_than_a_panic() {
+        let broken = Catalog::parse_or_empty("[{\"code\": ");
+        assert!(broken.is_empty());
+        assert_eq!(broken.len(), 0);
+        assert!(broken.lookup("7500").is_none());
+        assert!(broken.lookup_text("Device SKU is not Certified").is_none());
+        assert!(!broken.is_upload_package_error("Device SKU is not Certified"));
+    }
+
+    #[test]
+    fn templates_need_each_placeholder_filled_and_the_fixed_text_in_order() {
+        let template = MessageTemplate::parse(&normalize_text(
+            "Could not find device \"{kind} {identifier}\".",
+        ))
+        .expect("has placeholders");
+        assert!(template.matches("could not find device \"imei 1\""));
+        assert!(template.matches("could not find device \"{kind} {identifier}\""));
+        assert!(!template.matches("could not find device \"imei\""));
+        assert!(!template.matches("could not find device \" \""));
+        assert!(!template.matches("could not find device"));
+        assert!(MessageTemplate::parse("invalid device identifier(s) present").is_none());
+        assert!(MessageTemplate::parse("({a})").is_none());
+    }
+}
