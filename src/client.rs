@@ -40,11 +40,22 @@ impl ApiClient {
     }
 
     /// Sends one request; returns the status and body whatever the status.
-    pub async fn send(&self, method: Method, path_and_query: &str, json: Option<String>) -> anyhow::Result<(StatusCode, Bytes)> {
+    pub async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        json: Option<String>,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
         let stream = tokio::net::TcpStream::connect(&self.authority)
             .await
-            .with_context(|| format!("cannot reach the listener's API at {} (is it running?)", self.authority))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            .with_context(|| {
+                format!(
+                    "cannot reach the listener's API at {} (is it running?)",
+                    self.authority
+                )
+            })?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
         let mut request = Request::builder()
             .method(method)

@@ -260,7 +260,10 @@ impl Settings {
             return fail("storage.path", "must not be empty".to_owned());
         }
         if !(1..=crate::jobs::MAX_TIMEOUT_S).contains(&self.jobs.default_timeout_s) {
-            return fail("jobs.default_timeout_s", format!("must be from 1 to {}", crate::jobs::MAX_TIMEOUT_S));
+            return fail(
+                "jobs.default_timeout_s",
+                format!("must be from 1 to {}", crate::jobs::MAX_TIMEOUT_S),
+            );
         }
         if self.jobs.sweep_interval_ms < 10 {
             return fail("jobs.sweep_interval_ms", "must be at least 10".to_owned());

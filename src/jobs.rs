@@ -12,7 +12,9 @@ pub const MAX_DEVICES: usize = 10_000;
 /// Longest accepted per-job timeout: a week. The platform gives up on a callback within a day.
 pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
 /// Device identifier kinds the platform uses.
-pub const DEVICE_KINDS: &[&str] = &["ESN", "ICCID", "IMEI", "MDN", "MEID", "MIN", "MSISDN", "IMSI", "EID"];
+pub const DEVICE_KINDS: &[&str] = &[
+    "ESN", "ICCID", "IMEI", "MDN", "MEID", "MIN", "MSISDN", "IMSI", "EID",
+];
 
 crate::domain::label_enum! {
     /// Where a job stands.
@@ -166,10 +168,16 @@ impl RegistrationRequest {
     pub fn validate(self) -> Result<Registration, InvalidRegistration> {
         let request_id = self.request_id.trim().to_owned();
         if request_id.is_empty() {
-            return Err(invalid("INVALID_REQUEST_ID", "request_id must not be empty"));
+            return Err(invalid(
+                "INVALID_REQUEST_ID",
+                "request_id must not be empty",
+            ));
         }
         if request_id.len() > 128 {
-            return Err(invalid("INVALID_REQUEST_ID", "request_id is longer than 128 characters"));
+            return Err(invalid(
+                "INVALID_REQUEST_ID",
+                "request_id is longer than 128 characters",
+            ));
         }
         let operation = Operation::from_label(self.operation.trim())
             .filter(|operation| *operation != Operation::Other)
@@ -181,14 +189,21 @@ impl RegistrationRequest {
                     .collect();
                 invalid(
                     "UNKNOWN_OPERATION",
-                    format!("unknown operation {:?}; known: {}", self.operation, known.join(", ")),
+                    format!(
+                        "unknown operation {:?}; known: {}",
+                        self.operation,
+                        known.join(", ")
+                    ),
                 )
             })?;
         let devices = self.devices.unwrap_or_default();
         if devices.len() > MAX_DEVICES {
             return Err(invalid(
                 "TOO_MANY_DEVICES",
-                format!("{} devices; the platform accepts at most {MAX_DEVICES} in one request", devices.len()),
+                format!(
+                    "{} devices; the platform accepts at most {MAX_DEVICES} in one request",
+                    devices.len()
+                ),
             ));
         }
         let mut identifiers: Vec<DeviceIdentifier> = Vec::with_capacity(devices.len());
@@ -197,38 +212,62 @@ impl RegistrationRequest {
             if !DEVICE_KINDS.contains(&identifier.kind.as_str()) {
                 return Err(invalid(
                     "UNKNOWN_DEVICE_KIND",
-                    format!("devices[{index}].kind {:?} is not one of {}", device.kind, DEVICE_KINDS.join(", ")),
+                    format!(
+                        "devices[{index}].kind {:?} is not one of {}",
+                        device.kind,
+                        DEVICE_KINDS.join(", ")
+                    ),
                 ));
             }
             if identifier.id.is_empty() {
-                return Err(invalid("INVALID_DEVICE", format!("devices[{index}].id must not be empty")));
+                return Err(invalid(
+                    "INVALID_DEVICE",
+                    format!("devices[{index}].id must not be empty"),
+                ));
             }
             if !identifiers.contains(&identifier) {
                 identifiers.push(identifier);
             }
         }
         match self.expected_devices {
-            Some(0) => return Err(invalid("INVALID_EXPECTED_DEVICES", "expected_devices must be at least 1")),
+            Some(0) => {
+                return Err(invalid(
+                    "INVALID_EXPECTED_DEVICES",
+                    "expected_devices must be at least 1",
+                ));
+            }
             Some(expected) if expected > MAX_DEVICES as u64 => {
                 return Err(invalid(
                     "TOO_MANY_DEVICES",
-                    format!("expected_devices {expected}; the platform accepts at most {MAX_DEVICES}"),
+                    format!(
+                        "expected_devices {expected}; the platform accepts at most {MAX_DEVICES}"
+                    ),
                 ));
             }
             Some(expected) if !identifiers.is_empty() && expected < identifiers.len() as u64 => {
                 return Err(invalid(
                     "INVALID_EXPECTED_DEVICES",
-                    format!("expected_devices {expected} is less than the {} devices listed", identifiers.len()),
+                    format!(
+                        "expected_devices {expected} is less than the {} devices listed",
+                        identifiers.len()
+                    ),
                 ));
             }
             _ => {}
         }
         if let Some(timeout) = self.timeout_s {
             if timeout == 0 || timeout > MAX_TIMEOUT_S {
-                return Err(invalid("INVALID_TIMEOUT", format!("timeout_s must be from 1 to {MAX_TIMEOUT_S}")));
+                return Err(invalid(
+                    "INVALID_TIMEOUT",
+                    format!("timeout_s must be from 1 to {MAX_TIMEOUT_S}"),
+                ));
             }
         }
-        let non_empty = |value: Option<String>| value.map(|value| value.trim().to_owned()).filter(|value| !value.is_empty());
+        let non_empty = |value: Option<String>| {
+            value
+                .map(|value| value.trim().to_owned())
+                .filter(|value| !value.is_empty())
+        };
         Ok(Registration {
             request_id,
             operation,
@@ -266,9 +305,15 @@ mod tests {
     #[test]
     fn the_state_rule() {
         assert_eq!(compute_state(&facts(Some(2), 0, 0, 0)), JobState::Pending);
-        assert_eq!(compute_state(&facts(Some(2), 1, 1, 0)), JobState::InProgress);
+        assert_eq!(
+            compute_state(&facts(Some(2), 1, 1, 0)),
+            JobState::InProgress
+        );
         assert_eq!(compute_state(&facts(Some(2), 2, 2, 0)), JobState::Completed);
-        assert_eq!(compute_state(&facts(Some(2), 2, 1, 1)), JobState::CompletedWithErrors);
+        assert_eq!(
+            compute_state(&facts(Some(2), 2, 1, 1)),
+            JobState::CompletedWithErrors
+        );
         assert_eq!(compute_state(&facts(Some(2), 2, 0, 2)), JobState::Failed);
         let overdue = JobFacts {
             deadline_passed: true,
@@ -320,7 +365,9 @@ mod tests {
     }
 
     fn request(json: &str) -> Result<Registration, InvalidRegistration> {
-        serde_json::from_str::<RegistrationRequest>(json).unwrap().validate()
+        serde_json::from_str::<RegistrationRequest>(json)
+            .unwrap()
+            .validate()
     }
 
     #[test]
@@ -331,12 +378,37 @@ mod tests {
         assert_eq!(ok.devices, vec![DeviceIdentifier::new("IMEI", "1")]);
         assert_eq!(ok.expected(), Some(1));
         let code = |json: &str| request(json).unwrap_err().code;
-        assert_eq!(code(r#"{"request_id":"","operation":"activate"}"#), "INVALID_REQUEST_ID");
-        assert_eq!(code(r#"{"request_id":"r","operation":"explode"}"#), "UNKNOWN_OPERATION");
-        assert_eq!(code(r#"{"request_id":"r","operation":"activate","devices":[{"kind":"SERIAL","id":"1"}]}"#), "UNKNOWN_DEVICE_KIND");
-        assert_eq!(code(r#"{"request_id":"r","operation":"activate","expected_devices":10001}"#), "TOO_MANY_DEVICES");
-        assert_eq!(code(r#"{"request_id":"r","operation":"activate","timeout_s":0}"#), "INVALID_TIMEOUT");
-        let many: Vec<String> = (0..=MAX_DEVICES).map(|index| format!(r#"{{"kind":"IMEI","id":"{index}"}}"#)).collect();
-        assert_eq!(code(&format!(r#"{{"request_id":"r","operation":"activate","devices":[{}]}}"#, many.join(","))), "TOO_MANY_DEVICES");
+        assert_eq!(
+            code(r#"{"request_id":"","operation":"activate"}"#),
+            "INVALID_REQUEST_ID"
+        );
+        assert_eq!(
+            code(r#"{"request_id":"r","operation":"explode"}"#),
+            "UNKNOWN_OPERATION"
+        );
+        assert_eq!(
+            code(
+                r#"{"request_id":"r","operation":"activate","devices":[{"kind":"SERIAL","id":"1"}]}"#
+            ),
+            "UNKNOWN_DEVICE_KIND"
+        );
+        assert_eq!(
+            code(r#"{"request_id":"r","operation":"activate","expected_devices":10001}"#),
+            "TOO_MANY_DEVICES"
+        );
+        assert_eq!(
+            code(r#"{"request_id":"r","operation":"activate","timeout_s":0}"#),
+            "INVALID_TIMEOUT"
+        );
+        let many: Vec<String> = (0..=MAX_DEVICES)
+            .map(|index| format!(r#"{{"kind":"IMEI","id":"{index}"}}"#))
+            .collect();
+        assert_eq!(
+            code(&format!(
+                r#"{{"request_id":"r","operation":"activate","devices":[{}]}}"#,
+                many.join(",")
+            )),
+            "TOO_MANY_DEVICES"
+        );
     }
 }

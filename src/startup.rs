@@ -137,7 +137,9 @@ async fn sweep_overdue_jobs(store: Arc<dyn Store>, interval: Duration) {
         match store.sweep_jobs(time::OffsetDateTime::now_utc()).await {
             Ok(0) => {}
             Ok(changed) => tracing::info!(jobs = changed, "jobs reached their deadline"),
-            Err(error) => tracing::warn!(%error, "job deadline sweep failed; retrying at the next interval"),
+            Err(error) => {
+                tracing::warn!(%error, "job deadline sweep failed; retrying at the next interval")
+            }
         }
     }
 }

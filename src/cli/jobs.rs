@@ -65,7 +65,10 @@ enum JobsCommand {
 }
 
 pub fn run(settings: &Settings, arguments: JobsArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("m2m-listener: cannot start the async runtime: {error}");
@@ -88,7 +91,11 @@ pub fn run(settings: &Settings, arguments: JobsArgs) -> ExitCode {
     }
 }
 
-async fn execute(client: &ApiClient, command: JobsCommand, as_json: bool) -> anyhow::Result<ExitCode> {
+async fn execute(
+    client: &ApiClient,
+    command: JobsCommand,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
     let (status, body) = match &command {
         JobsCommand::Add {
             request_id,
@@ -102,7 +109,9 @@ async fn execute(client: &ApiClient, command: JobsCommand, as_json: bool) -> any
             let mut parsed = Vec::with_capacity(devices.len());
             for device in devices {
                 let Some((kind, id)) = device.split_once(':') else {
-                    eprintln!("m2m-listener: --device {device}: expected KIND:ID, e.g. IMEI:990000862471854");
+                    eprintln!(
+                        "m2m-listener: --device {device}: expected KIND:ID, e.g. IMEI:990000862471854"
+                    );
                     return Ok(ExitCode::from(2));
                 };
                 parsed.push(json!({"kind": kind, "id": id}));
@@ -121,9 +130,14 @@ async fn execute(client: &ApiClient, command: JobsCommand, as_json: bool) -> any
             if !parsed.is_empty() {
                 registration["devices"] = Value::from(parsed);
             }
-            client.send(Method::POST, "/api/v1/jobs", Some(registration.to_string())).await?
+            client
+                .send(Method::POST, "/api/v1/jobs", Some(registration.to_string()))
+                .await?
         }
-        JobsCommand::Show { request_id, devices } => {
+        JobsCommand::Show {
+            request_id,
+            devices,
+        } => {
             let path = if *devices {
                 format!("/api/v1/jobs/{}/devices", encode(request_id))
             } else {
@@ -143,26 +157,41 @@ async fn execute(client: &ApiClient, command: JobsCommand, as_json: bool) -> any
             for (key, value) in [
                 ("state", state.clone()),
                 ("operation", operation.clone()),
-                ("registered", registered.map(|registered| registered.to_string())),
+                (
+                    "registered",
+                    registered.map(|registered| registered.to_string()),
+                ),
                 ("cursor", cursor.clone()),
             ] {
                 if let Some(value) = value {
                     query.append_pair(key, &value);
                 }
             }
-            client.send(Method::GET, &format!("/api/v1/jobs?{}", query.finish()), None).await?
+            client
+                .send(
+                    Method::GET,
+                    &format!("/api/v1/jobs?{}", query.finish()),
+                    None,
+                )
+                .await?
         }
     };
-    let value: Value = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    let value: Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
     if !status.is_success() {
         let code = value["error"]["code"].as_str().unwrap_or("ERROR");
-        let message = value["error"]["message"].as_str().map(str::to_owned).unwrap_or_else(|| value.to_string());
+        let message = value["error"]["message"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| value.to_string());
         eprintln!("m2m-listener: {} {code}: {message}", status.as_u16());
-        return Ok(if status == StatusCode::BAD_REQUEST || status == StatusCode::CONFLICT {
-            ExitCode::from(2)
-        } else {
-            ExitCode::FAILURE
-        });
+        return Ok(
+            if status == StatusCode::BAD_REQUEST || status == StatusCode::CONFLICT {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            },
+        );
     }
     if as_json {
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -170,8 +199,15 @@ async fn execute(client: &ApiClient, command: JobsCommand, as_json: bool) -> any
     }
     match command {
         JobsCommand::Add { .. } => {
-            let verb = if status == StatusCode::CREATED { "registered" } else { "already registered" };
-            println!("{verb}: {}", value["request_id"].as_str().unwrap_or_default());
+            let verb = if status == StatusCode::CREATED {
+                "registered"
+            } else {
+                "already registered"
+            };
+            println!(
+                "{verb}: {}",
+                value["request_id"].as_str().unwrap_or_default()
+            );
             print_job(&value);
         }
         JobsCommand::Show { devices: false, .. } => print_job(&value),
@@ -182,7 +218,9 @@ async fn execute(client: &ApiClient, command: JobsCommand, as_json: bool) -> any
 }
 
 fn encode(segment: &str) -> String {
-    form_urlencoded::byte_serialize(segment.as_bytes()).collect::<String>().replace('+', "%20")
+    form_urlencoded::byte_serialize(segment.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
 }
 
 /// A JSON value as a table cell.
@@ -196,9 +234,24 @@ fn cell(value: &Value) -> String {
 
 fn print_job(job: &Value) {
     let rows = [
-        "request_id", "registered", "operation", "account", "label", "state", "expected_devices",
-        "devices_reported", "succeeded", "failed", "pending", "deliveries", "duplicates", "registered_at",
-        "first_callback_at", "last_callback_at", "completed_at", "deadline",
+        "request_id",
+        "registered",
+        "operation",
+        "account",
+        "label",
+        "state",
+        "expected_devices",
+        "devices_reported",
+        "succeeded",
+        "failed",
+        "pending",
+        "deliveries",
+        "duplicates",
+        "registered_at",
+        "first_callback_at",
+        "last_callback_at",
+        "completed_at",
+        "deadline",
     ];
     for key in rows {
         println!("{key:<18} {}", cell(&job[key]));
@@ -211,7 +264,10 @@ fn print_job(job: &Value) {
             cell(&upload["pending_lines"]),
             cell(&upload["success_lines"]),
             cell(&upload["failed_lines"]),
-            upload["package_error"].as_str().map(|error| format!(" / package error: {error}")).unwrap_or_default()
+            upload["package_error"]
+                .as_str()
+                .map(|error| format!(" / package error: {error}"))
+                .unwrap_or_default()
         );
     }
 }
@@ -227,7 +283,11 @@ fn print_job_list(page: &Value) {
                         cell(&job["request_id"]),
                         cell(&job["operation"]),
                         cell(&job["state"]),
-                        format!("{}/{}", cell(&job["devices_reported"]), cell(&job["expected_devices"])),
+                        format!(
+                            "{}/{}",
+                            cell(&job["devices_reported"]),
+                            cell(&job["expected_devices"])
+                        ),
                         cell(&job["failed"]),
                         cell(&job["registered"]),
                         cell(&job["last_callback_at"]),
@@ -236,7 +296,18 @@ fn print_job_list(page: &Value) {
                 .collect()
         })
         .unwrap_or_default();
-    print_table(&["REQUEST_ID", "OPERATION", "STATE", "REPORTED", "FAILED", "REGISTERED", "LAST_CALLBACK"], &rows);
+    print_table(
+        &[
+            "REQUEST_ID",
+            "OPERATION",
+            "STATE",
+            "REPORTED",
+            "FAILED",
+            "REGISTERED",
+            "LAST_CALLBACK",
+        ],
+        &rows,
+    );
     if let Some(cursor) = page["next_cursor"].as_str() {
         println!("more: --cursor {cursor}");
     }
@@ -251,7 +322,12 @@ fn print_devices(page: &Value) {
                 .map(|device| {
                     let identifiers: Vec<String> = device["identifiers"]
                         .as_array()
-                        .map(|identifiers| identifiers.iter().map(|id| format!("{}:{}", cell(&id["kind"]), cell(&id["id"]))).collect())
+                        .map(|identifiers| {
+                            identifiers
+                                .iter()
+                                .map(|id| format!("{}:{}", cell(&id["kind"]), cell(&id["id"])))
+                                .collect()
+                        })
                         .unwrap_or_default();
                     vec![
                         identifiers.join(" "),
@@ -281,7 +357,13 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
         let cells: Vec<String> = values
             .iter()
             .zip(&widths)
-            .map(|(value, width)| format!("{:<width$}", value.chars().take(*width).collect::<String>(), width = *width))
+            .map(|(value, width)| {
+                format!(
+                    "{:<width$}",
+                    value.chars().take(*width).collect::<String>(),
+                    width = *width
+                )
+            })
             .collect();
         println!("{}", cells.join("  ").trim_end());
     };

@@ -18,7 +18,9 @@ use super::{HttpResponse, json_response, response};
 use crate::catalog;
 use crate::domain::{DeliveryResult, DeviceIdentifier, Operation, Secret};
 use crate::jobs::{JobState, RegistrationRequest};
-use crate::storage::{DeliveryQuery, FaultRecord, JobQuery, OutcomeRecord, RawBody, Registered, Store, StoreError};
+use crate::storage::{
+    DeliveryQuery, FaultRecord, JobQuery, OutcomeRecord, RawBody, Registered, Store, StoreError,
+};
 
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
@@ -66,6 +68,18 @@ fn error(status: StatusCode, code: &str, message: &str) -> HttpResponse {
     )
 }
 
+/// A refused query parameter, answered with 400.
+struct InvalidParameter {
+    code: &'static str,
+    message: String,
+}
+
+impl InvalidParameter {
+    fn into_response(self) -> HttpResponse {
+        error(StatusCode::BAD_REQUEST, self.code, &self.message)
+    }
+}
+
 fn storage_error(failure: &StoreError) -> HttpResponse {
     tracing::warn!(error = %failure, "API request failed in storage");
     error(
@@ -78,34 +92,57 @@ fn storage_error(failure: &StoreError) -> HttpResponse {
 /// Largest accepted registration body: 10,000 devices fit in well under 2 MiB.
 const MAX_API_BODY: usize = 4 * 1024 * 1024;
 
-pub async fn handle(state: Arc<ApiState>, request: Request<Incoming>, _peer: SocketAddr) -> HttpResponse {
+pub async fn handle(
+    state: Arc<ApiState>,
+    request: Request<Incoming>,
+    _peer: SocketAddr,
+) -> HttpResponse {
     let path = request.uri().path().to_owned();
     let query: HashMap<String, String> = request
         .uri()
         .query()
-        .map(|query| form_urlencoded::parse(query.as_bytes()).into_owned().collect())
+        .map(|query| {
+            form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect()
+        })
         .unwrap_or_default();
     let Some(segments) = path_segments(&path) else {
-        return error(StatusCode::NOT_FOUND, "NOT_FOUND", "the path is not valid UTF-8 after decoding");
+        return error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "the path is not valid UTF-8 after decoding",
+        );
     };
     let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
     let method = request.method().clone();
     let reading = method == Method::GET || method == Method::HEAD;
     if segments.first() == Some(&"api") && !state.authorized(&request) {
-        let mut refused = error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "a valid bearer token is required");
-        refused
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        let mut refused = error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "a valid bearer token is required",
+        );
+        refused.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
         return refused;
     }
     match (segments.as_slice(), reading) {
         (["healthz"], true) => json_response(StatusCode::OK, &json!({ "status": "ok" })),
         (["readyz"], true) => readiness(&state).await,
-        (["api", "v1", "jobs"], false) if method == Method::POST => register_job(&state, request).await,
+        (["api", "v1", "jobs"], false) if method == Method::POST => {
+            register_job(&state, request).await
+        }
         (["api", "v1", "jobs"], true) => list_jobs(&state, &query).await,
         (["api", "v1", "jobs", request_id], true) => get_job(&state, request_id).await,
-        (["api", "v1", "jobs", request_id, "devices"], true) => job_devices(&state, request_id, &query).await,
-        (["api", "v1", "devices", kind, identifier], true) => device_history(&state, kind, identifier).await,
+        (["api", "v1", "jobs", request_id, "devices"], true) => {
+            job_devices(&state, request_id, &query).await
+        }
+        (["api", "v1", "devices", kind, identifier], true) => {
+            device_history(&state, kind, identifier).await
+        }
         (["api", "v1", "errors", code], true) => catalog_entry(code),
         (["api", "v1", "deliveries"], true) => list_deliveries(&state, &query).await,
         (["api", "v1", "deliveries", id, "raw"], true) => raw_body(&state, id).await,
@@ -115,8 +152,16 @@ pub async fn handle(state: Arc<ApiState>, request: Request<Incoming>, _peer: Soc
             | ["api", "v1", "devices", _, _]
             | ["api", "v1", "errors", _],
             _,
-        ) => error(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", &format!("{method} is not allowed on {path}")),
-        _ => error(StatusCode::NOT_FOUND, "NOT_FOUND", &format!("no endpoint at {path}")),
+        ) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "METHOD_NOT_ALLOWED",
+            &format!("{method} is not allowed on {path}"),
+        ),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            &format!("no endpoint at {path}"),
+        ),
     }
 }
 
@@ -125,7 +170,7 @@ fn path_segments(path: &str) -> Option<Vec<String>> {
     path.trim_end_matches('/')
         .split('/')
         .skip(1)
-        .map(|segment| percent_decode(segment))
+        .map(percent_decode)
         .collect()
 }
 
@@ -147,7 +192,10 @@ fn percent_decode(segment: &str) -> Option<String> {
 }
 
 async fn register_job(state: &ApiState, request: Request<Incoming>) -> HttpResponse {
-    let body = match Limited::new(request.into_body(), MAX_API_BODY).collect().await {
+    let body = match Limited::new(request.into_body(), MAX_API_BODY)
+        .collect()
+        .await
+    {
         Ok(collected) => collected.to_bytes(),
         Err(_) => {
             return error(
@@ -159,18 +207,31 @@ async fn register_job(state: &ApiState, request: Request<Incoming>) -> HttpRespo
     };
     let parsed: RegistrationRequest = match serde_json::from_slice(&body) {
         Ok(parsed) => parsed,
-        Err(failure) => return error(StatusCode::BAD_REQUEST, "INVALID_JSON", &failure.to_string()),
+        Err(failure) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "INVALID_JSON",
+                &failure.to_string(),
+            );
+        }
     };
     let registration = match parsed.validate() {
         Ok(registration) => registration,
         Err(invalid) => return error(StatusCode::BAD_REQUEST, invalid.code, &invalid.message),
     };
     let request_id = registration.request_id.clone();
-    match state.store.register_job(registration, OffsetDateTime::now_utc()).await {
+    match state
+        .store
+        .register_job(registration, OffsetDateTime::now_utc())
+        .await
+    {
         Ok(Registered::Created(job) | Registered::Adopted(job)) => {
             tracing::info!(request_id = %job.request_id, operation = job.operation.as_deref().unwrap_or_default(), "job registered");
             let mut created = json_response(StatusCode::CREATED, &job);
-            if let Ok(location) = header::HeaderValue::from_str(&format!("/api/v1/jobs/{}", encode_segment(&job.request_id))) {
+            if let Ok(location) = header::HeaderValue::from_str(&format!(
+                "/api/v1/jobs/{}",
+                encode_segment(&job.request_id)
+            )) {
                 created.headers_mut().insert(header::LOCATION, location);
             }
             created
@@ -189,68 +250,81 @@ fn encode_segment(segment: &str) -> String {
     segment
         .bytes()
         .map(|byte| match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (byte as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (byte as char).to_string()
+            }
             other => format!("%{other:02X}"),
         })
         .collect()
 }
 
 /// `limit` and `cursor` of a listing, or the error answer.
-fn paging(query: &HashMap<String, String>) -> Result<(u32, Option<i64>), HttpResponse> {
+fn paging(query: &HashMap<String, String>) -> Result<(u32, Option<i64>), InvalidParameter> {
     let limit = match query.get("limit").map(|limit| limit.parse::<u32>()) {
         None => DEFAULT_PAGE,
         Some(Ok(limit)) if (1..=MAX_PAGE).contains(&limit) => limit,
         Some(_) => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "INVALID_PARAMETER",
-                &format!("limit must be a whole number from 1 to {MAX_PAGE}"),
-            ));
+            return Err(InvalidParameter {
+                code: "INVALID_PARAMETER",
+                message: format!("limit must be a whole number from 1 to {MAX_PAGE}"),
+            });
         }
     };
-    let before_id = match query.get("cursor").filter(|cursor| !cursor.is_empty()).map(|cursor| cursor.parse::<i64>()) {
+    let before_id = match query
+        .get("cursor")
+        .filter(|cursor| !cursor.is_empty())
+        .map(|cursor| cursor.parse::<i64>())
+    {
         None => None,
         Some(Ok(cursor)) => Some(cursor),
         Some(Err(_)) => {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                "INVALID_CURSOR",
-                "cursor must be a next_cursor value from a previous page",
-            ));
+            return Err(InvalidParameter {
+                code: "INVALID_CURSOR",
+                message: "cursor must be a next_cursor value from a previous page".to_owned(),
+            });
         }
     };
     Ok((limit, before_id))
 }
 
 /// A filter parameter that must be one of `allowed`.
-fn one_of(query: &HashMap<String, String>, name: &str, allowed: &[&str]) -> Result<Option<String>, HttpResponse> {
+fn one_of(
+    query: &HashMap<String, String>,
+    name: &str,
+    allowed: &[&str],
+) -> Result<Option<String>, InvalidParameter> {
     match query.get(name).map(String::as_str) {
         None | Some("") => Ok(None),
         Some(value) if allowed.contains(&value) => Ok(Some(value.to_owned())),
-        Some(_) => Err(error(
-            StatusCode::BAD_REQUEST,
-            "INVALID_PARAMETER",
-            &format!("{name} must be one of {}", allowed.join(", ")),
-        )),
+        Some(_) => Err(InvalidParameter {
+            code: "INVALID_PARAMETER",
+            message: format!("{name} must be one of {}", allowed.join(", ")),
+        }),
     }
 }
 
 async fn list_jobs(state: &ApiState, query: &HashMap<String, String>) -> HttpResponse {
     let states: Vec<&str> = JobState::ALL.iter().map(|state| state.as_str()).collect();
-    let operations: Vec<&str> = Operation::ALL.iter().map(|operation| operation.as_str()).collect();
+    let operations: Vec<&str> = Operation::ALL
+        .iter()
+        .map(|operation| operation.as_str())
+        .collect();
     let filters = (|| {
         let (limit, before_id) = paging(query)?;
-        Ok::<_, HttpResponse>(JobQuery {
-            state: one_of(query, "state", &states)?.as_deref().and_then(JobState::from_label),
+        Ok::<_, InvalidParameter>(JobQuery {
+            state: one_of(query, "state", &states)?
+                .as_deref()
+                .and_then(JobState::from_label),
             operation: one_of(query, "operation", &operations)?,
-            registered: one_of(query, "registered", &["true", "false"])?.map(|value| value == "true"),
+            registered: one_of(query, "registered", &["true", "false"])?
+                .map(|value| value == "true"),
             limit,
             before_id,
         })
     })();
     let filters = match filters {
         Ok(filters) => filters,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     match state.store.list_jobs(filters).await {
         Ok(page) => json_response(StatusCode::OK, &page),
@@ -267,34 +341,61 @@ async fn get_job(state: &ApiState, request_id: &str) -> HttpResponse {
 }
 
 fn job_not_found(request_id: &str) -> HttpResponse {
-    error(StatusCode::NOT_FOUND, "JOB_NOT_FOUND", &format!("no job with request_id {request_id}"))
+    error(
+        StatusCode::NOT_FOUND,
+        "JOB_NOT_FOUND",
+        &format!("no job with request_id {request_id}"),
+    )
 }
 
-async fn job_devices(state: &ApiState, request_id: &str, query: &HashMap<String, String>) -> HttpResponse {
-    let status = match one_of(query, "status", &["succeeded", "failed", "accepted", "pending", "missing"]) {
+async fn job_devices(
+    state: &ApiState,
+    request_id: &str,
+    query: &HashMap<String, String>,
+) -> HttpResponse {
+    let status = match one_of(
+        query,
+        "status",
+        &["succeeded", "failed", "accepted", "pending", "missing"],
+    ) {
         Ok(status) => status,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     let csv = match one_of(query, "format", &["json", "csv"]) {
         Ok(format) => format.as_deref() == Some("csv"),
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
-    let devices = match state.store.job_devices(request_id.to_owned(), OffsetDateTime::now_utc()).await {
+    let devices = match state
+        .store
+        .job_devices(request_id.to_owned(), OffsetDateTime::now_utc())
+        .await
+    {
         Ok(Some(devices)) => devices,
         Ok(None) => return job_not_found(request_id),
         Err(failure) => return storage_error(&failure),
     };
     let items: Vec<OutcomeRecord> = devices
         .into_iter()
-        .filter(|device| status.as_deref().is_none_or(|wanted| device.status == wanted))
+        .filter(|device| {
+            status
+                .as_deref()
+                .is_none_or(|wanted| device.status == wanted)
+        })
         .map(present_outcome)
         .collect();
     if csv {
-        let mut answer = response(StatusCode::OK, "text/csv; charset=utf-8", outcomes_csv(&items));
-        if let Ok(disposition) =
-            header::HeaderValue::from_str(&format!("attachment; filename=\"{}-devices.csv\"", encode_segment(request_id)))
-        {
-            answer.headers_mut().insert(header::CONTENT_DISPOSITION, disposition);
+        let mut answer = response(
+            StatusCode::OK,
+            "text/csv; charset=utf-8",
+            outcomes_csv(&items),
+        );
+        if let Ok(disposition) = header::HeaderValue::from_str(&format!(
+            "attachment; filename=\"{}-devices.csv\"",
+            encode_segment(request_id)
+        )) {
+            answer
+                .headers_mut()
+                .insert(header::CONTENT_DISPOSITION, disposition);
         }
         return answer;
     }
@@ -312,7 +413,10 @@ async fn device_history(state: &ApiState, kind: &str, identifier: &str) -> HttpR
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             "DEVICE_NOT_FOUND",
-            &format!("no outcome was ever reported for {} {}", identifier.kind, identifier.id),
+            &format!(
+                "no outcome was ever reported for {} {}",
+                identifier.kind, identifier.id
+            ),
         ),
         Err(failure) => storage_error(&failure),
     }
@@ -321,7 +425,11 @@ async fn device_history(state: &ApiState, kind: &str, identifier: &str) -> HttpR
 fn catalog_entry(code: &str) -> HttpResponse {
     match catalog::catalog().lookup(code) {
         Some(entry) => json_response(StatusCode::OK, entry),
-        None => error(StatusCode::NOT_FOUND, "ERROR_CODE_NOT_FOUND", &format!("{code} is not in the fault catalog")),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "ERROR_CODE_NOT_FOUND",
+            &format!("{code} is not in the fault catalog"),
+        ),
     }
 }
 
@@ -333,7 +441,12 @@ fn present_outcome(mut outcome: OutcomeRecord) -> OutcomeRecord {
             .code
             .as_deref()
             .and_then(|code| catalog.lookup(code))
-            .or_else(|| fault.message.as_deref().and_then(|message| catalog.lookup_text(message)));
+            .or_else(|| {
+                fault
+                    .message
+                    .as_deref()
+                    .and_then(|message| catalog.lookup_text(message))
+            });
         fault.resolution = entry.and_then(|entry| entry.resolution.clone());
     } else if outcome.status == "failed" {
         // A failed upload line reports a text, not a fault: name it from the catalog.
@@ -377,7 +490,11 @@ fn outcomes_csv(outcomes: &[OutcomeRecord]) -> String {
     csv.push_str(CSV_HEADER);
     csv.push_str("\r\n");
     for outcome in outcomes {
-        let identifiers: Vec<String> = outcome.identifiers.iter().map(|identifier| format!("{}:{}", identifier.kind, identifier.id)).collect();
+        let identifiers: Vec<String> = outcome
+            .identifiers
+            .iter()
+            .map(|identifier| format!("{}:{}", identifier.kind, identifier.id))
+            .collect();
         let fault = outcome.fault.as_ref();
         let fields = [
             outcome.request_id.clone().unwrap_or_default(),
@@ -385,15 +502,24 @@ fn outcomes_csv(outcomes: &[OutcomeRecord]) -> String {
             outcome.status.clone(),
             identifiers.join(" "),
             outcome.line_status.clone().unwrap_or_default(),
-            fault.and_then(|fault| fault.code.clone()).unwrap_or_default(),
-            fault.and_then(|fault| fault.message.clone()).unwrap_or_default(),
-            fault.and_then(|fault| fault.resolution.clone()).unwrap_or_default(),
+            fault
+                .and_then(|fault| fault.code.clone())
+                .unwrap_or_default(),
+            fault
+                .and_then(|fault| fault.message.clone())
+                .unwrap_or_default(),
+            fault
+                .and_then(|fault| fault.resolution.clone())
+                .unwrap_or_default(),
             outcome.state.clone().unwrap_or_default(),
             outcome.service_plan.clone().unwrap_or_default(),
             outcome.ip_address.clone().unwrap_or_default(),
             outcome.mdn.clone().unwrap_or_default(),
             outcome.received_at.clone().unwrap_or_default(),
-            outcome.delivery_id.map(|id| id.to_string()).unwrap_or_default(),
+            outcome
+                .delivery_id
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
         ];
         let escaped: Vec<String> = fields.iter().map(|field| csv_field(field)).collect();
         csv.push_str(&escaped.join(","));
@@ -431,10 +557,16 @@ async fn readiness(state: &ApiState) -> HttpResponse {
 }
 
 async fn list_deliveries(state: &ApiState, query: &HashMap<String, String>) -> HttpResponse {
-    let results: Vec<&str> = DeliveryResult::ALL.iter().map(|result| result.as_str()).collect();
+    let results: Vec<&str> = DeliveryResult::ALL
+        .iter()
+        .map(|result| result.as_str())
+        .collect();
     let (result, (limit, before_id)) = match (one_of(query, "result", &results), paging(query)) {
-        (Ok(result), Ok(paging)) => (result.as_deref().and_then(DeliveryResult::from_label), paging),
-        (Err(refused), _) | (_, Err(refused)) => return refused,
+        (Ok(result), Ok(paging)) => (
+            result.as_deref().and_then(DeliveryResult::from_label),
+            paging,
+        ),
+        (Err(refused), _) | (_, Err(refused)) => return refused.into_response(),
     };
     let request_id = query.get("request_id").filter(|id| !id.is_empty()).cloned();
     match state

@@ -18,26 +18,6 @@ const DATA_META: &[&str] = &[
     "MaxCallbackThreshold",
 ];
 
-/// Package-level upload errors (seed 001): any of these fails the whole upload. Texts with a
-/// parenthesised placeholder are matched on the part before it, as the platform fills it in.
-const UPLOAD_PACKAGE_ERRORS: &[&str] = &[
-    "Device SKU is not present in ODI",
-    "Device SKU is not present in DMD",
-    "Device SKU is not Certified",
-    "Device SKU is CDMA Type and only exception request is supported",
-    "Device SKU is missing status in DMD",
-    "Device SKU is certified but not present in DMD",
-    "No Profile found for email address",
-    "There are no active/approved devices",
-    "Device SKU (deviceSku) not provided",
-    "Upload Type (uploadType) not provided",
-    "Upload Type (uploadType) is invalid",
-    "Email Address (odiPortalEmailAddress) not provided",
-    "Email Address (odiPortalEmailAddress) is invalid",
-    "Number of upload lines exceeds threshold",
-    "Processing failed due to an unknown error",
-];
-
 /// Finds the callback element inside whichever envelope the document uses.
 pub(crate) fn find_callback(root: &Element) -> Option<(CallbackForm, &Element)> {
     let is_callback =
@@ -352,7 +332,7 @@ fn interpret_upload(callback: &mut Callback, upload: &Element) {
             ]
             .into_iter()
             .flatten()
-            .find(|text| is_package_error(text))
+            .find(|text| crate::catalog::catalog().is_upload_package_error(text))
         });
     callback.upload = Some(UploadSummary {
         account_name: upload.child_value("AccountName"),
@@ -378,18 +358,6 @@ pub fn line_outcome(line_status: Option<&str>) -> OutcomeStatus {
     } else {
         OutcomeStatus::Failed
     }
-}
-
-fn is_package_error(text: &str) -> bool {
-    let text = text.to_ascii_lowercase();
-    UPLOAD_PACKAGE_ERRORS.iter().any(|known| {
-        let stem = known
-            .split(" (")
-            .next()
-            .unwrap_or(known)
-            .to_ascii_lowercase();
-        text.starts_with(&stem)
-    })
 }
 
 fn fault_of(fault: &Element) -> Option<Fault> {

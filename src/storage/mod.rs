@@ -259,7 +259,11 @@ pub trait Store: Send + Sync + 'static {
     fn raw_body(&self, delivery_id: i64) -> BoxFuture<'_, Result<RawBody, StoreError>>;
 
     /// Registers a job, adopting one that callbacks created first.
-    fn register_job(&self, registration: Registration, now: OffsetDateTime) -> BoxFuture<'_, Result<Registered, StoreError>>;
+    fn register_job(
+        &self,
+        registration: Registration,
+        now: OffsetDateTime,
+    ) -> BoxFuture<'_, Result<Registered, StoreError>>;
 
     /// Moves jobs whose deadline passed to their final state; returns how many changed.
     fn sweep_jobs(&self, now: OffsetDateTime) -> BoxFuture<'_, Result<u64, StoreError>>;
@@ -277,7 +281,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Option<Vec<OutcomeRecord>>, StoreError>>;
 
     /// The device one identifier names, across jobs; `None` if never reported.
-    fn device_history(&self, identifier: DeviceIdentifier) -> BoxFuture<'_, Result<Option<DeviceHistory>, StoreError>>;
+    fn device_history(
+        &self,
+        identifier: DeviceIdentifier,
+    ) -> BoxFuture<'_, Result<Option<DeviceHistory>, StoreError>>;
 
     /// Finishes queued writes and stops taking new ones.
     fn close(&self) -> BoxFuture<'_, ()>;

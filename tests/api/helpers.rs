@@ -184,10 +184,16 @@ pub enum CarrierResult<'a> {
 
 /// An activation callback in the SOAP envelope form of seed 004, for one device named by
 /// `devices` (kind, identifier) pairs.
-pub fn carrier_callback(request_id: &str, devices: &[(&str, &str)], result: CarrierResult<'_>) -> String {
+pub fn carrier_callback(
+    request_id: &str,
+    devices: &[(&str, &str)],
+    result: CarrierResult<'_>,
+) -> String {
     let devices: String = devices
         .iter()
-        .map(|(kind, id)| format!("<Device><Kind>{kind}</Kind><Identifier>{id}</Identifier></Device>"))
+        .map(|(kind, id)| {
+            format!("<Device><Kind>{kind}</Kind><Identifier>{id}</Identifier></Device>")
+        })
         .collect();
     let (service, fault, status) = match result {
         CarrierResult::Activated { mdn } => (
@@ -203,7 +209,9 @@ pub fn carrier_callback(request_id: &str, devices: &[(&str, &str)], result: Carr
         ),
         CarrierResult::Failed { code, message } => (
             "<CarrierService xsi:nil=\"true\"/>".to_owned(),
-            format!("<Fault><faultcode>{code}</faultcode><faultstring>{message}</faultstring></Fault>"),
+            format!(
+                "<Fault><faultcode>{code}</faultcode><faultstring>{message}</faultstring></Fault>"
+            ),
             "Failed",
         ),
     };
@@ -219,7 +227,11 @@ pub fn carrier_callback(request_id: &str, devices: &[(&str, &str)], result: Carr
 
 /// An upload callback in the `CallbackRequest1` form of seed 001: `lines` are (ICCID, IMEI, line
 /// status); `counts` are (total, pending, success, failed).
-pub fn upload_callback(request_id: &str, lines: &[(&str, &str, &str)], counts: (u32, u32, u32, u32)) -> String {
+pub fn upload_callback(
+    request_id: &str,
+    lines: &[(&str, &str, &str)],
+    counts: (u32, u32, u32, u32),
+) -> String {
     let lines: String = lines
         .iter()
         .map(|(iccid, imei, status)| {

@@ -4,7 +4,8 @@
 use crate::helpers::spawn_app;
 
 fn documented_paths() -> Vec<String> {
-    let spec = std::fs::read_to_string(format!("{}/docs/openapi.yaml", env!("CARGO_MANIFEST_DIR"))).expect("openapi.yaml");
+    let spec = std::fs::read_to_string(format!("{}/docs/openapi.yaml", env!("CARGO_MANIFEST_DIR")))
+        .expect("openapi.yaml");
     let mut in_paths = false;
     let mut paths = Vec::new();
     for line in spec.lines() {
@@ -52,6 +53,9 @@ async fn every_documented_path_is_served_and_every_served_path_documented() {
         let response = app.get_api(&concrete).await;
         let status = response.status();
         let body = response.text().await.unwrap();
-        assert!(!body.contains("\"NOT_FOUND\""), "{path} is documented but not routed: {status} {body}");
+        assert!(
+            !body.contains("\"NOT_FOUND\""),
+            "{path} is documented but not routed: {status} {body}"
+        );
     }
 }

@@ -46,7 +46,10 @@ pub(super) fn record_delivery(
              WHERE request_id = ?1
              RETURNING id",
         )?
-        .query_row(params![request_id, i64::from(duplicate), operation, at], |row| row.get(0))
+        .query_row(
+            params![request_id, i64::from(duplicate), operation, at],
+            |row| row.get(0),
+        )
 }
 
 /// Makes `outcome_id` the latest outcome of the job's device it names, matching the device by any
@@ -83,7 +86,9 @@ fn find_job_device(
     )?;
     for identifier in identifiers {
         let found: Option<i64> = find
-            .query_row(params![job_id, identifier.kind, identifier.id], |row| row.get(0))
+            .query_row(params![job_id, identifier.kind, identifier.id], |row| {
+                row.get(0)
+            })
             .optional()?;
         if found.is_some() {
             return Ok(found);
@@ -109,7 +114,11 @@ fn add_identifiers(
 }
 
 /// The latest upload report sets the job's line counts; a package-level error sticks.
-pub(super) fn record_upload(connection: &Connection, job_id: i64, upload: &UploadSummary) -> rusqlite::Result<()> {
+pub(super) fn record_upload(
+    connection: &Connection,
+    job_id: i64,
+    upload: &UploadSummary,
+) -> rusqlite::Result<()> {
     let count = |value: Option<u64>| value.and_then(|value| i64::try_from(value).ok());
     connection
         .prepare_cached(
@@ -134,7 +143,11 @@ pub(super) fn record_upload(connection: &Connection, job_id: i64, upload: &Uploa
 
 /// Recounts the job's devices and applies the state rule as of `now`. Returns the new state and
 /// whether it changed.
-pub(super) fn recompute(connection: &Connection, job_id: i64, now: OffsetDateTime) -> rusqlite::Result<(JobState, bool)> {
+pub(super) fn recompute(
+    connection: &Connection,
+    job_id: i64,
+    now: OffsetDateTime,
+) -> rusqlite::Result<(JobState, bool)> {
     let (reported, succeeded, failed, accepted): (i64, i64, i64, i64) = connection
         .prepare_cached(
             "SELECT count(status),
@@ -143,7 +156,9 @@ pub(super) fn recompute(connection: &Connection, job_id: i64, now: OffsetDateTim
                     coalesce(sum(CASE WHEN status = 'accepted' THEN 1 ELSE 0 END), 0)
              FROM job_devices WHERE job_id = ?1",
         )?
-        .query_row([job_id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?;
+        .query_row([job_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })?;
     let now_text = timestamp(now);
     let (facts, old_state, completed_at) = connection
         .prepare_cached(
@@ -201,10 +216,13 @@ pub(super) fn register(
     now: OffsetDateTime,
     default_timeout: Duration,
 ) -> rusqlite::Result<Registered> {
-    let canonical = serde_json::to_string(registration).map_err(|error| rusqlite::Error::ToSqlConversionFailure(Box::new(error)))?;
+    let canonical = serde_json::to_string(registration)
+        .map_err(|error| rusqlite::Error::ToSqlConversionFailure(Box::new(error)))?;
     let existing: Option<(i64, bool, Option<String>)> = connection
         .prepare_cached("SELECT id, registered, registration FROM jobs WHERE request_id = ?1")?
-        .query_row([&registration.request_id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .query_row([&registration.request_id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
         .optional()?;
     if let Some((job_id, true, stored)) = &existing {
         let job = queries::job_by_id(connection, *job_id)?;
@@ -214,11 +232,18 @@ pub(super) fn register(
             Registered::Conflict(job)
         });
     }
-    let timeout = registration.timeout_s.map(Duration::from_secs).unwrap_or(default_timeout);
+    let timeout = registration
+        .timeout_s
+        .map(Duration::from_secs)
+        .unwrap_or(default_timeout);
     let at = timestamp(now);
     let deadline = timestamp(now + timeout);
-    let expected = registration.expected().and_then(|expected| i64::try_from(expected).ok());
-    let timeout_s = registration.timeout_s.and_then(|timeout| i64::try_from(timeout).ok());
+    let expected = registration
+        .expected()
+        .and_then(|expected| i64::try_from(expected).ok());
+    let timeout_s = registration
+        .timeout_s
+        .and_then(|timeout| i64::try_from(timeout).ok());
     let operation = registration.operation.as_str();
     let job_id = match existing {
         Some((job_id, _, _)) => {
@@ -275,19 +300,30 @@ pub(super) fn register(
                 connection
                     .prepare_cached("INSERT INTO job_devices (job_id, registered) VALUES (?1, 1)")?
                     .execute([job_id])?;
-                add_identifiers(connection, job_id, connection.last_insert_rowid(), identifiers)?;
+                add_identifiers(
+                    connection,
+                    job_id,
+                    connection.last_insert_rowid(),
+                    identifiers,
+                )?;
             }
         }
     }
     recompute(connection, job_id, now)?;
     let job = queries::job_by_id(connection, job_id)?;
-    Ok(if existing.is_some() { Registered::Adopted(job) } else { Registered::Created(job) })
+    Ok(if existing.is_some() {
+        Registered::Adopted(job)
+    } else {
+        Registered::Created(job)
+    })
 }
 
 /// Applies the state rule to every open job whose deadline has passed.
 pub(super) fn sweep(connection: &Connection, now: OffsetDateTime) -> rusqlite::Result<u64> {
     let overdue: Vec<i64> = connection
-        .prepare_cached("SELECT id FROM jobs WHERE state IN ('pending', 'in_progress') AND deadline < ?1")?
+        .prepare_cached(
+            "SELECT id FROM jobs WHERE state IN ('pending', 'in_progress') AND deadline < ?1",
+        )?
         .query_map([timestamp(now)], |row| row.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     let mut changed = 0;

@@ -19,14 +19,14 @@ mod jobs;
 mod queries;
 mod schema;
 
-use schema::MIGRATIONS;
 use super::{
-    DeviceHistory, JobQuery, JobRecord, OutcomeRecord, Registered, BoxFuture, DeliveryContent, DeliveryQuery, DeliveryRecord, NewDelivery, Page, RawBody, Receipt,
-    Store, StoreError, timestamp,
+    BoxFuture, DeliveryContent, DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord,
+    NewDelivery, OutcomeRecord, Page, RawBody, Receipt, Registered, Store, StoreError, timestamp,
 };
 use crate::configuration::StorageSettings;
 use crate::domain::{Callback, DeliveryResult, DeviceIdentifier, DeviceOutcome, Operation};
 use crate::jobs::Registration;
+use schema::MIGRATIONS;
 
 /// Idle read-only connections kept for reuse.
 const MAX_IDLE_READERS: usize = 4;
@@ -46,7 +46,11 @@ enum Command {
         oneshot::Sender<Result<Receipt, StoreError>>,
     ),
     Probe(oneshot::Sender<Result<(), StoreError>>),
-    Register(Box<Registration>, OffsetDateTime, oneshot::Sender<Result<Registered, StoreError>>),
+    Register(
+        Box<Registration>,
+        OffsetDateTime,
+        oneshot::Sender<Result<Registered, StoreError>>,
+    ),
     Sweep(OffsetDateTime, oneshot::Sender<Result<u64, StoreError>>),
     Shutdown,
 }
@@ -126,7 +130,10 @@ impl SqliteStore {
         command: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Command,
     ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.commands.send(command(reply)).await.map_err(|_| StoreError::Closed)?;
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -161,7 +168,11 @@ impl Store for SqliteStore {
         Box::pin(self.read(move |connection| queries::raw_body(connection, delivery_id)))
     }
 
-    fn register_job(&self, registration: Registration, now: OffsetDateTime) -> BoxFuture<'_, Result<Registered, StoreError>> {
+    fn register_job(
+        &self,
+        registration: Registration,
+        now: OffsetDateTime,
+    ) -> BoxFuture<'_, Result<Registered, StoreError>> {
         Box::pin(self.ask(move |reply| Command::Register(Box::new(registration), now, reply)))
     }
 
@@ -182,10 +193,17 @@ impl Store for SqliteStore {
         request_id: String,
         now: OffsetDateTime,
     ) -> BoxFuture<'_, Result<Option<Vec<OutcomeRecord>>, StoreError>> {
-        Box::pin(self.read(move |connection| queries::job_devices(connection, &request_id, &timestamp(now))))
+        Box::pin(
+            self.read(move |connection| {
+                queries::job_devices(connection, &request_id, &timestamp(now))
+            }),
+        )
     }
 
-    fn device_history(&self, identifier: DeviceIdentifier) -> BoxFuture<'_, Result<Option<DeviceHistory>, StoreError>> {
+    fn device_history(
+        &self,
+        identifier: DeviceIdentifier,
+    ) -> BoxFuture<'_, Result<Option<DeviceHistory>, StoreError>> {
         Box::pin(self.read(move |connection| queries::device_history(connection, &identifier)))
     }
 
@@ -293,7 +311,8 @@ impl Writer {
                         }));
                     }
                     Command::Sweep(now, reply) => {
-                        let _ = reply.send(self.transact(|connection| jobs::sweep(connection, now)));
+                        let _ =
+                            reply.send(self.transact(|connection| jobs::sweep(connection, now)));
                     }
                     // Stop taking commands; those already queued are still drained below.
                     Command::Shutdown => receiver.close(),
@@ -361,9 +380,13 @@ impl Writer {
     }
 
     /// Runs `work` in its own transaction.
-    fn transact<T>(&mut self, work: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+    fn transact<T>(
+        &mut self,
+        work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
         let result = self.connection().and_then(|connection| {
-            let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let transaction =
+                connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let value = work(&transaction)?;
             transaction.commit()?;
             Ok(value)
@@ -494,7 +517,14 @@ fn insert_delivery(
         insert(DeliveryResult::Duplicate, Some(original))?;
         let delivery_id = transaction.last_insert_rowid();
         if let Some(request_id) = delivery.content.request_id() {
-            jobs::record_delivery(transaction, request_id, job_operation, delivery.received_at, true, job_timeout)?;
+            jobs::record_delivery(
+                transaction,
+                request_id,
+                job_operation,
+                delivery.received_at,
+                true,
+                job_timeout,
+            )?;
         }
         return Ok(Receipt {
             delivery_id,
@@ -690,4 +720,3 @@ impl Readers {
         result
     }
 }
-

@@ -7,8 +7,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::domain::{DeliveryResult, DeviceIdentifier};
 use crate::jobs::JobState;
 use crate::storage::{
-    DeliveryQuery, DeliveryRecord, DeviceHistory, FaultRecord, JobQuery, JobRecord, OutcomeRecord, Page, RawBody,
-    UploadRecord,
+    DeliveryQuery, DeliveryRecord, DeviceHistory, FaultRecord, JobQuery, JobRecord, OutcomeRecord,
+    Page, RawBody, UploadRecord,
 };
 
 pub(super) fn list_deliveries(
@@ -93,7 +93,9 @@ fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
     let is_upload: bool = row.get(14)?;
     let total_lines: Option<i64> = row.get(15)?;
     let devices_reported: i64 = row.get(8)?;
-    let expected_devices = row.get::<_, Option<i64>>(7)?.or(if is_upload { total_lines } else { None });
+    let expected_devices =
+        row.get::<_, Option<i64>>(7)?
+            .or(if is_upload { total_lines } else { None });
     Ok(JobRecord {
         id: row.get(0)?,
         request_id: row.get(1)?,
@@ -136,14 +138,22 @@ pub(super) fn job_by_id(connection: &Connection, job_id: i64) -> rusqlite::Resul
         .query_row([job_id], job_from_row)
 }
 
-pub(super) fn job_by_request_id(connection: &Connection, request_id: &str) -> rusqlite::Result<Option<JobRecord>> {
+pub(super) fn job_by_request_id(
+    connection: &Connection,
+    request_id: &str,
+) -> rusqlite::Result<Option<JobRecord>> {
     connection
-        .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE request_id = ?1"))?
+        .prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE request_id = ?1"
+        ))?
         .query_row([request_id], job_from_row)
         .optional()
 }
 
-pub(super) fn list_jobs(connection: &Connection, query: &JobQuery) -> rusqlite::Result<Page<JobRecord>> {
+pub(super) fn list_jobs(
+    connection: &Connection,
+    query: &JobQuery,
+) -> rusqlite::Result<Page<JobRecord>> {
     let limit = i64::from(query.limit.max(1));
     let mut items = connection
         .prepare_cached(&format!(
@@ -156,17 +166,26 @@ pub(super) fn list_jobs(connection: &Connection, query: &JobQuery) -> rusqlite::
              LIMIT ?5"
         ))?
         .query_map(
-            params![query.state.map(JobState::as_str), query.operation, query.registered, query.before_id, limit + 1],
+            params![
+                query.state.map(JobState::as_str),
+                query.operation,
+                query.registered,
+                query.before_id,
+                limit + 1
+            ],
             job_from_row,
         )?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let more = items.len() as i64 > limit;
     items.truncate(limit as usize);
-    let next_cursor = more.then(|| items.last().map(|last| last.id.to_string())).flatten();
+    let next_cursor = more
+        .then(|| items.last().map(|last| last.id.to_string()))
+        .flatten();
     Ok(Page { items, next_cursor })
 }
 
-const OUTCOME_COLUMNS: &str = "o.id, o.request_id, o.operation, o.status, o.line_status, o.fault_code, o.fault_message,
+const OUTCOME_COLUMNS: &str =
+    "o.id, o.request_id, o.operation, o.status, o.line_status, o.fault_code, o.fault_message,
      o.state, o.service_plan, o.ip_address, o.mdn, o.received_at, o.delivery_id, o.details";
 
 /// An outcome row (columns as in `OUTCOME_COLUMNS`, starting at `first`), identifiers left empty.
@@ -205,16 +224,24 @@ pub(super) fn job_devices(
         return Ok(None);
     };
     let mut identifiers: HashMap<i64, Vec<DeviceIdentifier>> = HashMap::new();
-    let mut rows = connection
-        .prepare_cached("SELECT job_device_id, kind, identifier FROM job_device_identifiers WHERE job_id = ?1")?;
+    let mut rows = connection.prepare_cached(
+        "SELECT job_device_id, kind, identifier FROM job_device_identifiers WHERE job_id = ?1",
+    )?;
     let mut found = rows.query([job.id])?;
     while let Some(row) = found.next()? {
-        identifiers.entry(row.get(0)?).or_default().push(DeviceIdentifier {
-            kind: row.get(1)?,
-            id: row.get(2)?,
-        });
+        identifiers
+            .entry(row.get(0)?)
+            .or_default()
+            .push(DeviceIdentifier {
+                kind: row.get(1)?,
+                id: row.get(2)?,
+            });
     }
-    let unreported = if job.deadline.as_str() < now { "missing" } else { "pending" };
+    let unreported = if job.deadline.as_str() < now {
+        "missing"
+    } else {
+        "pending"
+    };
     let mut statement = connection.prepare_cached(&format!(
         "SELECT d.id, o.id IS NOT NULL, {OUTCOME_COLUMNS}
          FROM job_devices d LEFT JOIN device_outcomes o ON o.id = d.latest_outcome_id
@@ -244,7 +271,9 @@ pub(super) fn job_devices(
                 }
             };
             outcome.identifiers = identifiers.remove(&device_id).unwrap_or_default();
-            outcome.identifiers.sort_by(|left, right| (&left.kind, &left.id).cmp(&(&right.kind, &right.id)));
+            outcome
+                .identifiers
+                .sort_by(|left, right| (&left.kind, &left.id).cmp(&(&right.kind, &right.id)));
             Ok(outcome)
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -260,7 +289,10 @@ pub(super) fn device_history(
 ) -> rusqlite::Result<Option<DeviceHistory>> {
     // Identifiers are stored as sent; hexadecimal ones (MEID, ESN) may differ in case only.
     let mut candidates = vec![identifier.id.clone()];
-    for variant in [identifier.id.to_ascii_uppercase(), identifier.id.to_ascii_lowercase()] {
+    for variant in [
+        identifier.id.to_ascii_uppercase(),
+        identifier.id.to_ascii_lowercase(),
+    ] {
         if !candidates.contains(&variant) {
             candidates.push(variant);
         }
@@ -272,7 +304,9 @@ pub(super) fn device_history(
                 "SELECT outcome_id FROM outcome_identifiers WHERE kind = ?1 AND identifier = ?2
                  ORDER BY outcome_id DESC LIMIT ?3",
             )?
-            .query_map(params![identifier.kind, candidate, HISTORY_LIMIT], |row| row.get(0))?
+            .query_map(params![identifier.kind, candidate, HISTORY_LIMIT], |row| {
+                row.get(0)
+            })?
             .collect::<rusqlite::Result<_>>()?;
         if !outcome_ids.is_empty() {
             break;
@@ -283,12 +317,14 @@ pub(super) fn device_history(
     }
     let mut history = Vec::with_capacity(outcome_ids.len());
     let mut all_identifiers: Vec<DeviceIdentifier> = Vec::new();
-    let mut outcome_statement =
-        connection.prepare_cached(&format!("SELECT {OUTCOME_COLUMNS} FROM device_outcomes o WHERE o.id = ?1"))?;
+    let mut outcome_statement = connection.prepare_cached(&format!(
+        "SELECT {OUTCOME_COLUMNS} FROM device_outcomes o WHERE o.id = ?1"
+    ))?;
     let mut identifier_statement =
         connection.prepare_cached("SELECT kind, identifier FROM outcome_identifiers WHERE outcome_id = ?1 ORDER BY kind, identifier")?;
     for outcome_id in outcome_ids {
-        let mut outcome = outcome_statement.query_row([outcome_id], |row| outcome_from_row(row, 0))?;
+        let mut outcome =
+            outcome_statement.query_row([outcome_id], |row| outcome_from_row(row, 0))?;
         outcome.identifiers = identifier_statement
             .query_map([outcome_id], |row| {
                 Ok(DeviceIdentifier {

@@ -2,7 +2,8 @@
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many have been applied.
 /// Never edit an applied migration: add a new one.
-pub(super) const MIGRATIONS: &[&str] = &[r#"
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE deliveries (
     id                     INTEGER PRIMARY KEY,
     received_at            TEXT NOT NULL,
