@@ -14,6 +14,9 @@ use crate::domain::Secret;
 /// ThingSpace refuses longer callback usernames and passwords at registration.
 pub const MAX_CREDENTIAL_LENGTH: usize = 40;
 
+/// Environment variables read by the command line (`--config`, `--api-url`), not settings.
+const COMMAND_LINE_VARIABLES: &[&str] = &["M2M_CONFIG", "M2M_API_URL"];
+
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct SettingsError(String);
@@ -198,7 +201,13 @@ impl Default for ShutdownSettings {
 impl Settings {
     /// Defaults, then `file` if given, then the environment; validated.
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
-        Self::load_with_environment(file, None)
+        // The command line's own variables share the prefix but are not settings.
+        let environment = std::env::vars()
+            .filter(|(name, _)| {
+                name.starts_with("M2M_") && !COMMAND_LINE_VARIABLES.contains(&name.as_str())
+            })
+            .collect();
+        Self::load_with_environment(file, Some(environment))
     }
 
     /// As [`Self::load`], reading the environment from `environment` when given (tests).

@@ -163,8 +163,8 @@ fn check_config_prints_the_effective_settings_with_secrets_masked() {
 
     let output = listener_command(directory.path())
         .env_remove("M2M_CALLBACK__LISTEN")
-        .args(["check-config", "--config"])
-        .arg(&config)
+        .arg("check-config")
+        .env("M2M_CONFIG", &config)
         .env("M2M_STORAGE__PATH", "/srv/m2m/listener.db")
         .output()
         .unwrap();
@@ -203,4 +203,107 @@ fn a_bad_configuration_value_stops_the_start_with_exit_code_2_naming_the_key() {
         !directory.path().join("data").exists(),
         "nothing was created by a refused start"
     );
+}
+
+#[tokio::test]
+async fn the_jobs_commands_register_list_and_show_through_the_api() {
+    let directory = tempfile::tempdir().unwrap();
+    let mut child = listener_command(directory.path())
+        .spawn()
+        .expect("listener starts");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let banner = read_until(&mut stdout, "listening");
+    let api = value_after(&banner, "API:")
+        .trim_end_matches("/api/v1/")
+        .to_owned();
+    let jobs = |arguments: &[&str]| {
+        let output = listener_command(directory.path())
+            .env("M2M_API_URL", &api)
+            .arg("jobs")
+            .args(arguments)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+
+    let added = jobs(&[
+        "add",
+        "cli-job-1",
+        "--operation",
+        "activate",
+        "--label",
+        "pilot",
+        "--device",
+        "IMEI:990000862471854",
+        "--device",
+        "ICCID:89148000000800000001",
+    ]);
+    let again = jobs(&[
+        "add",
+        "cli-job-1",
+        "--operation",
+        "activate",
+        "--label",
+        "pilot",
+        "--device",
+        "IMEI:990000862471854",
+        "--device",
+        "ICCID:89148000000800000001",
+    ]);
+    let conflict = jobs(&["add", "cli-job-1", "--operation", "deactivate"]);
+    let bad_device = jobs(&[
+        "add",
+        "cli-job-2",
+        "--operation",
+        "activate",
+        "--device",
+        "no-colon",
+    ]);
+    let listed = jobs(&["list"]);
+    let shown = jobs(&["show", "cli-job-1", "--json"]);
+    let devices = jobs(&["show", "cli-job-1", "--devices"]);
+    let missing = jobs(&["show", "no-such-job"]);
+
+    terminate(&child);
+    assert!(child.wait().unwrap().success());
+    assert_eq!(added.0, Some(0), "{added:?}");
+    assert!(
+        added.1.contains("registered: cli-job-1") && added.1.contains("pending"),
+        "{}",
+        added.1
+    );
+    assert_eq!(again.0, Some(0));
+    assert!(again.1.contains("already registered"));
+    assert_eq!(conflict.0, Some(2));
+    assert!(conflict.2.contains("JOB_CONFLICT"), "{}", conflict.2);
+    assert_eq!(bad_device.0, Some(2));
+    assert!(
+        listed
+            .1
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .starts_with("REQUEST_ID"),
+        "{}",
+        listed.1
+    );
+    assert!(
+        listed.1.contains("cli-job-1") && listed.1.contains("0/2"),
+        "{}",
+        listed.1
+    );
+    let json: serde_json::Value = serde_json::from_str(&shown.1).expect("--json prints JSON");
+    assert_eq!(json["expected_devices"], 2);
+    assert_eq!(json["label"], "pilot");
+    assert!(
+        devices.1.contains("IMEI:990000862471854") && devices.1.contains("pending"),
+        "{}",
+        devices.1
+    );
+    assert_eq!(missing.0, Some(1));
+    assert!(missing.2.contains("JOB_NOT_FOUND"));
 }
