@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Build data/error-catalog.json, the fault-code catalog, from the seed documents.
+"""Build catalog/error-catalog.json, the fault-code catalog, from the seed documents.
 
 Run from anywhere:  python3 scripts/extract_catalog.py [--seeds DIR] [--output FILE]
-Defaults: seeds in ../shared/seeds/ relative to the repository root, output data/error-catalog.json.
+Defaults: seeds in ../shared/seeds/ relative to the repository root, output catalog/error-catalog.json.
 Python 3.11 standard library only. The output is deterministic: entries sorted by (source, code) with
 numbers in codes compared as numbers, two-space indentation, UTF-8, trailing newline. Re-running on the
 same seeds gives a byte-identical file, so a diff in review means the seeds or this script changed.
@@ -75,7 +75,7 @@ from pathlib import Path
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SEEDS_DIRECTORY = REPOSITORY_ROOT.parent / "shared" / "seeds"
-DEFAULT_OUTPUT_FILE = REPOSITORY_ROOT / "data" / "error-catalog.json"
+DEFAULT_OUTPUT_FILE = REPOSITORY_ROOT / "catalog" / "error-catalog.json"
 
 SOURCE_SYNC_ERRORS = "thingspace_sync_errors"
 SOURCE_UPLOAD_DEVICES = "thingspace_upload_devices"

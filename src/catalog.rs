@@ -2,7 +2,7 @@
 //! resolution, class and whether a retry can help, for `GET /api/v1/errors/{code}` and for classifying
 //! the faults and upload line statuses that callbacks carry.
 //!
-//! `data/error-catalog.json` is generated from the seeds by `scripts/extract_catalog.py` (which
+//! `catalog/error-catalog.json` is generated from the seeds by `scripts/extract_catalog.py` (which
 //! documents how ambiguous seed rows were split and what `class` and `retryable` mean) and embedded at
 //! compile time. This module only parses and indexes it.
 //!
@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
-const EMBEDDED_CATALOG_JSON: &str = include_str!("../data/error-catalog.json");
+const EMBEDDED_CATALOG_JSON: &str = include_str!("../catalog/error-catalog.json");
 
 /// The `class` of seed 001 package-level upload errors, which fail a whole upload.
 const UPLOAD_PACKAGE_CLASS: &str = "upload_package";

@@ -41,6 +41,7 @@ pub struct CallbackSettings {
     pub max_body_bytes: u64,
     /// Accepted username/password pairs. Several may be valid at once (rotation, several billing
     /// accounts on one URL). Empty: a pair is generated on first start.
+    #[serde(deserialize_with = "list_or_indexed_map")]
     pub credentials: Vec<CredentialSettings>,
 }
 
@@ -303,6 +304,35 @@ impl Settings {
     }
 }
 
+/// A list from a file (`[[callback.credentials]]`), or from the environment, where the config crate
+/// turns `M2M_CALLBACK__CREDENTIALS__0__USERNAME` into a map keyed by the index.
+fn list_or_indexed_map<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrMap<T> {
+        List(Vec<T>),
+        Map(std::collections::BTreeMap<String, T>),
+    }
+    match ListOrMap::deserialize(deserializer)? {
+        ListOrMap::List(list) => Ok(list),
+        ListOrMap::Map(map) => {
+            let mut indexed = Vec::with_capacity(map.len());
+            for (key, value) in map {
+                let index: usize = key.parse().map_err(|_| {
+                    serde::de::Error::custom(format!("expected a list index, found key {key:?}"))
+                })?;
+                indexed.push((index, value));
+            }
+            indexed.sort_by_key(|(index, _)| *index);
+            Ok(indexed.into_iter().map(|(_, value)| value).collect())
+        }
+    }
+}
+
 impl Serialize for Secret {
     /// Serialising is for showing settings: the value never leaves masked.
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -361,6 +391,27 @@ mod tests {
         assert_eq!(settings.storage.path, PathBuf::from("/var/lib/m2m/x.db"));
         assert_eq!(settings.storage.synchronous, Synchronous::Normal);
         assert_eq!(settings.callback.max_body_bytes, 4096);
+    }
+
+    #[test]
+    fn credentials_can_come_from_the_environment_by_index() {
+        let settings = Settings::load_with_environment(
+            None,
+            environment(&[
+                ("M2M_CALLBACK__CREDENTIALS__1__USERNAME", "ops"),
+                ("M2M_CALLBACK__CREDENTIALS__1__PASSWORD", "new-password"),
+                ("M2M_CALLBACK__CREDENTIALS__0__USERNAME", "ops"),
+                ("M2M_CALLBACK__CREDENTIALS__0__PASSWORD", "old-password"),
+            ]),
+        )
+        .unwrap();
+        let passwords: Vec<&str> = settings
+            .callback
+            .credentials
+            .iter()
+            .map(|pair| pair.password.expose())
+            .collect();
+        assert_eq!(passwords, ["old-password", "new-password"]);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`auth`]: which callback credentials are accepted; the generated pair.
 //! - [`storage`]: the [`storage::Store`] interface and its SQLite backend (the only SQL).
 //! - [`http`]: the callback port and the API port, with graceful shutdown.
+//! - [`metrics`]: the Prometheus metrics (bounded labels).
 //! - [`configuration`]: defaults, TOML file, `M2M_` environment.
 //! - [`telemetry`]: the log subscriber.
 //! - [`startup`]: wiring everything into an [`startup::Application`].
@@ -22,6 +23,7 @@ pub mod configuration;
 pub mod domain;
 pub mod http;
 pub mod jobs;
+pub mod metrics;
 pub mod parser;
 pub mod startup;
 pub mod storage;

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::auth::{self, Authenticator, CredentialSource};
 use crate::configuration::Settings;
 use crate::http::{self, api::ApiState, callback::CallbackState};
+use crate::metrics::Metrics;
 use crate::storage::Store;
 use crate::storage::sqlite::SqliteStore;
 
@@ -32,9 +33,11 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new().context("failed to set up metrics")?);
         let store = Arc::new(SqliteStore::open(
             &settings.storage,
             Duration::from_secs(settings.jobs.default_timeout_s),
+            Arc::clone(&metrics),
         )?);
         let (credentials, credential_source) = auth::resolve_credentials(
             &settings.callback.credentials,
@@ -54,6 +57,7 @@ impl Application {
         let shared_store: Arc<dyn Store> = store.clone();
         let callback_state = Arc::new(CallbackState::new(
             Arc::clone(&shared_store),
+            Arc::clone(&metrics),
             Authenticator::new(&credentials),
             settings.callback.max_body_bytes,
         ));
@@ -61,6 +65,7 @@ impl Application {
             Duration::from_millis(settings.storage.busy_timeout_ms) + Duration::from_secs(2);
         let api_state = Arc::new(ApiState::new(
             shared_store,
+            metrics,
             settings.api.token.as_ref(),
             readiness_timeout,
         ));
@@ -144,30 +149,26 @@ async fn sweep_overdue_jobs(store: Arc<dyn Store>, interval: Duration) {
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let interrupt = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
+/// Registers for SIGINT and SIGTERM now, so that a signal arriving during start-up is not lost
+/// (or, worse, handled by the default action: exit without draining), and returns a future that
+/// completes when one arrives. Call from inside the runtime.
+pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send> {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = terminate.recv() => {},
+                _ = interrupt.recv() => {},
             }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
+        })
+    }
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => {},
-        () = terminate => {},
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }

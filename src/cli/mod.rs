@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod jobs;
@@ -78,9 +79,10 @@ fn serve(settings: &Settings) -> ExitCode {
         }
     };
     let outcome = runtime.block_on(async {
+        let shutdown = shutdown_signal().context("cannot listen for SIGTERM/SIGINT")?;
         let application = Application::build(settings).await?;
         announce(&application)?;
-        application.run_until_stopped(shutdown_signal()).await
+        application.run_until_stopped(shutdown).await
     });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,6 +18,7 @@ use super::{HttpResponse, json_response, response};
 use crate::catalog;
 use crate::domain::{DeliveryResult, DeviceIdentifier, Operation, Secret};
 use crate::jobs::{JobState, RegistrationRequest};
+use crate::metrics::Metrics;
 use crate::storage::{
     DeliveryQuery, FaultRecord, JobQuery, OutcomeRecord, RawBody, Registered, Store, StoreError,
 };
@@ -27,6 +28,7 @@ const MAX_PAGE: u32 = 1000;
 
 pub struct ApiState {
     pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
     /// Digest of the bearer token, when one is configured: every `/api/` request must carry it.
     token_digest: Option<[u8; 32]>,
     /// How long readiness waits for a probe commit before answering "not ready".
@@ -34,12 +36,18 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    pub fn new(store: Arc<dyn Store>, token: Option<&Secret>, readiness_timeout: Duration) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        token: Option<&Secret>,
+        readiness_timeout: Duration,
+    ) -> Self {
         let token_digest = token
             .filter(|token| !token.is_empty())
             .map(|token| Sha256::digest(token.expose().as_bytes()).into());
         Self {
             store,
+            metrics,
             token_digest,
             readiness_timeout,
         }
@@ -132,6 +140,7 @@ pub async fn handle(
     match (segments.as_slice(), reading) {
         (["healthz"], true) => json_response(StatusCode::OK, &json!({ "status": "ok" })),
         (["readyz"], true) => readiness(&state).await,
+        (["metrics"], true) => metrics(&state).await,
         (["api", "v1", "jobs"], false) if method == Method::POST => {
             register_job(&state, request).await
         }
@@ -147,7 +156,7 @@ pub async fn handle(
         (["api", "v1", "deliveries"], true) => list_deliveries(&state, &query).await,
         (["api", "v1", "deliveries", id, "raw"], true) => raw_body(&state, id).await,
         (
-            ["healthz" | "readyz"]
+            ["healthz" | "readyz" | "metrics"]
             | ["api", "v1", "jobs" | "deliveries", ..]
             | ["api", "v1", "devices", _, _]
             | ["api", "v1", "errors", _],
@@ -539,6 +548,26 @@ fn csv_field(value: &str) -> String {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {
         value
+    }
+}
+
+/// The Prometheus exposition; the job gauge is read from storage at scrape time.
+async fn metrics(state: &ApiState) -> HttpResponse {
+    match state.store.job_counts().await {
+        Ok(counts) => state.metrics.set_job_counts(&counts),
+        Err(failure) => tracing::warn!(error = %failure, "job counts unavailable for /metrics"),
+    }
+    match state.metrics.render() {
+        Ok(text) => response(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            text,
+        ),
+        Err(failure) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "METRICS_UNAVAILABLE",
+            &failure.to_string(),
+        ),
     }
 }
 

@@ -12,6 +12,8 @@ use time::OffsetDateTime;
 
 use super::{HttpResponse, response};
 use crate::auth::Authenticator;
+use crate::domain::DeliveryResult;
+use crate::metrics::{CallbackTally, Metrics, UNKNOWN_KIND};
 use crate::parser::{self, Parsed};
 use crate::storage::{DeliveryContent, NewDelivery, Store};
 
@@ -31,6 +33,7 @@ const UNAUTHORIZED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 pub struct CallbackState {
     pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
     pub authenticator: Authenticator,
     pub max_body_bytes: u64,
     /// When an unauthorized attempt was last logged, and how many were not logged since.
@@ -38,9 +41,15 @@ pub struct CallbackState {
 }
 
 impl CallbackState {
-    pub fn new(store: Arc<dyn Store>, authenticator: Authenticator, max_body_bytes: u64) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        authenticator: Authenticator,
+        max_body_bytes: u64,
+    ) -> Self {
         Self {
             store,
+            metrics,
             authenticator,
             max_body_bytes,
             unauthorized_log: Mutex::new((None, 0)),
@@ -76,21 +85,58 @@ pub async fn handle(
     peer: SocketAddr,
 ) -> HttpResponse {
     let started = Instant::now();
+    let answered = answer(&state, request, peer, started).await;
+    if let Some(result) = answered.result {
+        state
+            .metrics
+            .callback_answered(answered.kind, result, started.elapsed().as_secs_f64());
+    }
+    answered.response
+}
+
+/// A response and the labels it is counted under.
+struct Answered {
+    kind: &'static str,
+    /// The `result` label; `None` for requests that are not callback POSTs (health checks).
+    result: Option<&'static str>,
+    response: HttpResponse,
+}
+
+fn answered(kind: &'static str, result: &'static str, response: HttpResponse) -> Answered {
+    Answered {
+        kind,
+        result: Some(result),
+        response,
+    }
+}
+
+async fn answer(
+    state: &CallbackState,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    started: Instant,
+) -> Answered {
     if request.method() != Method::POST {
-        if matches!(*request.method(), Method::GET | Method::HEAD)
+        let response = if matches!(*request.method(), Method::GET | Method::HEAD)
             && request.uri().path() == "/healthz"
         {
-            return response(StatusCode::OK, "text/plain; charset=utf-8", "ok\n");
-        }
-        let mut refused = fault(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "Client",
-            "callbacks are POSTed",
-        );
-        refused
-            .headers_mut()
-            .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
-        return refused;
+            response(StatusCode::OK, "text/plain; charset=utf-8", "ok\n")
+        } else {
+            let mut refused = fault(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Client",
+                "callbacks are POSTed",
+            );
+            refused
+                .headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+            refused
+        };
+        return Answered {
+            kind: UNKNOWN_KIND,
+            result: None,
+            response,
+        };
     }
     let content_type = request
         .headers()
@@ -103,7 +149,7 @@ pub async fn handle(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
     if declared_length.is_some_and(|length| length > state.max_body_bytes) {
-        return too_large(&state, peer, started);
+        return answered(UNKNOWN_KIND, "too_large", too_large(state, peer, started));
     }
     let limit = usize::try_from(state.max_body_bytes).unwrap_or(usize::MAX);
     let body = match Limited::new(request.into_body(), limit).collect().await {
@@ -113,15 +159,16 @@ pub async fn handle(
                 .downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
-            return too_large(&state, peer, started);
+            return answered(UNKNOWN_KIND, "too_large", too_large(state, peer, started));
         }
         Err(error) => {
             tracing::info!(source = %peer.ip(), %error, "callback body could not be read");
-            return fault(
+            let refused = fault(
                 StatusCode::BAD_REQUEST,
                 "Client",
                 "the request body could not be read",
             );
+            return answered(UNKNOWN_KIND, "bad_request", refused);
         }
     };
     let received_at = OffsetDateTime::now_utc();
@@ -142,30 +189,34 @@ pub async fn handle(
                     latency_ms = elapsed_ms(started), result = "bad_request",
                     "callback refused: not a callback and no credentials to check"
                 );
-                return fault(
+                let refused = fault(
                     StatusCode::BAD_REQUEST,
                     "Client",
                     "the body is not a callback (XML with CallbackRequest)",
                 );
+                return answered(UNKNOWN_KIND, "bad_request", refused);
             }
         },
     };
+    let (kind, operation, tally) = match &content {
+        DeliveryContent::Callback(callback) => (
+            callback.kind.as_str(),
+            callback.operation.as_str(),
+            Some(CallbackTally::of(callback)),
+        ),
+        DeliveryContent::Quarantined(_) => (UNKNOWN_KIND, UNKNOWN_KIND, None),
+    };
     let Some(authenticated) = state.authenticator.verify(&username, &password) else {
         state.log_unauthorized(peer, &username);
-        return fault(
+        let refused = fault(
             StatusCode::FORBIDDEN,
             "Client",
             "invalid callback credentials",
         );
+        return answered(kind, "unauthorized", refused);
     };
     drop(password);
 
-    let (kind, operation) = match &content {
-        DeliveryContent::Callback(callback) => {
-            (callback.kind.as_str(), callback.operation.as_str())
-        }
-        DeliveryContent::Quarantined(_) => ("unknown", "unknown"),
-    };
     let request_id = content.request_id().unwrap_or_default().to_owned();
     let callback_count = content.callback_count();
     let size = body.len();
@@ -179,23 +230,32 @@ pub async fn handle(
     };
     match state.store.submit(delivery).await {
         Ok(receipt) => {
+            state.metrics.callback_attempt(callback_count);
+            if let (DeliveryResult::Stored, Some(tally)) = (receipt.result, &tally) {
+                state.metrics.callback_stored(tally);
+            }
             tracing::info!(
                 delivery_id = receipt.delivery_id, request_id = %request_id, kind, operation,
                 callback_count, bytes = size, result = receipt.result.as_str(), latency_ms = elapsed_ms(started),
                 "callback acknowledged"
             );
-            response(StatusCode::OK, XML, SOAP_ACK)
+            answered(
+                kind,
+                receipt.result.as_str(),
+                response(StatusCode::OK, XML, SOAP_ACK),
+            )
         }
         Err(error) => {
             tracing::error!(
                 request_id = %request_id, kind, bytes = size, result = "unavailable", %error,
                 latency_ms = elapsed_ms(started), "callback not stored; answered 503 so the platform retries"
             );
-            fault(
+            let refused = fault(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Server",
                 "storage unavailable; retry later",
-            )
+            );
+            answered(kind, "unavailable", refused)
         }
     }
 }

@@ -286,6 +286,9 @@ pub trait Store: Send + Sync + 'static {
         identifier: DeviceIdentifier,
     ) -> BoxFuture<'_, Result<Option<DeviceHistory>, StoreError>>;
 
+    /// How many jobs are in each state.
+    fn job_counts(&self) -> BoxFuture<'_, Result<Vec<(String, i64)>, StoreError>>;
+
     /// Finishes queued writes and stops taking new ones.
     fn close(&self) -> BoxFuture<'_, ()>;
 }

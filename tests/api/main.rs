@@ -5,5 +5,6 @@ mod callbacks;
 mod deliveries;
 mod helpers;
 mod jobs;
+mod observability;
 mod openapi;
 mod storage_faults;

@@ -141,13 +141,21 @@ pub(super) fn record_upload(
     Ok(())
 }
 
-/// Recounts the job's devices and applies the state rule as of `now`. Returns the new state and
-/// whether it changed.
+/// A job that just completed: for `m2m_job_completion_seconds`, observed once the transaction
+/// commits.
+pub(super) struct JobCompletion {
+    pub operation: String,
+    pub seconds: f64,
+}
+
+/// Recounts the job's devices and applies the state rule as of `now`. Returns whether the state
+/// changed; a job that just completed (not timed out) is added to `completions`.
 pub(super) fn recompute(
     connection: &Connection,
     job_id: i64,
     now: OffsetDateTime,
-) -> rusqlite::Result<(JobState, bool)> {
+    completions: &mut Vec<JobCompletion>,
+) -> rusqlite::Result<bool> {
     let (reported, succeeded, failed, accepted): (i64, i64, i64, i64) = connection
         .prepare_cached(
             "SELECT count(status),
@@ -206,7 +214,20 @@ pub(super) fn recompute(
              WHERE id = ?1",
         )?
         .execute(params![job_id, reported, succeeded, failed, accepted, state.as_str(), completed_at])?;
-    Ok((state, state.as_str() != old_state))
+    let changed = state.as_str() != old_state;
+    if changed && state.is_terminal() && state != JobState::TimedOut {
+        let (operation, seconds): (Option<String>, Option<f64>) = connection
+            .prepare_cached(
+                "SELECT operation, (julianday(?2) - julianday(coalesce(registered_at, created_at))) * 86400.0
+                 FROM jobs WHERE id = ?1",
+            )?
+            .query_row(params![job_id, timestamp(now)], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        completions.push(JobCompletion {
+            operation: operation.unwrap_or_else(|| "other".to_owned()),
+            seconds: seconds.unwrap_or(0.0).max(0.0),
+        });
+    }
+    Ok(changed)
 }
 
 /// Registers a job, or adopts the unregistered one earlier callbacks created.
@@ -215,6 +236,7 @@ pub(super) fn register(
     registration: &Registration,
     now: OffsetDateTime,
     default_timeout: Duration,
+    completions: &mut Vec<JobCompletion>,
 ) -> rusqlite::Result<Registered> {
     let canonical = serde_json::to_string(registration)
         .map_err(|error| rusqlite::Error::ToSqlConversionFailure(Box::new(error)))?;
@@ -309,7 +331,7 @@ pub(super) fn register(
             }
         }
     }
-    recompute(connection, job_id, now)?;
+    recompute(connection, job_id, now, completions)?;
     let job = queries::job_by_id(connection, job_id)?;
     Ok(if existing.is_some() {
         Registered::Adopted(job)
@@ -319,7 +341,11 @@ pub(super) fn register(
 }
 
 /// Applies the state rule to every open job whose deadline has passed.
-pub(super) fn sweep(connection: &Connection, now: OffsetDateTime) -> rusqlite::Result<u64> {
+pub(super) fn sweep(
+    connection: &Connection,
+    now: OffsetDateTime,
+    completions: &mut Vec<JobCompletion>,
+) -> rusqlite::Result<u64> {
     let overdue: Vec<i64> = connection
         .prepare_cached(
             "SELECT id FROM jobs WHERE state IN ('pending', 'in_progress') AND deadline < ?1",
@@ -328,7 +354,7 @@ pub(super) fn sweep(connection: &Connection, now: OffsetDateTime) -> rusqlite::R
         .collect::<rusqlite::Result<_>>()?;
     let mut changed = 0;
     for job_id in overdue {
-        if recompute(connection, job_id, now)?.1 {
+        if recompute(connection, job_id, now, completions)? {
             changed += 1;
         }
     }

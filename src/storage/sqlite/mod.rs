@@ -17,6 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 
 mod jobs;
 mod queries;
+
+use jobs::JobCompletion;
 mod schema;
 
 use super::{
@@ -26,6 +28,7 @@ use super::{
 use crate::configuration::StorageSettings;
 use crate::domain::{Callback, DeliveryResult, DeviceIdentifier, DeviceOutcome, Operation};
 use crate::jobs::Registration;
+use crate::metrics::Metrics;
 use schema::MIGRATIONS;
 
 /// Idle read-only connections kept for reuse.
@@ -67,7 +70,11 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database, applies migrations and starts the writer thread.
     /// `job_timeout` is the deadline of jobs that do not set their own.
-    pub fn open(settings: &StorageSettings, job_timeout: Duration) -> anyhow::Result<Self> {
+    pub fn open(
+        settings: &StorageSettings,
+        job_timeout: Duration,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         let path = settings.path.clone();
         if let Some(directory) = path
             .parent()
@@ -104,6 +111,7 @@ impl SqliteStore {
             settings: settings.clone(),
             last_failure: None,
             job_timeout,
+            metrics,
         };
         let writer_thread = std::thread::Builder::new()
             .name("sqlite-writer".to_owned())
@@ -207,6 +215,10 @@ impl Store for SqliteStore {
         Box::pin(self.read(move |connection| queries::device_history(connection, &identifier)))
     }
 
+    fn job_counts(&self) -> BoxFuture<'_, Result<Vec<(String, i64)>, StoreError>> {
+        Box::pin(self.read(queries::job_counts))
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             // Queued writes ahead of this command are still committed and answered.
@@ -285,6 +297,7 @@ struct Writer {
     last_failure: Option<(std::time::Instant, String)>,
     /// The deadline of jobs that do not set their own.
     job_timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Writer {
@@ -306,13 +319,14 @@ impl Writer {
                     // Registrations and sweeps are rare: each gets its own transaction.
                     Command::Register(registration, now, reply) => {
                         let job_timeout = self.job_timeout;
-                        let _ = reply.send(self.transact(|connection| {
-                            jobs::register(connection, &registration, now, job_timeout)
+                        let _ = reply.send(self.transact(|connection, completions| {
+                            jobs::register(connection, &registration, now, job_timeout, completions)
                         }));
                     }
                     Command::Sweep(now, reply) => {
-                        let _ =
-                            reply.send(self.transact(|connection| jobs::sweep(connection, now)));
+                        let _ = reply.send(self.transact(|connection, completions| {
+                            jobs::sweep(connection, now, completions)
+                        }));
                     }
                     // Stop taking commands; those already queued are still drained below.
                     Command::Shutdown => receiver.close(),
@@ -331,6 +345,7 @@ impl Writer {
         probes: Vec<oneshot::Sender<Result<(), StoreError>>>,
     ) {
         let job_timeout = self.job_timeout;
+        let started = std::time::Instant::now();
         let outcome = self.connection().and_then(|connection| {
             let deliveries: Vec<&NewDelivery> = writes
                 .iter()
@@ -339,7 +354,10 @@ impl Writer {
             write_batch(connection, &deliveries, job_timeout)
         });
         match outcome {
-            Ok(results) => {
+            Ok((results, completions)) => {
+                self.metrics
+                    .store_committed(started.elapsed().as_secs_f64(), writes.len());
+                self.observe_completions(&completions);
                 if results.iter().any(Result::is_ok) {
                     self.last_failure = None;
                 }
@@ -382,15 +400,19 @@ impl Writer {
     /// Runs `work` in its own transaction.
     fn transact<T>(
         &mut self,
-        work: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+        work: impl FnOnce(&Connection, &mut Vec<JobCompletion>) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
+        let mut completions = Vec::new();
         let result = self.connection().and_then(|connection| {
             let transaction =
                 connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let value = work(&transaction)?;
+            let value = work(&transaction, &mut completions)?;
             transaction.commit()?;
             Ok(value)
         });
+        if result.is_ok() {
+            self.observe_completions(&completions);
+        }
         result.map_err(|error| {
             if needs_reopen(&error) {
                 self.connection = None;
@@ -401,6 +423,13 @@ impl Writer {
                 StoreError::Internal(describe(&error))
             }
         })
+    }
+
+    fn observe_completions(&self, completions: &[JobCompletion]) {
+        for completion in completions {
+            self.metrics
+                .job_completed(&completion.operation, completion.seconds);
+        }
     }
 
     fn connection(&mut self) -> rusqlite::Result<&mut Connection> {
@@ -417,20 +446,26 @@ impl Writer {
     }
 }
 
+/// One result per delivery of a committed batch, and the jobs it completed.
+type CommittedBatch = (Vec<Result<Receipt, StoreError>>, Vec<JobCompletion>);
+
 /// Writes every delivery and the heartbeat in one transaction. `Err` means nothing was committed;
 /// `Ok` holds one result per delivery, all committed except those that failed on their own.
 fn write_batch(
     connection: &mut Connection,
     deliveries: &[&NewDelivery],
     job_timeout: Duration,
-) -> rusqlite::Result<Vec<Result<Receipt, StoreError>>> {
+) -> rusqlite::Result<CommittedBatch> {
     let mut transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(deliveries.len());
+    let mut completions = Vec::new();
     for delivery in deliveries {
         let savepoint = transaction.savepoint()?;
-        match insert_delivery(&savepoint, delivery, job_timeout) {
+        let mut delivery_completions = Vec::new();
+        match insert_delivery(&savepoint, delivery, job_timeout, &mut delivery_completions) {
             Ok(receipt) => {
                 savepoint.commit()?;
+                completions.append(&mut delivery_completions);
                 results.push(Ok(receipt));
             }
             Err(error) if is_storage_wide(&error) => return Err(error),
@@ -448,13 +483,14 @@ fn write_batch(
         [timestamp(OffsetDateTime::now_utc())],
     )?;
     transaction.commit()?;
-    Ok(results)
+    Ok((results, completions))
 }
 
 fn insert_delivery(
     transaction: &Connection,
     delivery: &NewDelivery,
     job_timeout: Duration,
+    completions: &mut Vec<JobCompletion>,
 ) -> rusqlite::Result<Receipt> {
     let received_at = timestamp(delivery.received_at);
     let (callback, parse_error) = match &delivery.content {
@@ -551,7 +587,7 @@ fn insert_delivery(
         insert_outcomes(transaction, delivery_id, &received_at, callback, job_id)?;
     }
     if let Some(job_id) = job_id {
-        jobs::recompute(transaction, job_id, delivery.received_at)?;
+        jobs::recompute(transaction, job_id, delivery.received_at, completions)?;
     }
     Ok(Receipt {
         delivery_id,

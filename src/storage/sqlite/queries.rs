@@ -350,3 +350,11 @@ pub(super) fn device_history(
         history,
     }))
 }
+
+/// How many jobs are in each state (for the `m2m_jobs` gauge).
+pub(super) fn job_counts(connection: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {
+    connection
+        .prepare_cached("SELECT state, count(*) FROM jobs GROUP BY state")?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect()
+}

@@ -1,0 +1,276 @@
+//! Prometheus metrics (spec §7). Every label value comes from a bounded set (kind, result,
+//! operation, status, catalog code, job state): never a RequestId or a device identifier.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::catalog;
+use crate::domain::{Callback, CallbackKind, OutcomeStatus};
+use crate::jobs::JobState;
+
+/// Callback results (spec §7) beyond the three storage results.
+pub const REJECTED_RESULTS: &[&str] = &["unauthorized", "bad_request", "too_large", "unavailable"];
+const ACCEPTED_RESULTS: &[&str] = &["stored", "duplicate", "quarantined"];
+/// The kind label of a body that was never parsed into a callback.
+pub const UNKNOWN_KIND: &str = "unknown";
+
+/// What a callback adds to the outcome metrics, taken before it is handed to storage and counted
+/// only if storage says it was stored (a re-delivery adds nothing).
+#[derive(Clone, Copy, Debug)]
+pub struct CallbackTally {
+    operation: &'static str,
+    /// Outcomes per status, in the order of `OutcomeStatus::ALL`.
+    outcomes: [u64; 3],
+    upload: bool,
+    /// The catalog code of the callback's fault, `other` if unknown.
+    fault_code: Option<&'static str>,
+}
+
+impl CallbackTally {
+    pub fn of(callback: &Callback) -> Self {
+        let mut outcomes = [0u64; 3];
+        for outcome in &callback.outcomes {
+            if let Some(index) = OutcomeStatus::ALL
+                .iter()
+                .position(|status| *status == outcome.status)
+            {
+                outcomes[index] += 1;
+            }
+        }
+        let fault_code = callback.fault.as_ref().map(|fault| {
+            catalog::catalog()
+                .lookup(&fault.code)
+                .map(|entry| entry.code.as_str())
+                .unwrap_or("other")
+        });
+        Self {
+            operation: callback.operation.as_str(),
+            outcomes,
+            upload: callback.kind == CallbackKind::UploadDevices,
+            fault_code,
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    callbacks: IntCounterVec,
+    callback_duration: HistogramVec,
+    callback_attempts: IntCounterVec,
+    device_outcomes: IntCounterVec,
+    faults: IntCounterVec,
+    upload_lines: IntCounterVec,
+    jobs: IntGaugeVec,
+    job_completion: HistogramVec,
+    store_commit: Histogram,
+    store_batch_size: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let callbacks = IntCounterVec::new(
+            Opts::new(
+                "m2m_callbacks_total",
+                "Callback POSTs by kind and what the listener answered.",
+            ),
+            &["kind", "result"],
+        )?;
+        // Acknowledgements take milliseconds; the platform's patience is measured in seconds.
+        let callback_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "m2m_callback_duration_seconds",
+                "Receipt to response, by result.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["result"],
+        )?;
+        let callback_attempts = IntCounterVec::new(
+            Opts::new(
+                "m2m_callback_attempts_total",
+                "Accepted callbacks by their CallbackCount; attempts above 1 mean earlier acknowledgements were late or lost.",
+            ),
+            &["attempt"],
+        )?;
+        let device_outcomes = IntCounterVec::new(
+            Opts::new(
+                "m2m_device_outcomes_total",
+                "Device outcomes stored, by operation and status.",
+            ),
+            &["operation", "status"],
+        )?;
+        let faults = IntCounterVec::new(
+            Opts::new(
+                "m2m_faults_total",
+                "Faults reported in callbacks, by catalog code (unknown codes: other).",
+            ),
+            &["code"],
+        )?;
+        let upload_lines = IntCounterVec::new(
+            Opts::new("m2m_upload_lines_total", "Upload lines stored, by result."),
+            &["result"],
+        )?;
+        let jobs = IntGaugeVec::new(Opts::new("m2m_jobs", "Jobs by state."), &["state"])?;
+        // Activations complete within minutes, at worst a day.
+        let job_completion = HistogramVec::new(
+            HistogramOpts::new(
+                "m2m_job_completion_seconds",
+                "Registration (or first callback) to completion.",
+            )
+            .buckets(vec![
+                30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 43200.0,
+                86400.0, 172800.0,
+            ]),
+            &["operation"],
+        )?;
+        let store_commit = Histogram::with_opts(
+            HistogramOpts::new(
+                "m2m_store_commit_seconds",
+                "Duration of one group commit (fsync included).",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        )?;
+        let store_batch_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "m2m_store_batch_size",
+                "Deliveries committed per transaction.",
+            )
+            .buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
+            ]),
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("m2m_build_info", "The running version; always 1."),
+            &["version"],
+        )?;
+
+        registry.register(Box::new(callbacks.clone()))?;
+        registry.register(Box::new(callback_duration.clone()))?;
+        registry.register(Box::new(callback_attempts.clone()))?;
+        registry.register(Box::new(device_outcomes.clone()))?;
+        registry.register(Box::new(faults.clone()))?;
+        registry.register(Box::new(upload_lines.clone()))?;
+        registry.register(Box::new(jobs.clone()))?;
+        registry.register(Box::new(job_completion.clone()))?;
+        registry.register(Box::new(store_commit.clone()))?;
+        registry.register(Box::new(store_batch_size.clone()))?;
+        registry.register(Box::new(build_info.clone()))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        // Series that exist from the start, so that rates and alerts see zero rather than nothing.
+        for kind in CallbackKind::ALL
+            .iter()
+            .map(|kind| kind.as_str())
+            .chain([UNKNOWN_KIND])
+        {
+            for result in ACCEPTED_RESULTS.iter().chain(REJECTED_RESULTS) {
+                callbacks.with_label_values(&[kind, result]);
+            }
+        }
+        for result in ACCEPTED_RESULTS.iter().chain(REJECTED_RESULTS) {
+            callback_duration.with_label_values(&[result]);
+        }
+        for attempt in ["1", "2", "3", "4", "5+"] {
+            callback_attempts.with_label_values(&[attempt]);
+        }
+        for status in OutcomeStatus::ALL {
+            upload_lines.with_label_values(&[status.as_str()]);
+        }
+        for state in JobState::ALL {
+            jobs.with_label_values(&[state.as_str()]);
+        }
+        Ok(Self {
+            registry,
+            callbacks,
+            callback_duration,
+            callback_attempts,
+            device_outcomes,
+            faults,
+            upload_lines,
+            jobs,
+            job_completion,
+            store_commit,
+            store_batch_size,
+        })
+    }
+
+    /// One answered callback POST.
+    pub fn callback_answered(&self, kind: &str, result: &str, seconds: f64) {
+        self.callbacks.with_label_values(&[kind, result]).inc();
+        self.callback_duration
+            .with_label_values(&[result])
+            .observe(seconds);
+    }
+
+    /// An accepted callback's `CallbackCount`.
+    pub fn callback_attempt(&self, callback_count: Option<u32>) {
+        let attempt = match callback_count {
+            None | Some(0) => return,
+            Some(count @ 1..=4) => count.to_string(),
+            Some(_) => "5+".to_owned(),
+        };
+        self.callback_attempts.with_label_values(&[&attempt]).inc();
+    }
+
+    /// Counts a stored callback's outcomes, faults and upload lines (see [`CallbackTally`]).
+    pub fn callback_stored(&self, tally: &CallbackTally) {
+        for (status, count) in OutcomeStatus::ALL.iter().zip(tally.outcomes) {
+            if count == 0 {
+                continue;
+            }
+            self.device_outcomes
+                .with_label_values(&[tally.operation, status.as_str()])
+                .inc_by(count);
+            if tally.upload {
+                self.upload_lines
+                    .with_label_values(&[status.as_str()])
+                    .inc_by(count);
+            }
+        }
+        if let Some(code) = tally.fault_code {
+            self.faults.with_label_values(&[code]).inc();
+        }
+    }
+
+    pub fn job_completed(&self, operation: &str, seconds: f64) {
+        self.job_completion
+            .with_label_values(&[operation])
+            .observe(seconds);
+    }
+
+    pub fn store_committed(&self, seconds: f64, deliveries: usize) {
+        self.store_commit.observe(seconds);
+        self.store_batch_size.observe(deliveries as f64);
+    }
+
+    /// Sets the job gauge from a count per state (states absent from `counts` are zero).
+    pub fn set_job_counts(&self, counts: &[(String, i64)]) {
+        for state in JobState::ALL {
+            let count = counts
+                .iter()
+                .find(|(label, _)| label == state.as_str())
+                .map(|(_, count)| *count)
+                .unwrap_or(0);
+            self.jobs.with_label_values(&[state.as_str()]).set(count);
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut buffer = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
+        Ok(String::from_utf8_lossy(&buffer).into_owned())
+    }
+}
