@@ -60,6 +60,8 @@ pub enum CallbackForm {
     Wrapper,
     /// A bare `CallbackRequest` root.
     Bare,
+    /// A JSON callback of the REST API.
+    Json,
 }
 
 impl CallbackForm {
@@ -68,6 +70,7 @@ impl CallbackForm {
             CallbackForm::SoapEnvelope => "soap",
             CallbackForm::Wrapper => "wrapper",
             CallbackForm::Bare => "bare",
+            CallbackForm::Json => "json",
         }
     }
 }
@@ -146,6 +149,8 @@ label_enum! {
         Usage => "usage",
         ResumeTracking => "resume_tracking",
         SmsMo => "sms_mo",
+        /// Non-IP data delivery (REST API).
+        Nidd => "nidd",
         Other => "other",
     }
 }
@@ -242,6 +247,8 @@ pub struct Callback {
 #[derive(Clone, Debug)]
 pub struct UnreadableBody {
     pub reason: String,
+    /// The body looks like JSON (a REST API callback): answer in JSON.
+    pub json: bool,
     /// Credentials found by a lenient scan, if any.
     pub credentials: Option<(String, Secret)>,
     /// The `RequestId`, if a lenient scan found one.

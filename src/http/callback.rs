@@ -10,9 +10,9 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode, header};
 use time::OffsetDateTime;
 
-use super::{HttpResponse, response};
+use super::{HttpResponse, json_response, response};
 use crate::auth::Authenticator;
-use crate::domain::DeliveryResult;
+use crate::domain::{CallbackForm, DeliveryResult};
 use crate::metrics::{CallbackTally, Metrics, UNKNOWN_KIND};
 use crate::parser::{self, Parsed};
 use crate::storage::{DeliveryContent, NewDelivery, Store};
@@ -117,16 +117,14 @@ async fn answer(
     started: Instant,
 ) -> Answered {
     if request.method() != Method::POST {
+        let dialect = Dialect::Soap;
         let response = if matches!(*request.method(), Method::GET | Method::HEAD)
             && request.uri().path() == "/healthz"
         {
             response(StatusCode::OK, "text/plain; charset=utf-8", "ok\n")
         } else {
-            let mut refused = fault(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "Client",
-                "callbacks are POSTed",
-            );
+            let mut refused =
+                dialect.refuse(StatusCode::METHOD_NOT_ALLOWED, "callbacks are POSTed");
             refused
                 .headers_mut()
                 .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
@@ -143,13 +141,18 @@ async fn answer(
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
         .map(str::to_owned);
+    let mut dialect = Dialect::of_content_type(content_type.as_deref());
     let declared_length = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
     if declared_length.is_some_and(|length| length > state.max_body_bytes) {
-        return answered(UNKNOWN_KIND, "too_large", too_large(state, peer, started));
+        return answered(
+            UNKNOWN_KIND,
+            "too_large",
+            too_large(state, peer, started, dialect),
+        );
     }
     let limit = usize::try_from(state.max_body_bytes).unwrap_or(usize::MAX);
     let body = match Limited::new(request.into_body(), limit).collect().await {
@@ -159,13 +162,16 @@ async fn answer(
                 .downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
-            return answered(UNKNOWN_KIND, "too_large", too_large(state, peer, started));
+            return answered(
+                UNKNOWN_KIND,
+                "too_large",
+                too_large(state, peer, started, dialect),
+            );
         }
         Err(error) => {
             tracing::info!(source = %peer.ip(), %error, "callback body could not be read");
-            let refused = fault(
+            let refused = dialect.refuse(
                 StatusCode::BAD_REQUEST,
-                "Client",
                 "the request body could not be read",
             );
             return answered(UNKNOWN_KIND, "bad_request", refused);
@@ -174,6 +180,11 @@ async fn answer(
     let received_at = OffsetDateTime::now_utc();
 
     let parsed = parse_off_the_hot_path(body.clone()).await;
+    dialect = match &parsed {
+        Parsed::Callback(callback) if callback.form == CallbackForm::Json => Dialect::Json,
+        Parsed::Unreadable(unreadable) if unreadable.json => Dialect::Json,
+        _ => Dialect::Soap,
+    };
     let (username, password, content) = match parsed {
         Parsed::Callback(callback) => {
             let (username, password) = (callback.username.clone(), callback.password.clone());
@@ -189,10 +200,9 @@ async fn answer(
                     latency_ms = elapsed_ms(started), result = "bad_request",
                     "callback refused: not a callback and no credentials to check"
                 );
-                let refused = fault(
+                let refused = dialect.refuse(
                     StatusCode::BAD_REQUEST,
-                    "Client",
-                    "the body is not a callback (XML with CallbackRequest)",
+                    "the body is not a callback (XML with CallbackRequest, or JSON)",
                 );
                 return answered(UNKNOWN_KIND, "bad_request", refused);
             }
@@ -208,11 +218,7 @@ async fn answer(
     };
     let Some(authenticated) = state.authenticator.verify(&username, &password) else {
         state.log_unauthorized(peer, &username);
-        let refused = fault(
-            StatusCode::FORBIDDEN,
-            "Client",
-            "invalid callback credentials",
-        );
+        let refused = dialect.refuse(StatusCode::FORBIDDEN, "invalid callback credentials");
         return answered(kind, "unauthorized", refused);
     };
     drop(password);
@@ -239,20 +245,15 @@ async fn answer(
                 callback_count, bytes = size, result = receipt.result.as_str(), latency_ms = elapsed_ms(started),
                 "callback acknowledged"
             );
-            answered(
-                kind,
-                receipt.result.as_str(),
-                response(StatusCode::OK, XML, SOAP_ACK),
-            )
+            answered(kind, receipt.result.as_str(), dialect.ack())
         }
         Err(error) => {
             tracing::error!(
                 request_id = %request_id, kind, bytes = size, result = "unavailable", %error,
                 latency_ms = elapsed_ms(started), "callback not stored; answered 503 so the platform retries"
             );
-            let refused = fault(
+            let refused = dialect.refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "Server",
                 "storage unavailable; retry later",
             );
             answered(kind, "unavailable", refused)
@@ -272,14 +273,18 @@ async fn parse_off_the_hot_path(body: Bytes) -> Parsed {
     }
 }
 
-fn too_large(state: &CallbackState, peer: SocketAddr, started: Instant) -> HttpResponse {
+fn too_large(
+    state: &CallbackState,
+    peer: SocketAddr,
+    started: Instant,
+    dialect: Dialect,
+) -> HttpResponse {
     tracing::info!(
         source = %peer.ip(), limit = state.max_body_bytes, result = "too_large", latency_ms = elapsed_ms(started),
         "callback refused: body over callback.max_body_bytes"
     );
-    fault(
+    dialect.refuse(
         StatusCode::PAYLOAD_TOO_LARGE,
-        "Client",
         "body exceeds the configured limit",
     )
 }
@@ -288,8 +293,62 @@ fn elapsed_ms(started: Instant) -> f64 {
     started.elapsed().as_secs_f64() * 1000.0
 }
 
+/// How a caller is answered: SOAP callers get SOAP, REST API callers JSON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dialect {
+    Soap,
+    Json,
+}
+
+impl Dialect {
+    /// From the content type, before the body is read.
+    fn of_content_type(content_type: Option<&str>) -> Self {
+        match content_type {
+            Some(value) if value.to_ascii_lowercase().contains("json") => Dialect::Json,
+            _ => Dialect::Soap,
+        }
+    }
+
+    /// The acknowledgement the platform expects: any 2xx stops its retries.
+    fn ack(self) -> HttpResponse {
+        match self {
+            Dialect::Soap => response(StatusCode::OK, XML, SOAP_ACK),
+            Dialect::Json => response(StatusCode::OK, "application/json", "{}"),
+        }
+    }
+
+    /// A short refusal: a SOAP fault (`Server` when retrying may help, else `Client`), or a JSON
+    /// error with a stable code.
+    fn refuse(self, status: StatusCode, message: &str) -> HttpResponse {
+        match self {
+            Dialect::Soap => soap_fault(
+                status,
+                if status.is_server_error() {
+                    "Server"
+                } else {
+                    "Client"
+                },
+                message,
+            ),
+            Dialect::Json => {
+                let code = match status {
+                    StatusCode::FORBIDDEN => "UNAUTHORIZED",
+                    StatusCode::PAYLOAD_TOO_LARGE => "BODY_TOO_LARGE",
+                    StatusCode::METHOD_NOT_ALLOWED => "METHOD_NOT_ALLOWED",
+                    StatusCode::SERVICE_UNAVAILABLE => "STORAGE_UNAVAILABLE",
+                    _ => "BAD_REQUEST",
+                };
+                json_response(
+                    status,
+                    &serde_json::json!({ "error": { "code": code, "message": message } }),
+                )
+            }
+        }
+    }
+}
+
 /// A short SOAP fault; `code` is `Client` (do not retry as-is) or `Server` (retry).
-fn fault(status: StatusCode, code: &str, message: &str) -> HttpResponse {
+fn soap_fault(status: StatusCode, code: &str, message: &str) -> HttpResponse {
     let body = format!(
         concat!(
             r#"<?xml version="1.0" encoding="utf-8"?>"#,

@@ -1,10 +1,12 @@
 //! Wire formats → domain types. Pure: no IO, no clock, no configuration.
 //!
-//! [`parse`] accepts every XML form of spec §2 (SOAP envelope, `CallbackRequest1` wrapper, bare
-//! `CallbackRequest`, `SmsCallbackRequest`). A body it cannot read fully comes back as
+//! [`parse`] accepts every form of spec §2: the XML ones (SOAP envelope, `CallbackRequest1`
+//! wrapper, bare `CallbackRequest`, `SmsCallbackRequest`) and the REST API's JSON. The first
+//! non-blank byte decides which, so a missing or wrong content type does not matter. A body it cannot read fully comes back as
 //! [`Parsed::Unreadable`] together with whatever a lenient scan recovered (credentials above all),
 //! so that the HTTP edge can still quarantine it instead of losing it.
 
+mod json;
 mod soap;
 mod tree;
 
@@ -22,9 +24,49 @@ pub enum Parsed {
 }
 
 pub fn parse(body: &[u8]) -> Parsed {
-    match parse_xml(body) {
+    let json = looks_like_json(body);
+    let parsed = if json {
+        parse_json(body)
+    } else {
+        parse_xml(body)
+    };
+    match parsed {
         Ok(callback) => Parsed::Callback(Box::new(callback)),
+        Err(reason) if json => Parsed::Unreadable(Box::new(scan_unreadable_json(body, reason))),
         Err(reason) => Parsed::Unreadable(Box::new(scan_unreadable(body, reason))),
+    }
+}
+
+/// Whether the first non-blank byte (after a UTF-8 byte order mark) opens a JSON object.
+fn looks_like_json(body: &[u8]) -> bool {
+    let body = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
+    body.iter().find(|byte| !byte.is_ascii_whitespace()) == Some(&b'{')
+}
+
+fn parse_json(body: &[u8]) -> Result<Callback, String> {
+    let body = body.strip_prefix(b"\xef\xbb\xbf").unwrap_or(body);
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|error| format!("JSON error: {error}"))?;
+    json::interpret(&value)
+}
+
+fn scan_unreadable_json(body: &[u8], reason: String) -> UnreadableBody {
+    let text = String::from_utf8_lossy(body);
+    let credentials = match (
+        json::scan_string(&text, "username"),
+        json::scan_string(&text, "password"),
+    ) {
+        (Some(username), Some(password)) => Some((username, Secret::new(password))),
+        _ => None,
+    };
+    UnreadableBody {
+        reason,
+        json: true,
+        credentials,
+        request_id: json::scan_string(&text, "requestId").filter(|id| !id.is_empty()),
+        callback_count: json::scan_value(&text, "callbackCount")
+            .and_then(|count| count.trim_matches('"').parse().ok()),
+        dedup_key: json::raw_digest(&text),
     }
 }
 
@@ -50,6 +92,7 @@ fn scan_unreadable(body: &[u8], reason: String) -> UnreadableBody {
     };
     UnreadableBody {
         reason,
+        json: false,
         credentials,
         request_id: scan_element(&text, "RequestId").filter(|id| !id.is_empty()),
         callback_count: scan_element(&text, "CallbackCount").and_then(|count| count.parse().ok()),
@@ -368,6 +411,96 @@ mod tests {
         assert_eq!(scan_element(text, "Username").as_deref(), Some("ops & co"));
         assert_eq!(scan_element(text, "Password").as_deref(), Some(""));
         assert_eq!(scan_element(text, "RequestId"), None);
+    }
+
+    #[test]
+    fn the_rest_api_json_example_is_a_change_identifier_outcome() {
+        let change = callback("json_change_identifier.json");
+        assert_eq!(change.form, CallbackForm::Json);
+        assert_eq!(
+            (change.kind, change.operation),
+            (
+                CallbackKind::CarrierService,
+                Operation::ChangeDeviceIdentifier
+            )
+        );
+        assert_eq!(
+            change.request_id.as_deref(),
+            Some("a28892ea-6503-4aa7-bfa2-4cd45d42f61b")
+        );
+        assert_eq!(
+            (change.callback_count, change.max_callback_threshold),
+            (Some(1), Some(4))
+        );
+        let outcome = &change.outcomes[0];
+        assert_eq!(outcome.status, OutcomeStatus::Succeeded);
+        assert_eq!(
+            outcome.identifiers,
+            vec![id("ESN", "22211315718"), id("ICCID", "A1000001999990")]
+        );
+        assert_eq!(outcome.service_plan.as_deref(), Some("M2M_4G"));
+    }
+
+    #[test]
+    fn a_json_fault_fails_the_device_and_unknown_keys_are_ignored() {
+        let failed = callback("json_fault.json");
+        let outcome = &failed.outcomes[0];
+        assert_eq!(outcome.status, OutcomeStatus::Failed);
+        assert_eq!(
+            outcome.identifiers,
+            vec![
+                id("IMEI", "990000862471854"),
+                id("ICCID", "89148000000800000001")
+            ]
+        );
+        assert_eq!(
+            outcome.fault.as_ref().map(|fault| fault.code.as_str()),
+            Some("UnifiedWebService.REQUEST_FAILED.UnexpectedError")
+        );
+    }
+
+    #[test]
+    fn json_re_deliveries_share_a_dedup_key_whatever_the_key_order() {
+        let first = callback("json_change_identifier.json").dedup_key;
+        let retry = r#"{"maxCallbackThreshold": 4, "callbackCount": 3, "status": "Success",
+            "deviceResponse": {"changeIdentifierResponse": {"servicePlan": "M2M_4G",
+                "deviceIds": [{"kind": "iccid", "id": "A1000001999990"}]}},
+            "deviceIds": [{"kind": "ESN", "id": "22211315718"}],
+            "requestId": "a28892ea-6503-4aa7-bfa2-4cd45d42f61b", "password": "", "username": ""}"#;
+        let Parsed::Callback(retry) = parse(retry.as_bytes()) else {
+            panic!("retry did not parse")
+        };
+        assert_eq!(retry.dedup_key, first);
+        let other = String::from_utf8(fixture("json_change_identifier.json"))
+            .unwrap()
+            .replace("M2M_4G", "M2M_5G");
+        let Parsed::Callback(other) = parse(other.as_bytes()) else {
+            panic!("did not parse")
+        };
+        assert_ne!(other.dedup_key, first);
+    }
+
+    #[test]
+    fn malformed_json_keeps_its_credentials_for_quarantine() {
+        let body = fixture("json_malformed.json");
+        let Parsed::Unreadable(unreadable) = parse(&body) else {
+            panic!("parsed malformed JSON")
+        };
+        assert!(unreadable.json);
+        let (username, password) = unreadable.credentials.expect("credentials recovered");
+        assert_eq!((username.as_str(), password.expose()), ("", ""));
+        assert_eq!(
+            unreadable.request_id.as_deref(),
+            Some("7f1f0c1e-2d44-4a8c-8d21-5b8f5e3a9c01")
+        );
+        assert_eq!(unreadable.callback_count, Some(1));
+        let retry = String::from_utf8(body)
+            .unwrap()
+            .replace("\"callbackCount\": 1", "\"callbackCount\": 2");
+        let Parsed::Unreadable(retry) = parse(retry.as_bytes()) else {
+            panic!("parsed")
+        };
+        assert_eq!(retry.dedup_key, unreadable.dedup_key);
     }
 
     #[test]

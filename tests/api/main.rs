@@ -5,6 +5,7 @@ mod callbacks;
 mod deliveries;
 mod helpers;
 mod jobs;
+mod json_callbacks;
 mod observability;
 mod openapi;
 mod storage_faults;
