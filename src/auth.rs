@@ -85,6 +85,33 @@ pub enum CredentialSource {
     },
 }
 
+/// The first configured pair, or the generated one if it exists; generates nothing. For tools that
+/// post callbacks to this listener (`simulate`).
+pub fn existing_credentials(
+    configured: &[CredentialSettings],
+    generated_path: &Path,
+) -> Option<CredentialSettings> {
+    configured
+        .first()
+        .cloned()
+        .or_else(|| read_generated(generated_path).ok())
+}
+
+fn read_generated(path: &Path) -> anyhow::Result<CredentialSettings> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "failed to read generated credentials from {}",
+            path.display()
+        )
+    })?;
+    toml::from_str(&text).with_context(|| {
+        format!(
+            "failed to parse generated credentials in {}",
+            path.display()
+        )
+    })
+}
+
 /// The configured credentials, or (none configured) the pair stored at `generated_path`, generated
 /// and saved there on first start.
 pub fn resolve_credentials(
@@ -98,23 +125,13 @@ pub fn resolve_credentials(
         ));
     }
     if generated_path.exists() {
-        let text = std::fs::read_to_string(generated_path).with_context(|| {
-            format!(
-                "failed to read generated credentials from {}",
-                generated_path.display()
-            )
-        })?;
-        let stored: CredentialSettings = toml::from_str(&text).with_context(|| {
-            format!(
-                "failed to parse generated credentials in {}",
-                generated_path.display()
-            )
-        })?;
+        let stored = read_generated(generated_path)?;
         return Ok((
             vec![stored],
             CredentialSource::Stored(generated_path.to_owned()),
         ));
     }
+
     let mut random = rand::rng();
     let username = format!("m2m-{}", Alphanumeric.sample_string(&mut random, 12));
     let password = Secret::new(Alphanumeric.sample_string(&mut random, 32));

@@ -178,6 +178,11 @@ impl Catalog {
             .is_some()
     }
 
+    /// Every entry, in catalog order.
+    pub fn entries(&self) -> &[CatalogEntry] {
+        &self.entries
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -14,6 +14,7 @@
 //! - [`configuration`]: defaults, TOML file, `M2M_` environment.
 //! - [`telemetry`]: the log subscriber.
 //! - [`startup`]: wiring everything into an [`startup::Application`].
+//! - [`simulate`]: a stand-in for the platform (load, demos, the benchmark).
 //! - [`cli`]: the command line; [`client`]: its client for the API.
 pub mod auth;
 pub mod catalog;
@@ -25,6 +26,7 @@ pub mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod parser;
+pub mod simulate;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;

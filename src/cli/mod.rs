@@ -36,6 +36,18 @@ enum Command {
     CheckConfig,
     /// Register and inspect jobs through the running listener's API.
     Jobs(jobs::JobsArgs),
+    /// Play the platform: post realistic callbacks (with its retries) to a listener and check that
+    /// every acknowledged one was stored.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SimulateArgs {
+    /// The listener's API, to register jobs and to verify (default: from api.listen).
+    #[arg(long, env = "M2M_API_URL")]
+    api_url: Option<String>,
+    #[command(flatten)]
+    options: crate::simulate::SimulateOptions,
 }
 
 pub fn run() -> ExitCode {
@@ -60,6 +72,7 @@ pub fn run() -> ExitCode {
         }
         Command::Serve => serve(&settings),
         Command::Jobs(arguments) => jobs::run(&settings, arguments),
+        Command::Simulate(arguments) => simulate(&settings, arguments),
     }
 }
 
@@ -88,6 +101,91 @@ fn serve(settings: &Settings) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
+            eprintln!("m2m-listener: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn simulate(settings: &Settings, arguments: SimulateArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("m2m-listener: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let pair = crate::auth::existing_credentials(
+        &settings.callback.credentials,
+        &settings.storage.generated_credentials_path(),
+    );
+    let options = arguments.options;
+    let username = options
+        .username
+        .clone()
+        .or_else(|| pair.as_ref().map(|pair| pair.username.clone()));
+    let password = options
+        .password
+        .clone()
+        .or_else(|| pair.as_ref().map(|pair| pair.password.expose().to_owned()));
+    let api = match crate::client::ApiClient::new(settings, arguments.api_url.as_deref()) {
+        Ok(api) => Some(api),
+        Err(error) => {
+            eprintln!("m2m-listener: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let as_json = options.json;
+    let summary = runtime.block_on(crate::simulate::run(
+        options,
+        username.unwrap_or_default(),
+        password.unwrap_or_default(),
+        api,
+    ));
+    match summary {
+        Ok(summary) => {
+            if as_json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&summary).unwrap_or_default()
+                );
+            } else {
+                println!(
+                    "callbacks {}  attempts {}  acknowledged {}  re-sent {}  early re-deliveries {}  given up {}  lost {}",
+                    summary.callbacks,
+                    summary.attempts,
+                    summary.acknowledged,
+                    summary.resent,
+                    summary.early_redeliveries,
+                    summary.given_up,
+                    summary
+                        .lost
+                        .map(|lost| lost.to_string())
+                        .unwrap_or_else(|| "not verified".to_owned()),
+                );
+                println!(
+                    "{:.1} s, {:.0} acknowledged/s, latency p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+                    summary.seconds,
+                    summary.acknowledged_per_second,
+                    summary.latency_ms.p50,
+                    summary.latency_ms.p90,
+                    summary.latency_ms.p99,
+                    summary.latency_ms.max,
+                );
+            }
+            if summary.lost.unwrap_or(0) > 0 {
+                eprintln!(
+                    "m2m-listener: {} acknowledged callbacks are not in the listener",
+                    summary.lost.unwrap_or(0)
+                );
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
             eprintln!("m2m-listener: {error:#}");
             ExitCode::FAILURE
         }

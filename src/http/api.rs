@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 
 use super::{HttpResponse, json_response, response};
 use crate::catalog;
-use crate::domain::{DeliveryResult, DeviceIdentifier, Operation, Secret};
+use crate::domain::{CallbackKind, DeliveryResult, DeviceIdentifier, Operation, Secret};
 use crate::jobs::{JobState, RegistrationRequest};
 use crate::metrics::Metrics;
 use crate::storage::{
@@ -590,24 +590,24 @@ async fn list_deliveries(state: &ApiState, query: &HashMap<String, String>) -> H
         .iter()
         .map(|result| result.as_str())
         .collect();
-    let (result, (limit, before_id)) = match (one_of(query, "result", &results), paging(query)) {
-        (Ok(result), Ok(paging)) => (
-            result.as_deref().and_then(DeliveryResult::from_label),
-            paging,
-        ),
-        (Err(refused), _) | (_, Err(refused)) => return refused.into_response(),
-    };
-    let request_id = query.get("request_id").filter(|id| !id.is_empty()).cloned();
-    match state
-        .store
-        .list_deliveries(DeliveryQuery {
-            request_id,
-            result,
+    let kinds: Vec<&str> = CallbackKind::ALL.iter().map(|kind| kind.as_str()).collect();
+    let filters = (|| {
+        let (limit, before_id) = paging(query)?;
+        Ok::<_, InvalidParameter>(DeliveryQuery {
+            request_id: query.get("request_id").filter(|id| !id.is_empty()).cloned(),
+            kind: one_of(query, "kind", &kinds)?,
+            result: one_of(query, "result", &results)?
+                .as_deref()
+                .and_then(DeliveryResult::from_label),
             limit,
             before_id,
         })
-        .await
-    {
+    })();
+    let filters = match filters {
+        Ok(filters) => filters,
+        Err(refused) => return refused.into_response(),
+    };
+    match state.store.list_deliveries(filters).await {
         Ok(page) => json_response(StatusCode::OK, &page),
         Err(failure) => storage_error(&failure),
     }

@@ -89,6 +89,7 @@ pub enum StoreError {
 #[derive(Clone, Debug, Default)]
 pub struct DeliveryQuery {
     pub request_id: Option<String>,
+    pub kind: Option<String>,
     pub result: Option<DeliveryResult>,
     pub limit: u32,
     /// Deliveries with ids below this one (newest first).

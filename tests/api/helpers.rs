@@ -176,86 +176,30 @@ impl TestApp {
     }
 }
 
-/// What a carrier-service callback reports for its device.
-pub enum CarrierResult<'a> {
-    Activated { mdn: &'a str },
-    Failed { code: &'a str, message: &'a str },
-}
+pub use m2m_listener::simulate::payloads::CarrierResult;
+use m2m_listener::simulate::payloads::{self, Envelope};
 
-/// An activation callback in the SOAP envelope form of seed 004, for one device named by
-/// `devices` (kind, identifier) pairs.
+/// A carrier-service callback with the empty credentials of seed 004 (see `simulate::payloads`).
 pub fn carrier_callback(
     request_id: &str,
     devices: &[(&str, &str)],
     result: CarrierResult<'_>,
 ) -> String {
-    let devices: String = devices
-        .iter()
-        .map(|(kind, id)| {
-            format!("<Device><Kind>{kind}</Kind><Identifier>{id}</Identifier></Device>")
-        })
-        .collect();
-    let (service, fault, status) = match result {
-        CarrierResult::Activated { mdn } => (
-            format!(
-                "<CarrierService><ChangeDeviceState><Activate>\
-                 <DeviceIdentifierCollection><Kind>mdn</Kind><Identifier>{mdn}</Identifier></DeviceIdentifierCollection>\
-                 <IpAddress>10.1.2.3</IpAddress><State>Active</State><ServicePlan>M2M_4G</ServicePlan>\
-                 <DeviceCredential><Username>{mdn}@vzw3g.com</Username><Password>device-secret-{mdn}</Password></DeviceCredential>\
-                 </Activate><Deactivate xsi:nil=\"true\"/></ChangeDeviceState></CarrierService>"
-            ),
-            "<Fault xsi:nil=\"true\"/>".to_owned(),
-            "Success",
-        ),
-        CarrierResult::Failed { code, message } => (
-            "<CarrierService xsi:nil=\"true\"/>".to_owned(),
-            format!(
-                "<Fault><faultcode>{code}</faultcode><faultstring>{message}</faultstring></Fault>"
-            ),
-            "Failed",
-        ),
-    };
-    format!(
-        "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\">\
-         <s:Body xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\">\
-         <CallbackRequest xmlns=\"http://nphase.com/unifiedwebservice/v2\"><Username/><Password/>\
-         <RequestId>{request_id}</RequestId>{devices}<Data><Data>{service}<PromoChange xsi:nil=\"true\"/>{fault}\
-         <Comment xsi:nil=\"true\"/><Status>{status}</Status><CallbackCount>1</CallbackCount>\
-         <MaxCallbackThreshold>4</MaxCallbackThreshold></Data></Data></CallbackRequest></s:Body></s:Envelope>"
-    )
+    payloads::carrier_callback(Envelope::default(), request_id, devices, result)
 }
 
-/// An upload callback in the `CallbackRequest1` form of seed 001: `lines` are (ICCID, IMEI, line
-/// status); `counts` are (total, pending, success, failed).
+/// An upload callback with the `test` credentials of seed 001.
 pub fn upload_callback(
     request_id: &str,
-    lines: &[(&str, &str, &str)],
+    lines: &[payloads::UploadLine<'_>],
     counts: (u32, u32, u32, u32),
 ) -> String {
-    let lines: String = lines
-        .iter()
-        .map(|(iccid, imei, status)| {
-            format!(
-                "<UploadDevicesInfo><DeviceIdentifier><Kind>Iccid </Kind><Identifier>{iccid} </Identifier></DeviceIdentifier>\
-                 <DeviceIdentifier><Kind>Imei </Kind><Identifier>{imei} </Identifier></DeviceIdentifier>\
-                 <LineStatus>{status} </LineStatus></UploadDevicesInfo>"
-            )
-        })
-        .collect();
-    let (total, pending, success, failed) = counts;
-    format!(
-        "<CallbackRequest1 xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\"><CallbackRequest>\
-         <Username xmlns=\"http://nphase.com/unifiedwebservice/v2\">test </Username>\
-         <Password xmlns=\"http://nphase.com/unifiedwebservice/v2\">test </Password>\
-         <RequestId xmlns=\"http://nphase.com/unifiedwebservice/v2\">{request_id} </RequestId>\
-         <Data xmlns=\"http://nphase.com/unifiedwebservice/v2\"><Data><CarrierService xsi:nil=\"true\" />\
-         <DeviceService><UploadDevices>{lines}<AccountName>acct </AccountName><DeviceSku>SKU1 </DeviceSku>\
-         <TotalLineCount>{total} </TotalLineCount><PendingLineCount>{pending} </PendingLineCount>\
-         <FailedLineCount>{failed} </FailedLineCount><SuccessLineCount>{success} </SuccessLineCount>\
-         </UploadDevices></DeviceService><Fault xsi:nil=\"true\" /><Status xsi:nil=\"true\" />\
-         <CallbackCount>1 </CallbackCount><MaxCallbackThreshold>4 </MaxCallbackThreshold></Data></Data>\
-         </CallbackRequest></CallbackRequest1>"
-    )
+    let envelope = Envelope {
+        username: "test",
+        password: "test",
+        ..Envelope::default()
+    };
+    payloads::upload_callback(envelope, request_id, lines, counts)
 }
 
 impl TestApp {

@@ -8,4 +8,5 @@ mod jobs;
 mod json_callbacks;
 mod observability;
 mod openapi;
+mod simulate;
 mod storage_faults;

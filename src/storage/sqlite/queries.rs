@@ -23,6 +23,7 @@ pub(super) fn list_deliveries(
          WHERE (?1 IS NULL OR request_id = ?1)
            AND (?2 IS NULL OR result = ?2)
            AND (?3 IS NULL OR id < ?3)
+           AND (?5 IS NULL OR kind = ?5)
          ORDER BY id DESC
          LIMIT ?4",
     )?;
@@ -32,7 +33,8 @@ pub(super) fn list_deliveries(
                 query.request_id,
                 query.result.map(DeliveryResult::as_str),
                 query.before_id,
-                limit + 1
+                limit + 1,
+                query.kind
             ],
             |row| {
                 Ok(DeliveryRecord {
