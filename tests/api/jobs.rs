@@ -590,3 +590,41 @@ async fn the_error_catalog_explains_codes_in_any_form() {
     assert_eq!(entry, prefixed);
     assert_eq!(unknown.status(), 404);
 }
+
+#[tokio::test]
+async fn a_device_reported_again_is_counted_once_with_its_latest_status() {
+    let app = spawn_app().await;
+    let line = |status| {
+        upload_callback(
+            "job-again",
+            &[("89140000000000000091", "350000000000091", status)],
+            (1, 1, 0, 0),
+        )
+    };
+
+    app.post_callback(line("Device upload request submitted"))
+        .await;
+    let accepted = app.get_json("/api/v1/jobs/job-again").await;
+    app.post_callback(line("Device upload successful")).await;
+    let succeeded = app.get_json("/api/v1/jobs/job-again").await;
+
+    assert_eq!(
+        (
+            accepted["devices_reported"].as_i64(),
+            accepted["accepted"].as_i64(),
+            accepted["succeeded"].as_i64()
+        ),
+        (Some(1), Some(1), Some(0))
+    );
+    assert_eq!(
+        (
+            succeeded["devices_reported"].as_i64(),
+            succeeded["accepted"].as_i64(),
+            succeeded["succeeded"].as_i64()
+        ),
+        (Some(1), Some(0), Some(1))
+    );
+    let devices = app.get_json("/api/v1/jobs/job-again/devices").await;
+    assert_eq!(devices["items"].as_array().unwrap().len(), 1);
+    assert_eq!(devices["items"][0]["status"], "succeeded");
+}

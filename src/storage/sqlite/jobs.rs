@@ -3,91 +3,237 @@
 
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::HashMap;
+
+use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 use time::OffsetDateTime;
 
-use super::queries;
+use super::{insert_rows, queries};
 use crate::domain::{DeviceIdentifier, OutcomeStatus, UploadSummary};
 use crate::jobs::{self, JobFacts, JobState, Registration, UploadCounts};
 use crate::storage::{Registered, timestamp};
 
-/// Finds or creates the job for `request_id` and counts this delivery on it. Returns its id.
-pub(super) fn record_delivery(
+/// What one write batch does to the jobs it touches. Deliveries, re-deliveries, callback times
+/// and device counters are accumulated here and written once per job when the batch ends, where
+/// each touched job's state is recomputed once: a batch of 64 callbacks of one job costs one job
+/// update, not 64 (and no recount of its devices).
+#[derive(Clone, Default)]
+pub(super) struct JobBatch {
+    job_ids: HashMap<String, i64>,
+    touched: HashMap<i64, TouchedJob>,
+}
+
+#[derive(Clone)]
+struct TouchedJob {
+    deliveries: i64,
+    duplicates: i64,
+    operation: Option<&'static str>,
+    first_at: OffsetDateTime,
+    last_at: OffsetDateTime,
+    /// Changes to devices_reported, succeeded, failed, accepted.
+    counters: [i64; 4],
+}
+
+/// Positions in [`TouchedJob::counters`].
+const REPORTED: usize = 0;
+
+fn counter_of(status: &str) -> Option<usize> {
+    match status {
+        "succeeded" => Some(1),
+        "failed" => Some(2),
+        "accepted" => Some(3),
+        _ => None,
+    }
+}
+
+impl JobBatch {
+    /// Finds or creates the job for `request_id` and counts this delivery on it. Returns its id.
+    pub(super) fn record_delivery(
+        &mut self,
+        connection: &Connection,
+        request_id: &str,
+        operation: Option<&'static str>,
+        received_at: OffsetDateTime,
+        duplicate: bool,
+        default_timeout: Duration,
+    ) -> rusqlite::Result<i64> {
+        let job_id = match self.job_ids.get(request_id) {
+            Some(job_id) => *job_id,
+            None => {
+                let job_id = find_or_create_job(
+                    connection,
+                    request_id,
+                    operation,
+                    received_at,
+                    default_timeout,
+                )?;
+                self.job_ids.insert(request_id.to_owned(), job_id);
+                job_id
+            }
+        };
+        let touched = self.touched.entry(job_id).or_insert(TouchedJob {
+            deliveries: 0,
+            duplicates: 0,
+            operation: None,
+            first_at: received_at,
+            last_at: received_at,
+            counters: [0; 4],
+        });
+        touched.deliveries += 1;
+        touched.duplicates += i64::from(duplicate);
+        touched.operation = touched.operation.or(operation);
+        touched.first_at = touched.first_at.min(received_at);
+        touched.last_at = touched.last_at.max(received_at);
+        Ok(job_id)
+    }
+
+    /// Makes `outcome_id` the latest outcome of the job's device it names, matching the device by
+    /// any of its identifiers (a registered IMEI finds the device a callback reports by IMEI and
+    /// ICCID).
+    pub(super) fn record_outcome(
+        &mut self,
+        connection: &Connection,
+        job_id: i64,
+        outcome_id: i64,
+        identifiers: &[DeviceIdentifier],
+        status: OutcomeStatus,
+    ) -> rusqlite::Result<()> {
+        let Some(touched) = self.touched.get_mut(&job_id) else {
+            return Err(rusqlite::Error::InvalidParameterName(format!(
+                "job {job_id} was not recorded first"
+            )));
+        };
+        let device_id = match find_job_device(connection, job_id, identifiers)? {
+            Some((device_id, previous)) => {
+                connection
+                    .prepare_cached(
+                        "UPDATE job_devices SET latest_outcome_id = ?2, status = ?3 WHERE id = ?1",
+                    )?
+                    .execute(params![device_id, outcome_id, status.as_str()])?;
+                match previous.as_deref() {
+                    None => touched.counters[REPORTED] += 1,
+                    Some(previous) => {
+                        if let Some(index) = counter_of(previous) {
+                            touched.counters[index] -= 1;
+                        }
+                    }
+                }
+                device_id
+            }
+            None => {
+                connection
+                    .prepare_cached("INSERT INTO job_devices (job_id, latest_outcome_id, status) VALUES (?1, ?2, ?3)")?
+                    .execute(params![job_id, outcome_id, status.as_str()])?;
+                touched.counters[REPORTED] += 1;
+                connection.last_insert_rowid()
+            }
+        };
+        if let Some(index) = counter_of(status.as_str()) {
+            touched.counters[index] += 1;
+        }
+        add_identifiers(connection, job_id, device_id, identifiers)
+    }
+
+    /// Writes the accumulated changes and recomputes each touched job's state.
+    pub(super) fn finish(
+        self,
+        connection: &Connection,
+        completions: &mut Vec<JobCompletion>,
+    ) -> rusqlite::Result<()> {
+        for (job_id, touched) in self.touched {
+            let [reported, succeeded, failed, accepted] = touched.counters;
+            connection
+                .prepare_cached(
+                    "UPDATE jobs SET
+                         deliveries = deliveries + ?2,
+                         duplicates = duplicates + ?3,
+                         operation = coalesce(operation, ?4),
+                         first_callback_at = CASE WHEN first_callback_at IS NULL OR first_callback_at > ?5
+                                                  THEN ?5 ELSE first_callback_at END,
+                         last_callback_at = CASE WHEN last_callback_at IS NULL OR last_callback_at < ?6
+                                                 THEN ?6 ELSE last_callback_at END,
+                         devices_reported = devices_reported + ?7,
+                         succeeded = succeeded + ?8,
+                         failed = failed + ?9,
+                         accepted = accepted + ?10
+                     WHERE id = ?1",
+                )?
+                .execute(params![
+                    job_id,
+                    touched.deliveries,
+                    touched.duplicates,
+                    touched.operation,
+                    timestamp(touched.first_at),
+                    timestamp(touched.last_at),
+                    reported,
+                    succeeded,
+                    failed,
+                    accepted,
+                ])?;
+            if touched.deliveries > touched.duplicates {
+                recompute(connection, job_id, touched.last_at, completions)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn find_or_create_job(
     connection: &Connection,
     request_id: &str,
     operation: Option<&str>,
     received_at: OffsetDateTime,
-    duplicate: bool,
     default_timeout: Duration,
 ) -> rusqlite::Result<i64> {
-    let at = timestamp(received_at);
+    let existing: Option<i64> = connection
+        .prepare_cached("SELECT id FROM jobs WHERE request_id = ?1")?
+        .query_row([request_id], |row| row.get(0))
+        .optional()?;
+    if let Some(job_id) = existing {
+        return Ok(job_id);
+    }
     connection
-        .prepare_cached(
-            "INSERT INTO jobs (request_id, operation, state, created_at, deadline) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (request_id) DO NOTHING",
-        )?
+        .prepare_cached("INSERT INTO jobs (request_id, operation, state, created_at, deadline) VALUES (?1, ?2, ?3, ?4, ?5)")?
         .execute(params![
             request_id,
             operation,
             JobState::Pending.as_str(),
-            at,
+            timestamp(received_at),
             timestamp(received_at + default_timeout)
         ])?;
-    connection
-        .prepare_cached(
-            "UPDATE jobs SET
-                 deliveries = deliveries + 1,
-                 duplicates = duplicates + ?2,
-                 operation = coalesce(operation, ?3),
-                 first_callback_at = CASE WHEN first_callback_at IS NULL OR first_callback_at > ?4
-                                          THEN ?4 ELSE first_callback_at END,
-                 last_callback_at = CASE WHEN last_callback_at IS NULL OR last_callback_at < ?4
-                                         THEN ?4 ELSE last_callback_at END
-             WHERE request_id = ?1
-             RETURNING id",
-        )?
-        .query_row(
-            params![request_id, i64::from(duplicate), operation, at],
-            |row| row.get(0),
-        )
+    Ok(connection.last_insert_rowid())
 }
 
-/// Makes `outcome_id` the latest outcome of the job's device it names, matching the device by any
-/// of its identifiers (a registered IMEI finds the device a callback reports by IMEI and ICCID).
-pub(super) fn record_outcome(
-    connection: &Connection,
-    job_id: i64,
-    outcome_id: i64,
-    identifiers: &[DeviceIdentifier],
-    status: OutcomeStatus,
-) -> rusqlite::Result<()> {
-    let device_id = match find_job_device(connection, job_id, identifiers)? {
-        Some(device_id) => device_id,
-        None => {
-            connection
-                .prepare_cached("INSERT INTO job_devices (job_id) VALUES (?1)")?
-                .execute([job_id])?;
-            connection.last_insert_rowid()
-        }
-    };
-    connection
-        .prepare_cached("UPDATE job_devices SET latest_outcome_id = ?2, status = ?3 WHERE id = ?1")?
-        .execute(params![device_id, outcome_id, status.as_str()])?;
-    add_identifiers(connection, job_id, device_id, identifiers)
-}
-
+/// The job's device one of `identifiers` names, with its latest status.
 fn find_job_device(
     connection: &Connection,
     job_id: i64,
     identifiers: &[DeviceIdentifier],
-) -> rusqlite::Result<Option<i64>> {
-    let mut find = connection.prepare_cached(
-        "SELECT job_device_id FROM job_device_identifiers WHERE job_id = ?1 AND kind = ?2 AND identifier = ?3",
-    )?;
-    for identifier in identifiers {
-        let found: Option<i64> = find
-            .query_row(params![job_id, identifier.kind, identifier.id], |row| {
-                row.get(0)
+) -> rusqlite::Result<Option<(i64, Option<String>)>> {
+    for chunk in identifiers.chunks(8) {
+        let conditions: Vec<String> = (0..chunk.len())
+            .map(|index| {
+                format!(
+                    "(i.kind = ?{} AND i.identifier = ?{})",
+                    2 * index + 2,
+                    2 * index + 3
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT d.id, d.status FROM job_device_identifiers i JOIN job_devices d ON d.id = i.job_device_id
+             WHERE i.job_id = ?1 AND ({}) LIMIT 1",
+            conditions.join(" OR ")
+        );
+        let mut values: Vec<&dyn ToSql> = vec![&job_id];
+        for identifier in chunk {
+            values.push(&identifier.kind);
+            values.push(&identifier.id);
+        }
+        let found = connection
+            .prepare_cached(&sql)?
+            .query_row(params_from_iter(values), |row| {
+                Ok((row.get(0)?, row.get(1)?))
             })
             .optional()?;
         if found.is_some() {
@@ -103,14 +249,23 @@ fn add_identifiers(
     device_id: i64,
     identifiers: &[DeviceIdentifier],
 ) -> rusqlite::Result<()> {
-    let mut insert = connection.prepare_cached(
-        "INSERT INTO job_device_identifiers (job_id, kind, identifier, job_device_id) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT DO NOTHING",
-    )?;
-    for identifier in identifiers {
-        insert.execute(params![job_id, identifier.kind, identifier.id, device_id])?;
-    }
-    Ok(())
+    let rows: Vec<[&dyn ToSql; 4]> = identifiers
+        .iter()
+        .map(|identifier| {
+            [
+                &job_id as &dyn ToSql,
+                &identifier.kind,
+                &identifier.id,
+                &device_id,
+            ]
+        })
+        .collect();
+    insert_rows(
+        connection,
+        "INSERT INTO job_device_identifiers (job_id, kind, identifier, job_device_id)",
+        "ON CONFLICT DO NOTHING",
+        &rows,
+    )
 }
 
 /// The latest upload report sets the job's line counts; a package-level error sticks.
@@ -156,35 +311,26 @@ pub(super) fn recompute(
     now: OffsetDateTime,
     completions: &mut Vec<JobCompletion>,
 ) -> rusqlite::Result<bool> {
-    let (reported, succeeded, failed, accepted): (i64, i64, i64, i64) = connection
-        .prepare_cached(
-            "SELECT count(status),
-                    coalesce(sum(CASE WHEN status = 'succeeded' THEN 1 ELSE 0 END), 0),
-                    coalesce(sum(CASE WHEN status = 'failed' THEN 1 ELSE 0 END), 0),
-                    coalesce(sum(CASE WHEN status = 'accepted' THEN 1 ELSE 0 END), 0)
-             FROM job_devices WHERE job_id = ?1",
-        )?
-        .query_row([job_id], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-        })?;
     let now_text = timestamp(now);
     let (facts, old_state, completed_at) = connection
         .prepare_cached(
             "SELECT expected_devices, is_upload, total_lines, pending_lines, success_lines, failed_lines,
-                    package_error IS NOT NULL, deadline < ?2, state, completed_at
+                    package_error IS NOT NULL, deadline < ?2, state, completed_at,
+                    devices_reported, succeeded, failed, accepted
              FROM jobs WHERE id = ?1",
         )?
         .query_row(params![job_id, now_text], |row| {
             let unsigned = |index: usize| -> rusqlite::Result<Option<u64>> {
                 Ok(row.get::<_, Option<i64>>(index)?.and_then(|value| u64::try_from(value).ok()))
             };
+            let count = |index: usize| -> rusqlite::Result<u64> { Ok(unsigned(index)?.unwrap_or(0)) };
             let is_upload: bool = row.get(1)?;
             let facts = JobFacts {
                 registered_expected: unsigned(0)?,
-                reported: u64::try_from(reported).unwrap_or(0),
-                succeeded: u64::try_from(succeeded).unwrap_or(0),
-                failed: u64::try_from(failed).unwrap_or(0),
-                accepted: u64::try_from(accepted).unwrap_or(0),
+                reported: count(10)?,
+                succeeded: count(11)?,
+                failed: count(12)?,
+                accepted: count(13)?,
                 upload: if is_upload {
                     Some(UploadCounts {
                         total: unsigned(2)?,
@@ -202,19 +348,18 @@ pub(super) fn recompute(
         })?;
     let state = jobs::compute_state(&facts);
     let was_terminal = JobState::from_label(&old_state).is_some_and(JobState::is_terminal);
-    let completed_at = match (state.is_terminal(), was_terminal) {
+    let new_completed_at = match (state.is_terminal(), was_terminal) {
         (false, _) => None,
-        (true, true) => completed_at.or(Some(now_text)),
+        (true, true) => completed_at.clone().or(Some(now_text)),
         (true, false) => Some(now_text),
     };
-    connection
-        .prepare_cached(
-            "UPDATE jobs SET devices_reported = ?2, succeeded = ?3, failed = ?4, accepted = ?5, state = ?6,
-                 completed_at = ?7
-             WHERE id = ?1",
-        )?
-        .execute(params![job_id, reported, succeeded, failed, accepted, state.as_str(), completed_at])?;
     let changed = state.as_str() != old_state;
+    if changed || new_completed_at != completed_at {
+        let completed_at = new_completed_at;
+        connection
+            .prepare_cached("UPDATE jobs SET state = ?2, completed_at = ?3 WHERE id = ?1")?
+            .execute(params![job_id, state.as_str(), completed_at])?;
+    }
     if changed && state.is_terminal() && state != JobState::TimedOut {
         let (operation, seconds): (Option<String>, Option<f64>) = connection
             .prepare_cached(
@@ -313,7 +458,7 @@ pub(super) fn register(
     for device in &registration.devices {
         let identifiers = std::slice::from_ref(device);
         match find_job_device(connection, job_id, identifiers)? {
-            Some(device_id) => {
+            Some((device_id, _)) => {
                 connection
                     .prepare_cached("UPDATE job_devices SET registered = 1 WHERE id = ?1")?
                     .execute([device_id])?;

@@ -11,14 +11,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior, params};
+use rusqlite::{
+    Connection, ErrorCode, OpenFlags, ToSql, TransactionBehavior, params, params_from_iter,
+};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
 mod jobs;
 mod queries;
 
-use jobs::JobCompletion;
+use jobs::{JobBatch, JobCompletion};
 mod schema;
 
 use super::{
@@ -246,7 +248,9 @@ fn open_writer(path: &Path, settings: &StorageSettings) -> rusqlite::Result<Conn
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", settings.synchronous.pragma_value())?;
     connection.pragma_update(None, "foreign_keys", "ON")?;
-    connection.set_prepared_statement_cache_capacity(32);
+    // Statement journals (savepoints) in memory, not in temporary files.
+    connection.pragma_update(None, "temp_store", "MEMORY")?;
+    connection.set_prepared_statement_cache_capacity(64);
     Ok(connection)
 }
 
@@ -451,32 +455,62 @@ type CommittedBatch = (Vec<Result<Receipt, StoreError>>, Vec<JobCompletion>);
 
 /// Writes every delivery and the heartbeat in one transaction. `Err` means nothing was committed;
 /// `Ok` holds one result per delivery, all committed except those that failed on their own.
+///
+/// The fast path writes the batch without savepoints. Only if one delivery fails on its own (a
+/// defect, not a storage fault) is the batch written again with a savepoint per delivery, so
+/// that the others are still stored.
 fn write_batch(
     connection: &mut Connection,
     deliveries: &[&NewDelivery],
     job_timeout: Duration,
 ) -> rusqlite::Result<CommittedBatch> {
+    match write_deliveries(connection, deliveries, job_timeout, false) {
+        Err(error) if !is_storage_wide(&error) => {
+            tracing::warn!(error = %describe(&error), "a delivery failed; writing the batch one delivery at a time");
+            write_deliveries(connection, deliveries, job_timeout, true)
+        }
+        written => written,
+    }
+}
+
+fn write_deliveries(
+    connection: &mut Connection,
+    deliveries: &[&NewDelivery],
+    job_timeout: Duration,
+    isolate: bool,
+) -> rusqlite::Result<CommittedBatch> {
     let mut transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(deliveries.len());
-    let mut completions = Vec::new();
+    let mut jobs = JobBatch::default();
     for delivery in deliveries {
+        if !isolate {
+            results.push(Ok(insert_delivery(
+                &transaction,
+                delivery,
+                job_timeout,
+                &mut jobs,
+            )?));
+            continue;
+        }
+        let before = jobs.clone();
         let savepoint = transaction.savepoint()?;
-        let mut delivery_completions = Vec::new();
-        match insert_delivery(&savepoint, delivery, job_timeout, &mut delivery_completions) {
+        match insert_delivery(&savepoint, delivery, job_timeout, &mut jobs) {
             Ok(receipt) => {
                 savepoint.commit()?;
-                completions.append(&mut delivery_completions);
                 results.push(Ok(receipt));
             }
             Err(error) if is_storage_wide(&error) => return Err(error),
             Err(error) => {
                 // Dropping the savepoint rolls back this delivery only.
                 drop(savepoint);
+                jobs = before;
                 tracing::error!(error = %describe(&error), "delivery could not be stored");
                 results.push(Err(StoreError::Internal(describe(&error))));
             }
         }
     }
+    let mut completions = Vec::new();
+    jobs.finish(&transaction, &mut completions)?;
     transaction.execute(
         "INSERT INTO heartbeat (id, checked_at) VALUES (1, ?1)
          ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
@@ -486,11 +520,33 @@ fn write_batch(
     Ok((results, completions))
 }
 
+/// `head VALUES (?, ...), (?, ...) tail` for many rows, in as few statements as the parameter
+/// limit allows.
+pub(super) fn insert_rows<const WIDTH: usize>(
+    connection: &Connection,
+    head: &str,
+    tail: &str,
+    rows: &[[&dyn ToSql; WIDTH]],
+) -> rusqlite::Result<()> {
+    const ROWS_PER_STATEMENT: usize = 32;
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let placeholders = format!("({})", vec!["?"; WIDTH].join(", "));
+        let sql = format!(
+            "{head} VALUES {} {tail}",
+            vec![placeholders; chunk.len()].join(", ")
+        );
+        connection
+            .prepare_cached(&sql)?
+            .execute(params_from_iter(chunk.iter().flat_map(|row| row.iter())))?;
+    }
+    Ok(())
+}
+
 fn insert_delivery(
     transaction: &Connection,
     delivery: &NewDelivery,
     job_timeout: Duration,
-    completions: &mut Vec<JobCompletion>,
+    jobs: &mut JobBatch,
 ) -> rusqlite::Result<Receipt> {
     let received_at = timestamp(delivery.received_at);
     let (callback, parse_error) = match &delivery.content {
@@ -553,7 +609,7 @@ fn insert_delivery(
         insert(DeliveryResult::Duplicate, Some(original))?;
         let delivery_id = transaction.last_insert_rowid();
         if let Some(request_id) = delivery.content.request_id() {
-            jobs::record_delivery(
+            jobs.record_delivery(
                 transaction,
                 request_id,
                 job_operation,
@@ -573,7 +629,7 @@ fn insert_delivery(
         .prepare_cached("INSERT INTO raw_bodies (delivery_id, body) VALUES (?1, ?2)")?
         .execute(params![delivery_id, &delivery.body[..]])?;
     let job_id = match delivery.content.request_id() {
-        Some(request_id) => Some(jobs::record_delivery(
+        Some(request_id) => Some(jobs.record_delivery(
             transaction,
             request_id,
             job_operation,
@@ -584,10 +640,13 @@ fn insert_delivery(
         None => None,
     };
     if let Some(callback) = callback {
-        insert_outcomes(transaction, delivery_id, &received_at, callback, job_id)?;
-    }
-    if let Some(job_id) = job_id {
-        jobs::recompute(transaction, job_id, delivery.received_at, completions)?;
+        insert_outcomes(
+            transaction,
+            delivery_id,
+            &received_at,
+            callback,
+            job_id.map(|job_id| (job_id, jobs)),
+        )?;
     }
     Ok(Receipt {
         delivery_id,
@@ -601,15 +660,12 @@ fn insert_outcomes(
     delivery_id: i64,
     received_at: &str,
     callback: &Callback,
-    job_id: Option<i64>,
+    mut job: Option<(i64, &mut JobBatch)>,
 ) -> rusqlite::Result<()> {
     let mut insert_outcome = transaction.prepare_cached(
         "INSERT INTO device_outcomes (delivery_id, request_id, operation, status, line_status, fault_code,
              fault_message, state, service_plan, ip_address, mdn, details, received_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-    )?;
-    let mut insert_identifier = transaction.prepare_cached(
-        "INSERT OR IGNORE INTO outcome_identifiers (kind, identifier, outcome_id) VALUES (?1, ?2, ?3)",
     )?;
     for outcome in &callback.outcomes {
         let DeviceOutcome {
@@ -639,15 +695,22 @@ fn insert_outcomes(
             received_at,
         ])?;
         let outcome_id = transaction.last_insert_rowid();
-        for identifier in identifiers {
-            insert_identifier.execute(params![identifier.kind, identifier.id, outcome_id])?;
-        }
-        if let Some(job_id) = job_id {
-            jobs::record_outcome(transaction, job_id, outcome_id, identifiers, *status)?;
+        let rows: Vec<[&dyn ToSql; 3]> = identifiers
+            .iter()
+            .map(|identifier| [&identifier.kind as &dyn ToSql, &identifier.id, &outcome_id])
+            .collect();
+        insert_rows(
+            transaction,
+            "INSERT INTO outcome_identifiers (kind, identifier, outcome_id)",
+            "ON CONFLICT DO NOTHING",
+            &rows,
+        )?;
+        if let Some((job_id, jobs)) = job.as_mut() {
+            jobs.record_outcome(transaction, *job_id, outcome_id, identifiers, *status)?;
         }
     }
-    if let (Some(job_id), Some(upload)) = (job_id, &callback.upload) {
-        jobs::record_upload(transaction, job_id, upload)?;
+    if let (Some((job_id, _)), Some(upload)) = (&job, &callback.upload) {
+        jobs::record_upload(transaction, *job_id, upload)?;
     }
     if let Some(upload) = &callback.upload {
         let count = |value: Option<u64>| value.and_then(|value| i64::try_from(value).ok());

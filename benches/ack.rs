@@ -1,0 +1,622 @@
+//! The acknowledgement benchmark (spec §9): `cargo bench --bench ack`.
+//!
+//! Side by side, in one run, on the same load of unique callbacks and the same `synchronous`:
+//! (a) a bare probe — hyper plus one group-commit writer inserting the raw body into SQLite — and
+//! (b) the listener. Both run as their own processes; the load generator is this process. Then: the
+//! time to acknowledge a 10,000-line upload, resident memory under load, how cost grows with the
+//! number of devices in a callback, and database bytes per callback.
+//!
+//! Options (after `--`): `--callbacks N` (default 20000), `--connections C` (default 64),
+//! `--rounds R` (default 2), `--synchronous full|normal` (default full), `--quick` (small sizes).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use m2m_listener::simulate::LatencySummary;
+use m2m_listener::simulate::payloads::{self, CarrierResult, Envelope};
+
+const USERNAME: &str = "bench";
+const PASSWORD: &str = "bench-password";
+const ACK: &str = concat!(
+    r#"<?xml version="1.0" encoding="utf-8"?>"#,
+    r#"<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body>"#,
+    r#"<CallbackResponse xmlns="http://nphase.com/unifiedwebservice/v2"/>"#,
+    r#"</s:Body></s:Envelope>"#
+);
+
+struct Options {
+    callbacks: usize,
+    connections: usize,
+    rounds: usize,
+    synchronous: String,
+    quick: bool,
+}
+
+fn options() -> Options {
+    let arguments: Vec<String> = std::env::args().collect();
+    let value = |name: &str| {
+        arguments
+            .iter()
+            .position(|argument| argument == name)
+            .and_then(|index| arguments.get(index + 1))
+            .cloned()
+    };
+    let quick = arguments.iter().any(|argument| argument == "--quick");
+    Options {
+        callbacks: value("--callbacks")
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(if quick { 2_000 } else { 20_000 }),
+        connections: value("--connections")
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(64),
+        rounds: value("--rounds")
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(if quick { 1 } else { 2 }),
+        synchronous: value("--synchronous").unwrap_or_else(|| "full".to_owned()),
+        quick,
+    }
+}
+
+fn main() {
+    let arguments: Vec<String> = std::env::args().collect();
+    if let Some(index) = arguments
+        .iter()
+        .position(|argument| argument == "--probe-server")
+    {
+        let database = arguments.get(index + 1).cloned().unwrap_or_default();
+        let synchronous = arguments
+            .get(index + 2)
+            .cloned()
+            .unwrap_or_else(|| "full".to_owned());
+        probe_server(&database, &synchronous);
+        return;
+    }
+    let options = options();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(benchmark(options));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The probe: hyper + one writer thread, group commit of raw bodies, nothing else.
+
+fn probe_server(database: &str, synchronous: &str) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let connection = rusqlite::Connection::open(database).expect("probe database");
+    connection
+        .execute_batch(&format!(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous={synchronous};
+             CREATE TABLE IF NOT EXISTS raw (id INTEGER PRIMARY KEY, received_at INTEGER NOT NULL, body BLOB NOT NULL);"
+        ))
+        .expect("probe schema");
+    type Job = (Bytes, tokio::sync::oneshot::Sender<bool>);
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<Job>(4096);
+    std::thread::spawn(move || {
+        let mut connection = connection;
+        while let Some(first) = receiver.blocking_recv() {
+            let mut batch = vec![first];
+            while batch.len() < 256 {
+                match receiver.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            let committed = (|| -> rusqlite::Result<()> {
+                let transaction = connection.transaction()?;
+                {
+                    let mut insert = transaction
+                        .prepare_cached("INSERT INTO raw (received_at, body) VALUES (?1, ?2)")?;
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|elapsed| elapsed.as_micros() as i64)
+                        .unwrap_or(0);
+                    for (body, _) in &batch {
+                        insert.execute(rusqlite::params![now, &body[..]])?;
+                    }
+                }
+                transaction.commit()
+            })()
+            .is_ok();
+            for (_, reply) in batch {
+                let _ = reply.send(committed);
+            }
+        }
+    });
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        println!(
+            "probe listening on {}",
+            listener.local_addr().expect("address")
+        );
+        let _ = std::io::stdout().flush();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                        let sender = sender.clone();
+                        async move {
+                            let body = request
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|body| body.to_bytes())
+                                .unwrap_or_default();
+                            let (reply, committed) = tokio::sync::oneshot::channel();
+                            let stored = sender.send((body, reply)).await.is_ok()
+                                && committed.await.unwrap_or(false);
+                            let mut response =
+                                Response::new(Full::new(Bytes::from_static(ACK.as_bytes())));
+                            if !stored {
+                                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                            }
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Servers under test, as child processes.
+
+struct Server {
+    name: &'static str,
+    child: Child,
+    callback: SocketAddr,
+    database: std::path::PathBuf,
+    _directory: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn resident_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| {
+                value
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kilobytes| kilobytes * 1024)
+            .unwrap_or(0)
+    }
+
+    /// Stops the server gracefully and returns the database size after a checkpoint.
+    fn stop_and_measure_database(mut self) -> u64 {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        if let Ok(connection) = rusqlite::Connection::open(&self.database) {
+            let _ = connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+        }
+        std::fs::metadata(&self.database)
+            .map(|metadata| metadata.len())
+            .unwrap_or(0)
+    }
+}
+
+/// Reads the child's stdout until a line contains `marker`, then keeps draining it in a thread
+/// (the listener logs every callback; a full pipe would stall it).
+fn address_from_output(child: &mut Child, marker: &str) -> SocketAddr {
+    let stdout = child.stdout.take().expect("stdout");
+    let mut reader = BufReader::new(stdout);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            panic!("server exited before printing {marker:?}");
+        }
+        if let Some(rest) = line.split(marker).nth(1) {
+            let address = rest
+                .trim()
+                .trim_start_matches("http://")
+                .trim_end_matches(|c: char| c == '/' || c.is_whitespace() || c == ')');
+            let address = address
+                .split_whitespace()
+                .next()
+                .unwrap_or(address)
+                .trim_end_matches('/');
+            let parsed: SocketAddr = address
+                .parse()
+                .unwrap_or_else(|_| panic!("no address in {line:?}"));
+            std::thread::spawn(move || {
+                let mut sink = String::new();
+                while reader.read_line(&mut sink).unwrap_or(0) > 0 {
+                    sink.clear();
+                }
+            });
+            return parsed;
+        }
+    }
+}
+
+fn start_probe(synchronous: &str) -> Server {
+    let directory = tempfile::tempdir().expect("directory");
+    let database = directory.path().join("probe.db");
+    let mut child = Command::new(std::env::current_exe().expect("bench binary"))
+        .arg("--probe-server")
+        .arg(&database)
+        .arg(synchronous)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("probe starts");
+    let callback = address_from_output(&mut child, "probe listening on ");
+    Server {
+        name: "probe",
+        child,
+        callback,
+        database,
+        _directory: directory,
+    }
+}
+
+fn start_listener(synchronous: &str) -> Server {
+    let directory = tempfile::tempdir().expect("directory");
+    let database = directory.path().join("m2m-listener.db");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_m2m-listener"))
+        .current_dir(directory.path())
+        .env("M2M_STORAGE__PATH", &database)
+        .env("M2M_STORAGE__SYNCHRONOUS", synchronous)
+        .env("M2M_CALLBACK__LISTEN", "127.0.0.1:0")
+        .env("M2M_API__LISTEN", "127.0.0.1:0")
+        .env("M2M_CALLBACK__CREDENTIALS__0__USERNAME", USERNAME)
+        .env("M2M_CALLBACK__CREDENTIALS__0__PASSWORD", PASSWORD)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("listener starts");
+    let callback = address_from_output(&mut child, "callbacks: ");
+    Server {
+        name: "listener",
+        child,
+        callback,
+        database,
+        _directory: directory,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load.
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+struct LoadResult {
+    seconds: f64,
+    acknowledged: usize,
+    failed: usize,
+    latency: LatencySummary,
+    peak_resident_bytes: u64,
+}
+
+impl LoadResult {
+    fn per_second(&self) -> f64 {
+        self.acknowledged as f64 / self.seconds
+    }
+}
+
+/// Posts every body once over `connections` keep-alive connections.
+async fn load(server: &Server, bodies: Arc<Vec<Bytes>>, connections: usize) -> LoadResult {
+    let client: HttpClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(connections)
+        .build_http();
+    let url: hyper::Uri = format!("http://{}/", server.callback).parse().expect("url");
+    let next = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let peak = Arc::new(AtomicU64::new(0));
+    let pid = server.child.id();
+    let sampler = {
+        let (sampling, peak) = (Arc::clone(&sampling), Arc::clone(&peak));
+        std::thread::spawn(move || {
+            while sampling.load(Ordering::Relaxed) {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                if let Some(kilobytes) = status
+                    .lines()
+                    .find_map(|line| line.strip_prefix("VmRSS:"))
+                    .and_then(|value| {
+                        value
+                            .trim()
+                            .trim_end_matches("kB")
+                            .trim()
+                            .parse::<u64>()
+                            .ok()
+                    })
+                {
+                    peak.fetch_max(kilobytes * 1024, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let (client, url, bodies, next, failed) = (
+            client.clone(),
+            url.clone(),
+            Arc::clone(&bodies),
+            Arc::clone(&next),
+            Arc::clone(&failed),
+        );
+        workers.spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let Some(body) = bodies.get(index) else { break };
+                let request = Request::post(url.clone())
+                    .header("content-type", "text/xml; charset=utf-8")
+                    .body(Full::new(body.clone()))
+                    .expect("request");
+                let sent = Instant::now();
+                let answered = match client.request(request).await {
+                    Ok(response) => {
+                        let ok = response.status().is_success();
+                        let _ = response.into_body().collect().await;
+                        ok
+                    }
+                    Err(_) => false,
+                };
+                if answered {
+                    latencies.push(sent.elapsed().as_secs_f64());
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            latencies
+        });
+    }
+    let mut latencies: Vec<f64> = workers.join_all().await.into_iter().flatten().collect();
+    let seconds = started.elapsed().as_secs_f64();
+    sampling.store(false, Ordering::Relaxed);
+    let _ = sampler.join();
+    LoadResult {
+        seconds,
+        acknowledged: latencies.len(),
+        failed: failed.load(Ordering::Relaxed),
+        latency: LatencySummary::of(&mut latencies),
+        peak_resident_bytes: peak.load(Ordering::Relaxed),
+    }
+}
+
+fn envelope() -> Envelope<'static> {
+    Envelope {
+        username: USERNAME,
+        password: PASSWORD,
+        ..Envelope::default()
+    }
+}
+
+/// `count` unique activation callbacks (jobs of 10 devices), `tag` keeping runs apart.
+fn carrier_bodies(count: usize, tag: &str) -> Vec<Bytes> {
+    (0..count)
+        .map(|index| {
+            let request_id = format!("bench-{tag}-{:06}", index / 10);
+            let imei = format!("35{index:013}");
+            let iccid = format!("8914{index:016}");
+            let mdn = format!("5{index:09}");
+            let body = payloads::carrier_callback(
+                envelope(),
+                &request_id,
+                &[("IMEI", &imei), ("ICCID", &iccid)],
+                CarrierResult::Activated { mdn: &mdn },
+            );
+            Bytes::from(body)
+        })
+        .collect()
+}
+
+/// `count` unique upload callbacks of `lines` lines each.
+fn upload_bodies(count: usize, lines: usize, tag: &str) -> Vec<Bytes> {
+    (0..count)
+        .map(|index| {
+            let owned: Vec<(String, String, String)> = (0..lines)
+                .map(|line| {
+                    (
+                        format!("8914{index:06}{line:010}"),
+                        format!("35{index:05}{line:08}"),
+                        "Device upload successful".to_owned(),
+                    )
+                })
+                .collect();
+            let borrowed: Vec<payloads::UploadLine<'_>> = owned
+                .iter()
+                .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+                .collect();
+            let total = u32::try_from(lines).unwrap_or(u32::MAX);
+            Bytes::from(payloads::upload_callback(
+                envelope(),
+                &format!("bench-{tag}-upload-{index}"),
+                &borrowed,
+                (total, 0, total, 0),
+            ))
+        })
+        .collect()
+}
+
+fn mebibytes(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+async fn benchmark(options: Options) {
+    let mut report = String::new();
+    let mut line = |text: String| {
+        println!("{text}");
+        report.push_str(&text);
+        report.push('\n');
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .map(|line| line.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    line(format!(
+        "# m2m-listener acknowledgement benchmark\n\nmachine: {} cores, {cpu}; synchronous = {}; {} unique callbacks per run at {} connections; {} round(s)\n",
+        std::thread::available_parallelism()
+            .map(|cores| cores.get())
+            .unwrap_or(0),
+        options.synchronous,
+        options.callbacks,
+        options.connections,
+        options.rounds
+    ));
+
+    // (1) Side by side: probe, listener, alternating, fresh databases.
+    line("## Durable throughput, side by side\n".to_owned());
+    line(
+        "| round | server | acknowledged/s | p50 ms | p99 ms | max ms | failed | peak RSS MiB |"
+            .to_owned(),
+    );
+    line("|---|---|---|---|---|---|---|---|".to_owned());
+    let mut probe_rates = Vec::new();
+    let mut listener_rates = Vec::new();
+    let mut listener_p99 = Vec::new();
+    let mut listener_peak = 0u64;
+    let mut database_bytes_per_callback = 0.0;
+    for round in 1..=options.rounds {
+        for start in [start_probe as fn(&str) -> Server, start_listener] {
+            let server = start(&options.synchronous);
+            let warm_up = Arc::new(carrier_bodies(
+                500,
+                &format!("warm-{round}-{}", server.name),
+            ));
+            load(&server, warm_up, options.connections).await;
+            let bodies = Arc::new(carrier_bodies(options.callbacks, &format!("round-{round}")));
+            let result = load(&server, bodies, options.connections).await;
+            line(format!(
+                "| {round} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.1} |",
+                server.name,
+                result.per_second(),
+                result.latency.p50,
+                result.latency.p99,
+                result.latency.max,
+                result.failed,
+                mebibytes(result.peak_resident_bytes)
+            ));
+            if server.name == "probe" {
+                probe_rates.push(result.per_second());
+                drop(server);
+            } else {
+                listener_rates.push(result.per_second());
+                listener_p99.push(result.latency.p99);
+                listener_peak = listener_peak.max(result.peak_resident_bytes);
+                let callbacks = (options.callbacks + 500) as f64;
+                database_bytes_per_callback = server.stop_and_measure_database() as f64 / callbacks;
+            }
+        }
+    }
+    let median = |values: &mut Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied().unwrap_or(0.0)
+    };
+    let (probe, listener) = (median(&mut probe_rates), median(&mut listener_rates));
+    line(format!(
+        "\nthroughput ratio listener/probe: **{:.2}** (median {listener:.0}/s vs {probe:.0}/s; target ≥ 0.80)  \n\
+         listener p99 at {} connections: **{:.2} ms** (worst round; target < 25 ms)  \n\
+         listener peak RSS under load: **{:.1} MiB** (target < 64 MiB)  \n\
+         database: **{:.0} bytes per callback** = {:.2} GB per million callbacks (raw bodies included)\n",
+        listener / probe.max(1e-9),
+        options.connections,
+        listener_p99.iter().cloned().fold(0.0, f64::max),
+        mebibytes(listener_peak),
+        database_bytes_per_callback,
+        database_bytes_per_callback * 1e6 / 1e9
+    ));
+
+    // (2) The 10,000-line upload, one at a time.
+    let server = start_listener(&options.synchronous);
+    let uploads = Arc::new(upload_bodies(
+        if options.quick { 2 } else { 5 },
+        10_000,
+        "big",
+    ));
+    let size = uploads.first().map(Bytes::len).unwrap_or(0);
+    let big = load(&server, uploads, 1).await;
+    line(format!(
+        "## 10,000-line upload ({:.1} MB)\n\nacknowledged in p50 **{:.0} ms**, max {:.0} ms over {} uploads (target < 250 ms); peak RSS {:.1} MiB\n",
+        size as f64 / 1e6,
+        big.latency.p50,
+        big.latency.max,
+        big.acknowledged,
+        mebibytes(big.peak_resident_bytes)
+    ));
+
+    // (3) Cost growth with devices per callback, 16 connections.
+    line("## Cost by devices per callback (16 connections)\n".to_owned());
+    line("| devices per callback | callbacks | callbacks/s | devices/s | p50 ms | p99 ms | peak RSS MiB |".to_owned());
+    line("|---|---|---|---|---|---|---|".to_owned());
+    let scale = if options.quick { 10 } else { 1 };
+    for (devices, count) in [(1usize, 5_000usize), (100, 500), (1_000, 50), (10_000, 10)] {
+        let count = (count / scale).max(2);
+        let bodies = if devices == 1 {
+            carrier_bodies(count, &format!("scale-{devices}"))
+        } else {
+            upload_bodies(count, devices, &format!("scale-{devices}"))
+        };
+        let result = load(&server, Arc::new(bodies), 16).await;
+        line(format!(
+            "| {devices} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} |",
+            result.acknowledged,
+            result.per_second(),
+            result.per_second() * devices as f64,
+            result.latency.p50,
+            result.latency.p99,
+            mebibytes(result.peak_resident_bytes)
+        ));
+    }
+    line(format!(
+        "\nlistener RSS after the run: {:.1} MiB",
+        mebibytes(server.resident_bytes())
+    ));
+    drop(server);
+
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join("benchmark-report.md");
+    if std::fs::write(&path, &report).is_ok() {
+        println!("\n(report written to {})", path.display());
+    }
+}
