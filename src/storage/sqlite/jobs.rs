@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use std::collections::HashMap;
 
-use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
+use rusqlite::{Connection, OptionalExtension, ToSql, params};
 use time::OffsetDateTime;
 
 use super::{insert_rows, queries};
@@ -204,35 +204,21 @@ fn find_or_create_job(
     Ok(connection.last_insert_rowid())
 }
 
-/// The job's device one of `identifiers` names, with its latest status.
+/// The job's device one of `identifiers` names, with its latest status. One primary-key lookup
+/// per identifier: an `OR` of them lets SQLite scan every identifier of the job instead, which
+/// makes a 10,000-line upload quadratic.
 fn find_job_device(
     connection: &Connection,
     job_id: i64,
     identifiers: &[DeviceIdentifier],
 ) -> rusqlite::Result<Option<(i64, Option<String>)>> {
-    for chunk in identifiers.chunks(8) {
-        let conditions: Vec<String> = (0..chunk.len())
-            .map(|index| {
-                format!(
-                    "(i.kind = ?{} AND i.identifier = ?{})",
-                    2 * index + 2,
-                    2 * index + 3
-                )
-            })
-            .collect();
-        let sql = format!(
-            "SELECT d.id, d.status FROM job_device_identifiers i JOIN job_devices d ON d.id = i.job_device_id
-             WHERE i.job_id = ?1 AND ({}) LIMIT 1",
-            conditions.join(" OR ")
-        );
-        let mut values: Vec<&dyn ToSql> = vec![&job_id];
-        for identifier in chunk {
-            values.push(&identifier.kind);
-            values.push(&identifier.id);
-        }
-        let found = connection
-            .prepare_cached(&sql)?
-            .query_row(params_from_iter(values), |row| {
+    let mut find = connection.prepare_cached(
+        "SELECT d.id, d.status FROM job_device_identifiers i JOIN job_devices d ON d.id = i.job_device_id
+         WHERE i.job_id = ?1 AND i.kind = ?2 AND i.identifier = ?3",
+    )?;
+    for identifier in identifiers {
+        let found = find
+            .query_row(params![job_id, identifier.kind, identifier.id], |row| {
                 Ok((row.get(0)?, row.get(1)?))
             })
             .optional()?;

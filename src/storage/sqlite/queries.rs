@@ -2,40 +2,73 @@
 
 use std::collections::HashMap;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 
 use crate::domain::{DeliveryResult, DeviceIdentifier};
-use crate::jobs::JobState;
 use crate::storage::{
     DeliveryQuery, DeliveryRecord, DeviceHistory, FaultRecord, JobQuery, JobRecord, OutcomeRecord,
     Page, RawBody, UploadRecord,
 };
+
+/// A WHERE clause of only the filters given, so that SQLite can use an index for each (it cannot
+/// for `?1 IS NULL OR column = ?1`).
+#[derive(Default)]
+struct Filter {
+    conditions: Vec<&'static str>,
+    values: Vec<Box<dyn ToSql>>,
+}
+
+impl Filter {
+    fn add(&mut self, condition: &'static str, value: impl ToSql + 'static) {
+        self.conditions.push(condition);
+        self.values.push(Box::new(value));
+    }
+
+    fn clause(&self) -> String {
+        if self.conditions.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", self.conditions.join(" AND "))
+        }
+    }
+}
 
 pub(super) fn list_deliveries(
     connection: &Connection,
     query: &DeliveryQuery,
 ) -> rusqlite::Result<Page<DeliveryRecord>> {
     let limit = i64::from(query.limit.max(1));
-    let mut statement = connection.prepare_cached(
+    let mut filter = Filter::default();
+    if let Some(request_id) = &query.request_id {
+        filter.add("request_id = ?", request_id.clone());
+    }
+    if let Some(result) = query.result {
+        // The partial index covers only the unusual results, and is used only when the query says so.
+        let condition = if result == DeliveryResult::Stored {
+            "result = ?"
+        } else {
+            "result = ? AND result <> 'stored'"
+        };
+        filter.add(condition, result.as_str());
+    }
+    if let Some(kind) = &query.kind {
+        filter.add("kind = ?", kind.clone());
+    }
+    if let Some(before_id) = query.before_id {
+        filter.add("id < ?", before_id);
+    }
+    let clause = filter.clause();
+    filter.values.push(Box::new(limit + 1));
+    let mut statement = connection.prepare_cached(&format!(
         "SELECT id, received_at, form, kind, operation, request_id, callback_count, max_callback_threshold,
                 result, duplicate_of, duplicates, size, content_type, account, status, fault_code, parse_error
-         FROM deliveries
-         WHERE (?1 IS NULL OR request_id = ?1)
-           AND (?2 IS NULL OR result = ?2)
-           AND (?3 IS NULL OR id < ?3)
-           AND (?5 IS NULL OR kind = ?5)
+         FROM deliveries {clause}
          ORDER BY id DESC
-         LIMIT ?4",
-    )?;
+         LIMIT ?"
+    ))?;
     let mut items = statement
         .query_map(
-            params![
-                query.request_id,
-                query.result.map(DeliveryResult::as_str),
-                query.before_id,
-                limit + 1,
-                query.kind
-            ],
+            params_from_iter(filter.values.iter().map(|value| value.as_ref())),
             |row| {
                 Ok(DeliveryRecord {
                     id: row.get(0)?,
@@ -157,24 +190,27 @@ pub(super) fn list_jobs(
     query: &JobQuery,
 ) -> rusqlite::Result<Page<JobRecord>> {
     let limit = i64::from(query.limit.max(1));
+    let mut filter = Filter::default();
+    if let Some(state) = query.state {
+        filter.add("state = ?", state.as_str());
+    }
+    if let Some(operation) = &query.operation {
+        filter.add("operation = ?", operation.clone());
+    }
+    if let Some(registered) = query.registered {
+        filter.add("registered = ?", registered);
+    }
+    if let Some(before_id) = query.before_id {
+        filter.add("id < ?", before_id);
+    }
+    let clause = filter.clause();
+    filter.values.push(Box::new(limit + 1));
     let mut items = connection
         .prepare_cached(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs
-             WHERE (?1 IS NULL OR state = ?1)
-               AND (?2 IS NULL OR operation = ?2)
-               AND (?3 IS NULL OR registered = ?3)
-               AND (?4 IS NULL OR id < ?4)
-             ORDER BY id DESC
-             LIMIT ?5"
+            "SELECT {JOB_COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ?"
         ))?
         .query_map(
-            params![
-                query.state.map(JobState::as_str),
-                query.operation,
-                query.registered,
-                query.before_id,
-                limit + 1
-            ],
+            params_from_iter(filter.values.iter().map(|value| value.as_ref())),
             job_from_row,
         )?
         .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -359,4 +395,50 @@ pub(super) fn job_counts(connection: &Connection) -> rusqlite::Result<Vec<(Strin
         .prepare_cached("SELECT state, count(*) FROM jobs GROUP BY state")?
         .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plan SQLite chooses for a listing, as one line per step.
+    fn plan(connection: &Connection, sql: &str, values: &[&dyn ToSql]) -> String {
+        let mut statement = connection
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap();
+        let rows = statement
+            .query_map(params_from_iter(values.iter()), |row| {
+                row.get::<_, String>(3)
+            })
+            .unwrap();
+        rows.map(|row| row.unwrap()).collect::<Vec<_>>().join("\n")
+    }
+
+    #[test]
+    fn filtered_listings_use_their_indexes() {
+        let mut connection = Connection::open_in_memory().unwrap();
+        super::super::migrate(&mut connection).unwrap();
+        let columns = "SELECT id FROM deliveries";
+        let by_request = plan(
+            &connection,
+            &format!("{columns} WHERE request_id = ? ORDER BY id DESC LIMIT 10"),
+            &[&"r"],
+        );
+        assert!(by_request.contains("deliveries_request"), "{by_request}");
+        let quarantined = plan(
+            &connection,
+            &format!("{columns} WHERE result = ? AND result <> 'stored' ORDER BY id DESC LIMIT 10"),
+            &[&"quarantined"],
+        );
+        assert!(
+            quarantined.contains("deliveries_unusual_result"),
+            "{quarantined}"
+        );
+        let by_state = plan(
+            &connection,
+            "SELECT id FROM jobs WHERE state = ? ORDER BY id DESC LIMIT 10",
+            &[&"pending"],
+        );
+        assert!(by_state.contains("jobs_state"), "{by_state}");
+    }
 }
