@@ -210,3 +210,30 @@ async fn a_full_disk_answers_503_never_200_and_recovers_when_space_returns() {
     drop(database);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn committed_pages_are_checkpointed_into_the_database_file_off_the_writer() {
+    let app = spawn_app_with(|_| {}).await;
+    let initial = std::fs::metadata(&app.database_path).unwrap().len();
+    let template = String::from_utf8(fixture("deactivate_bare.xml")).unwrap();
+    for index in 0..200 {
+        let body = template.replace(
+            "7d1c1f0e-5b7a-4a8e-9f57-1c0c7f3e2a11",
+            &format!("checkpoint-{index}"),
+        );
+        assert_eq!(app.post_callback(body).await.status(), 200);
+    }
+
+    // Far below the writer's own auto-checkpoint threshold: only the checkpointer moves pages.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut size = initial;
+    while std::time::Instant::now() < deadline && size <= initial + 100 * 1024 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        size = std::fs::metadata(&app.database_path).unwrap().len();
+    }
+
+    assert!(
+        size > initial + 100 * 1024,
+        "the database file stayed at {size} bytes (from {initial})"
+    );
+}

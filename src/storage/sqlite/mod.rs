@@ -65,6 +65,8 @@ pub struct SqliteStore {
     commands: mpsc::Sender<Command>,
     /// Joined on close, so that the last commit happens before the process exits.
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Dropping it stops the checkpointer thread.
+    stop_checkpoints: Mutex<Option<std::sync::mpsc::Sender<()>>>,
     readers: Arc<Readers>,
     path: PathBuf,
 }
@@ -119,9 +121,16 @@ impl SqliteStore {
             .name("sqlite-writer".to_owned())
             .spawn(move || writer.run(receiver))
             .context("failed to start the SQLite writer thread")?;
+        let (stop_checkpoints, stopped) = std::sync::mpsc::channel();
+        let checkpoint_path = path.clone();
+        std::thread::Builder::new()
+            .name("sqlite-checkpoint".to_owned())
+            .spawn(move || run_checkpoints(&checkpoint_path, &stopped))
+            .context("failed to start the SQLite checkpoint thread")?;
         Ok(Self {
             commands,
             writer_thread: Mutex::new(Some(writer_thread)),
+            stop_checkpoints: Mutex::new(Some(stop_checkpoints)),
             readers: Arc::new(Readers {
                 path: path.clone(),
                 idle: Mutex::new(Vec::new()),
@@ -225,6 +234,9 @@ impl Store for SqliteStore {
         Box::pin(async move {
             // Queued writes ahead of this command are still committed and answered.
             let _ = self.commands.send(Command::Shutdown).await;
+            if let Ok(mut stop) = self.stop_checkpoints.lock() {
+                stop.take();
+            }
             let thread = self
                 .writer_thread
                 .lock()
@@ -247,6 +259,9 @@ fn open_writer(path: &Path, settings: &StorageSettings) -> rusqlite::Result<Conn
     connection.busy_timeout(Duration::from_millis(settings.busy_timeout_ms))?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", settings.synchronous.pragma_value())?;
+    connection.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)?;
+    // Once a checkpoint has caught up, the WAL is cut back to this size (bytes).
+    connection.pragma_update(None, "journal_size_limit", 16 * 1024 * 1024)?;
     connection.pragma_update(None, "foreign_keys", "ON")?;
     // Statement journals (savepoints) in memory, not in temporary files.
     connection.pragma_update(None, "temp_store", "MEMORY")?;
@@ -259,6 +274,41 @@ fn open_writer(path: &Path, settings: &StorageSettings) -> rusqlite::Result<Conn
     )?;
     connection.set_prepared_statement_cache_capacity(64);
     Ok(connection)
+}
+
+/// How often the checkpointer copies committed WAL frames into the database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+/// The writer checkpoints by itself only past this many WAL pages (~40 MiB): a safety net for
+/// when the checkpointer cannot run.
+const WRITER_AUTOCHECKPOINT_PAGES: i64 = 10_000;
+
+/// Checkpoints the WAL from a connection of its own, so that copying pages into the database
+/// file does not hold up the writer thread (and with it every acknowledgement). PASSIVE never
+/// blocks the writer. Stops when `stop` is dropped.
+fn run_checkpoints(path: &Path, stop: &std::sync::mpsc::Receiver<()>) {
+    let mut connection: Option<Connection> = None;
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        stop.recv_timeout(CHECKPOINT_INTERVAL)
+    {
+        if connection.is_none() {
+            connection = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .and_then(|opened| {
+                opened.busy_timeout(Duration::from_millis(100))?;
+                Ok(opened)
+            })
+            .ok();
+        }
+        let Some(open) = &connection else { continue };
+        if let Err(error) = open.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(error = %describe(&error), "checkpoint failed; retrying");
+            if needs_reopen(&error) {
+                connection = None;
+            }
+        }
+    }
 }
 
 fn open_and_migrate(path: &Path, settings: &StorageSettings) -> anyhow::Result<Connection> {
