@@ -521,3 +521,45 @@ async fn a_callback_in_flight_at_shutdown_is_committed_and_answered() {
         .unwrap();
     assert_eq!(stored, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_large_uploads_all_get_through_the_bounded_path() {
+    let app = Arc::new(spawn_app().await);
+    let mut uploads = tokio::task::JoinSet::new();
+    for upload in 0..5 {
+        let app = Arc::clone(&app);
+        uploads.spawn(async move {
+            let lines: Vec<(String, String, String)> = (0..2_000)
+                .map(|line| {
+                    (
+                        format!("8914{upload:06}{line:010}"),
+                        format!("35{upload:05}{line:08}"),
+                        "Device upload successful".to_owned(),
+                    )
+                })
+                .collect();
+            let borrowed: Vec<(&str, &str, &str)> = lines
+                .iter()
+                .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+                .collect();
+            let body = crate::helpers::upload_callback(
+                &format!("large-{upload}"),
+                &borrowed,
+                (2_000, 0, 2_000, 0),
+            );
+            assert!(
+                body.len() > 256 * 1024,
+                "large enough to take the bounded path"
+            );
+            app.post_callback(body).await.status()
+        });
+    }
+    let statuses = uploads.join_all().await;
+
+    assert!(statuses.iter().all(|status| *status == 200), "{statuses:?}");
+    assert_eq!(app.count("SELECT count(*) FROM device_outcomes"), 10_000);
+    assert_eq!(
+        app.count("SELECT count(*) FROM jobs WHERE state = 'completed'"),
+        5
+    );
+}
