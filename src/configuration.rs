@@ -39,6 +39,15 @@ pub struct CallbackSettings {
     pub listen: SocketAddr,
     /// Larger bodies are refused with 413. A 10,000-device upload callback is about 3 MB.
     pub max_body_bytes: u64,
+    /// A client must send its request headers within this; also how long a kept-alive
+    /// connection may wait idle for its next request.
+    pub header_read_timeout_ms: u64,
+    /// The whole body must arrive within this (a slow drip is cut off with 408).
+    pub body_read_timeout_ms: u64,
+    /// Connections served at once; past it new ones wait in the accept queue.
+    pub max_connections: usize,
+    /// Requests with more header fields are refused.
+    pub max_headers: usize,
     /// Accepted username/password pairs. Several may be valid at once (rotation, several billing
     /// accounts on one URL). Empty: a pair is generated on first start.
     #[serde(deserialize_with = "list_or_indexed_map")]
@@ -50,6 +59,10 @@ impl Default for CallbackSettings {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 9001)),
             max_body_bytes: 16 * 1024 * 1024,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 60_000,
+            max_connections: 1024,
+            max_headers: 64,
             credentials: Vec::new(),
         }
     }
@@ -259,6 +272,29 @@ impl Settings {
                     );
                 }
             }
+        }
+        for (key, value) in [
+            (
+                "callback.header_read_timeout_ms",
+                self.callback.header_read_timeout_ms,
+            ),
+            (
+                "callback.body_read_timeout_ms",
+                self.callback.body_read_timeout_ms,
+            ),
+        ] {
+            if value == 0 {
+                return fail(key, "must be at least 1".to_owned());
+            }
+        }
+        if !(1..=100_000).contains(&self.callback.max_connections) {
+            return fail(
+                "callback.max_connections",
+                "must be from 1 to 100000".to_owned(),
+            );
+        }
+        if !(8..=1_000).contains(&self.callback.max_headers) {
+            return fail("callback.max_headers", "must be from 8 to 1000".to_owned());
         }
         if self.callback.max_body_bytes < 1024 {
             return fail(

@@ -14,10 +14,17 @@ use tokio::sync::watch;
 
 use crate::auth::{self, Authenticator, CredentialSource};
 use crate::configuration::Settings;
-use crate::http::{self, api::ApiState, callback::CallbackState};
+use crate::http::{self, ConnectionLimits, api::ApiState, callback::CallbackState};
 use crate::metrics::Metrics;
 use crate::storage::Store;
 use crate::storage::sqlite::SqliteStore;
+
+/// The API port serves operators and Prometheus, not the platform: modest fixed limits.
+const API_LIMITS: ConnectionLimits = ConnectionLimits {
+    header_read_timeout: Duration::from_secs(10),
+    max_headers: 64,
+    max_connections: 256,
+};
 
 pub struct Application {
     callback_listener: TcpListener,
@@ -27,6 +34,7 @@ pub struct Application {
     api_state: Arc<ApiState>,
     drain_timeout: Duration,
     sweep_interval: Duration,
+    callback_limits: ConnectionLimits,
     /// Where the accepted callback credentials came from; the CLI tells the operator.
     pub credential_source: CredentialSource,
 }
@@ -60,6 +68,7 @@ impl Application {
             Arc::clone(&metrics),
             Authenticator::new(&credentials),
             settings.callback.max_body_bytes,
+            Duration::from_millis(settings.callback.body_read_timeout_ms),
         ));
         let readiness_timeout =
             Duration::from_millis(settings.storage.busy_timeout_ms) + Duration::from_secs(2);
@@ -77,6 +86,13 @@ impl Application {
             api_state,
             drain_timeout: Duration::from_secs(settings.shutdown.drain_timeout_s),
             sweep_interval: Duration::from_millis(settings.jobs.sweep_interval_ms),
+            callback_limits: ConnectionLimits {
+                header_read_timeout: Duration::from_millis(
+                    settings.callback.header_read_timeout_ms,
+                ),
+                max_headers: settings.callback.max_headers,
+                max_connections: settings.callback.max_connections,
+            },
             credential_source,
         })
     }
@@ -107,6 +123,7 @@ impl Application {
             move |request, peer| http::callback::handle(Arc::clone(&callback_state), request, peer),
             stopped.clone(),
             self.drain_timeout,
+            self.callback_limits,
         ));
         let api_state = self.api_state;
         let api_server = tokio::spawn(http::serve(
@@ -115,6 +132,7 @@ impl Application {
             move |request, peer| http::api::handle(Arc::clone(&api_state), request, peer),
             stopped,
             self.drain_timeout,
+            API_LIMITS,
         ));
         let sweeper = tokio::spawn(sweep_overdue_jobs(
             Arc::clone(&self.store) as Arc<dyn Store>,

@@ -40,6 +40,8 @@ pub struct CallbackState {
     pub metrics: Arc<Metrics>,
     pub authenticator: Authenticator,
     pub max_body_bytes: u64,
+    /// The whole body must arrive within this.
+    pub body_read_timeout: Duration,
     /// When an unauthorized attempt was last logged, and how many were not logged since.
     unauthorized_log: Mutex<(Option<Instant>, u64)>,
     /// Bounds the memory of large callbacks in flight (see [`LARGE_CALLBACKS_IN_FLIGHT`]).
@@ -52,12 +54,14 @@ impl CallbackState {
         metrics: Arc<Metrics>,
         authenticator: Authenticator,
         max_body_bytes: u64,
+        body_read_timeout: Duration,
     ) -> Self {
         Self {
             store,
             metrics,
             authenticator,
             max_body_bytes,
+            body_read_timeout,
             unauthorized_log: Mutex::new((None, 0)),
             large_callbacks: tokio::sync::Semaphore::new(LARGE_CALLBACKS_IN_FLIGHT),
         }
@@ -162,7 +166,22 @@ async fn answer(
         );
     }
     let limit = usize::try_from(state.max_body_bytes).unwrap_or(usize::MAX);
-    let body = match Limited::new(request.into_body(), limit).collect().await {
+    let reading = tokio::time::timeout(
+        state.body_read_timeout,
+        Limited::new(request.into_body(), limit).collect(),
+    );
+    let Ok(read) = reading.await else {
+        tracing::info!(
+            source = %peer.ip(), timeout_ms = state.body_read_timeout.as_millis() as u64, result = "bad_request",
+            "callback refused: body not received within callback.body_read_timeout_ms"
+        );
+        let refused = dialect.refuse(
+            StatusCode::REQUEST_TIMEOUT,
+            "the body did not arrive in time",
+        );
+        return answered(UNKNOWN_KIND, "bad_request", refused);
+    };
+    let body = match read {
         Ok(collected) => collected.to_bytes(),
         Err(error)
             if error

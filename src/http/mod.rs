@@ -17,13 +17,25 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+
+use tokio::sync::{Semaphore, watch};
 
 pub type HttpResponse = Response<Full<Bytes>>;
 
-/// A client that has not sent its request headers by then is disconnected.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Per-server protection against slow or numerous clients.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// A client must send a request's headers within this, from the moment the connection is
+    /// ready for one; hyper's timer also runs while a kept-alive connection waits for its next
+    /// request, so this is the keep-alive idle timeout too.
+    pub header_read_timeout: Duration,
+    pub max_headers: usize,
+    /// Connections served at once. Past it, new connections wait in the kernel's accept queue
+    /// (they are not refused) and existing ones keep working.
+    pub max_connections: usize,
+}
 
 /// Serves `handler` on `listener` until `shutdown` turns true, then stops accepting, lets in-flight
 /// requests finish (at most `drain_timeout`) and returns. `name` labels the log lines.
@@ -33,12 +45,22 @@ pub async fn serve<H, F>(
     handler: H,
     mut shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
+    limits: ConnectionLimits,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
+        // A free slot first, then a connection: at the limit, clients wait in the accept queue.
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = stop_requested(&mut shutdown) => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -57,11 +79,13 @@ pub async fn serve<H, F>(
                 });
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .header_read_timeout(limits.header_read_timeout)
+                    .max_headers(limits.max_headers)
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
+                    let _slot = slot;
                     if let Err(error) = connection.await {
                         tracing::debug!(server = name, %peer, %error, "connection ended with an error");
                     }

@@ -3,6 +3,7 @@
 mod binary;
 mod callbacks;
 mod deliveries;
+mod hardening;
 mod helpers;
 mod jobs;
 mod json_callbacks;
