@@ -2,6 +2,7 @@
 
 mod binary;
 mod callbacks;
+mod crash;
 mod deliveries;
 mod hardening;
 mod helpers;
