@@ -48,10 +48,39 @@ pub struct CallbackSettings {
     pub max_connections: usize,
     /// Requests with more header fields are refused.
     pub max_headers: usize,
+    /// Source addresses (CIDRs or single addresses) allowed to post callbacks; empty: any.
+    #[serde(deserialize_with = "list_or_indexed_map")]
+    pub allowed_sources: Vec<String>,
+    /// Proxies whose `X-Forwarded-For` names the client; from anyone else it is ignored.
+    #[serde(deserialize_with = "list_or_indexed_map")]
+    pub trusted_proxies: Vec<String>,
     /// Accepted username/password pairs. Several may be valid at once (rotation, several billing
     /// accounts on one URL). Empty: a pair is generated on first start.
     #[serde(deserialize_with = "list_or_indexed_map")]
     pub credentials: Vec<CredentialSettings>,
+}
+
+impl CallbackSettings {
+    /// The parsed source rules; an entry that is not a CIDR is reported with its key.
+    pub fn source_policy(&self) -> Result<crate::access::SourcePolicy, SettingsError> {
+        let parse = |key: &str, entries: &[String]| {
+            entries
+                .iter()
+                .enumerate()
+                .map(|(index, entry)| {
+                    entry.parse::<crate::access::Cidr>().map_err(|error| {
+                        SettingsError(format!(
+                            "invalid configuration: callback.{key}[{index}]: {error}"
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(crate::access::SourcePolicy::new(
+            parse("allowed_sources", &self.allowed_sources)?,
+            parse("trusted_proxies", &self.trusted_proxies)?,
+        ))
+    }
 }
 
 impl Default for CallbackSettings {
@@ -63,6 +92,8 @@ impl Default for CallbackSettings {
             body_read_timeout_ms: 60_000,
             max_connections: 1024,
             max_headers: 64,
+            allowed_sources: Vec::new(),
+            trusted_proxies: Vec::new(),
             credentials: Vec::new(),
         }
     }
@@ -296,6 +327,7 @@ impl Settings {
         if !(8..=1_000).contains(&self.callback.max_headers) {
             return fail("callback.max_headers", "must be from 8 to 1000".to_owned());
         }
+        self.callback.source_policy()?;
         if self.callback.max_body_bytes < 1024 {
             return fail(
                 "callback.max_body_bytes",
@@ -466,6 +498,15 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("api.token"), "{error}");
+    }
+
+    #[test]
+    fn a_source_that_is_not_a_cidr_is_reported_with_its_key() {
+        let mut settings = Settings::default();
+        settings.callback.allowed_sources =
+            vec!["198.51.100.0/24".to_owned(), "not-a-network".to_owned()];
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(error.contains("callback.allowed_sources[1]"), "{error}");
     }
 
     #[test]

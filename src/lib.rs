@@ -7,6 +7,7 @@
 //! - [`domain`]: what a callback means, free of wire formats and storage.
 //! - [`parser`]: wire formats → domain types; pure, no IO.
 //! - [`jobs`]: job states and registration; pure.
+//! - [`access`]: the source allow-list and trusted proxies.
 //! - [`auth`]: which callback credentials are accepted; the generated pair.
 //! - [`storage`]: the [`storage::Store`] interface and its SQLite backend (the only SQL).
 //! - [`http`]: the callback port and the API port, with graceful shutdown.
@@ -16,6 +17,7 @@
 //! - [`startup`]: wiring everything into an [`startup::Application`].
 //! - [`simulate`]: a stand-in for the platform (load, demos, the benchmark).
 //! - [`cli`]: the command line; [`client`]: its client for the API.
+pub mod access;
 pub mod auth;
 pub mod catalog;
 pub mod cli;

@@ -67,6 +67,7 @@ impl Application {
             Arc::clone(&shared_store),
             Arc::clone(&metrics),
             Authenticator::new(&credentials),
+            settings.callback.source_policy()?,
             settings.callback.max_body_bytes,
             Duration::from_millis(settings.callback.body_read_timeout_ms),
         ));

@@ -147,10 +147,16 @@ pub async fn handle(
         (["api", "v1", "jobs"], true) => list_jobs(&state, &query).await,
         (["api", "v1", "jobs", request_id], true) => get_job(&state, request_id).await,
         (["api", "v1", "jobs", request_id, "devices"], true) => {
-            job_devices(&state, request_id, &query).await
+            match reveal_secrets(&state, &query) {
+                Ok(reveal) => job_devices(&state, request_id, &query, reveal).await,
+                Err(refused) => refused,
+            }
         }
         (["api", "v1", "devices", kind, identifier], true) => {
-            device_history(&state, kind, identifier).await
+            match reveal_secrets(&state, &query) {
+                Ok(reveal) => device_history(&state, kind, identifier, reveal).await,
+                Err(refused) => refused,
+            }
         }
         (["api", "v1", "errors", code], true) => catalog_entry(code),
         (["api", "v1", "deliveries"], true) => list_deliveries(&state, &query).await,
@@ -357,10 +363,30 @@ fn job_not_found(request_id: &str) -> HttpResponse {
     )
 }
 
+/// Whether device credential passwords are to be shown: only on `reveal=secrets`, and only to a
+/// bearer of the configured API token (the `/api` check has already verified it).
+fn reveal_secrets(state: &ApiState, query: &HashMap<String, String>) -> Result<bool, HttpResponse> {
+    match query.get("reveal").map(String::as_str) {
+        None | Some("") => Ok(false),
+        Some("secrets") if state.token_digest.is_some() => Ok(true),
+        Some("secrets") => Err(error(
+            StatusCode::FORBIDDEN,
+            "SECRETS_REQUIRE_TOKEN",
+            "device credentials are shown only to holders of api.token; configure one",
+        )),
+        Some(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_PARAMETER",
+            "reveal must be secrets",
+        )),
+    }
+}
+
 async fn job_devices(
     state: &ApiState,
     request_id: &str,
     query: &HashMap<String, String>,
+    reveal: bool,
 ) -> HttpResponse {
     let status = match one_of(
         query,
@@ -390,7 +416,7 @@ async fn job_devices(
                 .as_deref()
                 .is_none_or(|wanted| device.status == wanted)
         })
-        .map(present_outcome)
+        .map(|outcome| present_outcome(outcome, reveal))
         .collect();
     if csv {
         let mut answer = response(
@@ -411,12 +437,21 @@ async fn job_devices(
     json_response(StatusCode::OK, &json!({ "items": items }))
 }
 
-async fn device_history(state: &ApiState, kind: &str, identifier: &str) -> HttpResponse {
+async fn device_history(
+    state: &ApiState,
+    kind: &str,
+    identifier: &str,
+    reveal: bool,
+) -> HttpResponse {
     let identifier = DeviceIdentifier::new(kind, identifier);
     match state.store.device_history(identifier.clone()).await {
         Ok(Some(mut history)) => {
-            history.latest = present_outcome(history.latest);
-            history.history = history.history.into_iter().map(present_outcome).collect();
+            history.latest = present_outcome(history.latest, reveal);
+            history.history = history
+                .history
+                .into_iter()
+                .map(|outcome| present_outcome(outcome, reveal))
+                .collect();
             json_response(StatusCode::OK, &history)
         }
         Ok(None) => error(
@@ -442,8 +477,9 @@ fn catalog_entry(code: &str) -> HttpResponse {
     }
 }
 
-/// Adds the catalog's explanation to a failed outcome and hides device credentials.
-fn present_outcome(mut outcome: OutcomeRecord) -> OutcomeRecord {
+/// Adds the catalog's explanation to a failed outcome and hides device credentials unless
+/// `reveal` (see [`reveal_secrets`]).
+fn present_outcome(mut outcome: OutcomeRecord, reveal: bool) -> OutcomeRecord {
     let catalog = catalog::catalog();
     if let Some(fault) = outcome.fault.as_mut() {
         let entry = fault
@@ -468,7 +504,7 @@ fn present_outcome(mut outcome: OutcomeRecord) -> OutcomeRecord {
             });
         }
     }
-    if let Some(details) = outcome.details.as_mut() {
+    if let Some(details) = outcome.details.as_mut().filter(|_| !reveal) {
         redact_passwords(details);
     }
     outcome

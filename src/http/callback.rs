@@ -11,6 +11,7 @@ use hyper::{Method, Request, StatusCode, header};
 use time::OffsetDateTime;
 
 use super::{HttpResponse, json_response, response};
+use crate::access::SourcePolicy;
 use crate::auth::Authenticator;
 use crate::domain::{CallbackForm, DeliveryResult};
 use crate::metrics::{CallbackTally, Metrics, UNKNOWN_KIND};
@@ -39,6 +40,8 @@ pub struct CallbackState {
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
     pub authenticator: Authenticator,
+    /// Which sources may post, and which proxies may name the client.
+    pub sources: SourcePolicy,
     pub max_body_bytes: u64,
     /// The whole body must arrive within this.
     pub body_read_timeout: Duration,
@@ -53,6 +56,7 @@ impl CallbackState {
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         authenticator: Authenticator,
+        sources: SourcePolicy,
         max_body_bytes: u64,
         body_read_timeout: Duration,
     ) -> Self {
@@ -60,6 +64,7 @@ impl CallbackState {
             store,
             metrics,
             authenticator,
+            sources,
             max_body_bytes,
             body_read_timeout,
             unauthorized_log: Mutex::new((None, 0)),
@@ -67,7 +72,7 @@ impl CallbackState {
         }
     }
 
-    fn log_unauthorized(&self, peer: SocketAddr, username: &str) {
+    fn log_unauthorized(&self, source: std::net::IpAddr, username: Option<&str>) {
         let Ok(mut last) = self.unauthorized_log.lock() else {
             return;
         };
@@ -77,14 +82,20 @@ impl CallbackState {
             *suppressed += 1;
             return;
         }
-        // The username helps spot a registration mismatch; the password is never logged.
-        let username: String = username.chars().take(40).collect();
-        tracing::warn!(
-            source = %peer.ip(),
-            username = %username,
-            suppressed_since_last = *suppressed,
-            "callback rejected: credentials do not match any configured pair (check RegisterCallback)"
-        );
+        match username {
+            // The username helps spot a registration mismatch; the password is never logged.
+            Some(username) => {
+                let username: String = username.chars().take(40).collect();
+                tracing::warn!(
+                    %source, username = %username, suppressed_since_last = *suppressed,
+                    "callback rejected: credentials do not match any configured pair (check RegisterCallback)"
+                );
+            }
+            None => tracing::warn!(
+                %source, suppressed_since_last = *suppressed,
+                "callback rejected: source not in callback.allowed_sources"
+            ),
+        }
         *logged_at = Some(now);
         *suppressed = 0;
     }
@@ -153,6 +164,16 @@ async fn answer(
         .and_then(|value| value.to_str().ok())
         .map(str::to_owned);
     let mut dialect = Dialect::of_content_type(content_type.as_deref());
+    let forwarded_for = request
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|value| value.to_str().ok());
+    let client = state.sources.client_address(peer.ip(), forwarded_for);
+    if !state.sources.allows(client) {
+        state.log_unauthorized(client, None);
+        let refused = dialect.refuse(StatusCode::FORBIDDEN, "source address not allowed");
+        return answered(UNKNOWN_KIND, "unauthorized", refused);
+    }
     let declared_length = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -249,7 +270,7 @@ async fn answer(
         DeliveryContent::Quarantined(_) => (UNKNOWN_KIND, UNKNOWN_KIND, None),
     };
     let Some(authenticated) = state.authenticator.verify(&username, &password) else {
-        state.log_unauthorized(peer, &username);
+        state.log_unauthorized(client, Some(&username));
         let refused = dialect.refuse(StatusCode::FORBIDDEN, "invalid callback credentials");
         return answered(kind, "unauthorized", refused);
     };
@@ -262,7 +283,7 @@ async fn answer(
         received_at,
         body,
         content_type,
-        source_address: Some(peer.ip().to_string()),
+        source_address: Some(client.to_string()),
         account: authenticated.account,
         content,
     };

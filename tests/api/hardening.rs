@@ -262,3 +262,146 @@ async fn absurd_nesting_and_element_counts_are_refused_without_harm() {
     );
     assert_eq!(app.get_api("/healthz").await.status(), 200);
 }
+
+#[tokio::test]
+async fn only_allowed_sources_may_post_callbacks() {
+    let closed = spawn_app_with(|settings| {
+        settings.callback.allowed_sources = vec!["198.51.100.0/24".to_owned()]
+    })
+    .await;
+    let open = spawn_app_with(|settings| {
+        settings.callback.allowed_sources = vec!["127.0.0.0/8".to_owned()]
+    })
+    .await;
+
+    let refused = closed.post_callback(fixture("deactivate_bare.xml")).await;
+    let accepted = open.post_callback(fixture("deactivate_bare.xml")).await;
+
+    assert_eq!(refused.status(), 403);
+    assert_eq!(closed.count("SELECT count(*) FROM deliveries"), 0);
+    assert_eq!(accepted.status(), 200);
+}
+
+#[tokio::test]
+async fn forwarded_addresses_count_only_from_trusted_proxies() {
+    let behind_proxy = spawn_app_with(|settings| {
+        settings.callback.allowed_sources = vec!["198.51.100.0/24".to_owned()];
+        settings.callback.trusted_proxies = vec!["127.0.0.1".to_owned()];
+    })
+    .await;
+    let no_proxy = spawn_app_with(|settings| {
+        settings.callback.allowed_sources = vec!["198.51.100.0/24".to_owned()]
+    })
+    .await;
+    let post = |app: &crate::helpers::TestApp, forwarded: &str, tag: &str| {
+        let body = String::from_utf8(fixture("deactivate_bare.xml"))
+            .unwrap()
+            .replace("7d1c1f0e-5b7a-4a8e-9f57-1c0c7f3e2a11", tag);
+        app.client
+            .post(&app.callback_url)
+            .header("X-Forwarded-For", forwarded)
+            .body(body)
+            .send()
+    };
+
+    let allowed_client = post(&behind_proxy, "198.51.100.7", "via-proxy")
+        .await
+        .unwrap();
+    let other_client = post(&behind_proxy, "203.0.113.9", "other").await.unwrap();
+    let forged = post(&behind_proxy, "198.51.100.7, 203.0.113.9", "forged")
+        .await
+        .unwrap();
+    let untrusted = post(&no_proxy, "198.51.100.7", "untrusted").await.unwrap();
+
+    assert_eq!(allowed_client.status(), 200);
+    let source: String = behind_proxy
+        .database()
+        .query_row(
+            "SELECT source_address FROM deliveries WHERE request_id = 'via-proxy'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(source, "198.51.100.7");
+    assert_eq!(other_client.status(), 403);
+    assert_eq!(
+        forged.status(),
+        403,
+        "the right-most untrusted entry is the client"
+    );
+    assert_eq!(
+        untrusted.status(),
+        403,
+        "X-Forwarded-For from an untrusted peer is ignored"
+    );
+}
+
+#[tokio::test]
+async fn device_credentials_are_shown_only_to_a_token_holder_who_asks() {
+    use crate::helpers::{CarrierResult, carrier_callback};
+    let token = "operator-token-xyz";
+    let with_token = spawn_app_with(|settings| {
+        settings.api.token = Some(m2m_listener::domain::Secret::new(token))
+    })
+    .await;
+    let without_token = spawn_app().await;
+    for app in [&with_token, &without_token] {
+        app.post_callback(carrier_callback(
+            "secret-job",
+            &[("IMEI", "350000000000099")],
+            CarrierResult::Activated { mdn: "5550000099" },
+        ))
+        .await;
+    }
+    let get = |app: &crate::helpers::TestApp, path: &str, bearer: bool| {
+        let mut request = app.client.get(format!("{}{path}", app.api_url));
+        if bearer {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+
+    let redacted = get(&with_token, "/api/v1/jobs/secret-job/devices", true)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let revealed = get(
+        &with_token,
+        "/api/v1/jobs/secret-job/devices?reveal=secrets",
+        true,
+    )
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let history = get(
+        &with_token,
+        "/api/v1/devices/IMEI/350000000000099?reveal=secrets",
+        true,
+    )
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let no_token = get(
+        &without_token,
+        "/api/v1/jobs/secret-job/devices?reveal=secrets",
+        false,
+    )
+    .await
+    .unwrap();
+
+    assert!(
+        !redacted.contains("device-secret-5550000099") && redacted.contains("********"),
+        "{redacted}"
+    );
+    assert!(revealed.contains("device-secret-5550000099"), "{revealed}");
+    assert!(history.contains("device-secret-5550000099"), "{history}");
+    assert_eq!(no_token.status(), 403);
+    let body: serde_json::Value = serde_json::from_slice(&no_token.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "SECRETS_REQUIRE_TOKEN");
+}
