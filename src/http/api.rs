@@ -76,15 +76,24 @@ fn error(status: StatusCode, code: &str, message: &str) -> HttpResponse {
     )
 }
 
-/// A refused query parameter, answered with 400.
+/// A refused request parameter: 400 unless said otherwise.
 struct InvalidParameter {
+    status: StatusCode,
     code: &'static str,
     message: String,
 }
 
 impl InvalidParameter {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code,
+            message: message.into(),
+        }
+    }
+
     fn into_response(self) -> HttpResponse {
-        error(StatusCode::BAD_REQUEST, self.code, &self.message)
+        error(self.status, self.code, &self.message)
     }
 }
 
@@ -279,10 +288,10 @@ fn paging(query: &HashMap<String, String>) -> Result<(u32, Option<i64>), Invalid
         None => DEFAULT_PAGE,
         Some(Ok(limit)) if (1..=MAX_PAGE).contains(&limit) => limit,
         Some(_) => {
-            return Err(InvalidParameter {
-                code: "INVALID_PARAMETER",
-                message: format!("limit must be a whole number from 1 to {MAX_PAGE}"),
-            });
+            return Err(InvalidParameter::new(
+                "INVALID_PARAMETER",
+                format!("limit must be a whole number from 1 to {MAX_PAGE}"),
+            ));
         }
     };
     let before_id = match query
@@ -293,10 +302,10 @@ fn paging(query: &HashMap<String, String>) -> Result<(u32, Option<i64>), Invalid
         None => None,
         Some(Ok(cursor)) => Some(cursor),
         Some(Err(_)) => {
-            return Err(InvalidParameter {
-                code: "INVALID_CURSOR",
-                message: "cursor must be a next_cursor value from a previous page".to_owned(),
-            });
+            return Err(InvalidParameter::new(
+                "INVALID_CURSOR",
+                "cursor must be a next_cursor value from a previous page",
+            ));
         }
     };
     Ok((limit, before_id))
@@ -311,10 +320,10 @@ fn one_of(
     match query.get(name).map(String::as_str) {
         None | Some("") => Ok(None),
         Some(value) if allowed.contains(&value) => Ok(Some(value.to_owned())),
-        Some(_) => Err(InvalidParameter {
-            code: "INVALID_PARAMETER",
-            message: format!("{name} must be one of {}", allowed.join(", ")),
-        }),
+        Some(_) => Err(InvalidParameter::new(
+            "INVALID_PARAMETER",
+            format!("{name} must be one of {}", allowed.join(", ")),
+        )),
     }
 }
 
