@@ -158,13 +158,13 @@ pub async fn handle(
         (["api", "v1", "jobs", request_id, "devices"], true) => {
             match reveal_secrets(&state, &query) {
                 Ok(reveal) => job_devices(&state, request_id, &query, reveal).await,
-                Err(refused) => refused,
+                Err(refused) => refused.into_response(),
             }
         }
         (["api", "v1", "devices", kind, identifier], true) => {
             match reveal_secrets(&state, &query) {
                 Ok(reveal) => device_history(&state, kind, identifier, reveal).await,
-                Err(refused) => refused,
+                Err(refused) => refused.into_response(),
             }
         }
         (["api", "v1", "errors", code], true) => catalog_entry(code),
@@ -374,17 +374,20 @@ fn job_not_found(request_id: &str) -> HttpResponse {
 
 /// Whether device credential passwords are to be shown: only on `reveal=secrets`, and only to a
 /// bearer of the configured API token (the `/api` check has already verified it).
-fn reveal_secrets(state: &ApiState, query: &HashMap<String, String>) -> Result<bool, HttpResponse> {
+fn reveal_secrets(
+    state: &ApiState,
+    query: &HashMap<String, String>,
+) -> Result<bool, InvalidParameter> {
     match query.get("reveal").map(String::as_str) {
         None | Some("") => Ok(false),
         Some("secrets") if state.token_digest.is_some() => Ok(true),
-        Some("secrets") => Err(error(
-            StatusCode::FORBIDDEN,
-            "SECRETS_REQUIRE_TOKEN",
-            "device credentials are shown only to holders of api.token; configure one",
-        )),
-        Some(_) => Err(error(
-            StatusCode::BAD_REQUEST,
+        Some("secrets") => Err(InvalidParameter {
+            status: StatusCode::FORBIDDEN,
+            code: "SECRETS_REQUIRE_TOKEN",
+            message: "device credentials are shown only to holders of api.token; configure one"
+                .to_owned(),
+        }),
+        Some(_) => Err(InvalidParameter::new(
             "INVALID_PARAMETER",
             "reveal must be secrets",
         )),
