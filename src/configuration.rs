@@ -158,6 +158,11 @@ pub struct StorageSettings {
     pub busy_timeout_ms: u64,
     /// The most deliveries committed in one transaction (group commit).
     pub max_batch: usize,
+    /// Raw bodies older than this are pruned (delivery records, outcomes and jobs are kept, and
+    /// so are quarantined bodies and those of unfinished jobs).
+    pub retention_days: u32,
+    /// How often pruning runs.
+    pub prune_interval_s: u64,
 }
 
 impl Default for StorageSettings {
@@ -167,6 +172,8 @@ impl Default for StorageSettings {
             synchronous: Synchronous::Full,
             busy_timeout_ms: 5_000,
             max_batch: 256,
+            retention_days: 30,
+            prune_interval_s: 3600,
         }
     }
 }
@@ -345,6 +352,12 @@ impl Settings {
         }
         if self.jobs.sweep_interval_ms < 10 {
             return fail("jobs.sweep_interval_ms", "must be at least 10".to_owned());
+        }
+        if self.storage.retention_days == 0 {
+            return fail("storage.retention_days", "must be at least 1".to_owned());
+        }
+        if self.storage.prune_interval_s == 0 {
+            return fail("storage.prune_interval_s", "must be at least 1".to_owned());
         }
         if !(1..=10_000).contains(&self.storage.max_batch) {
             return fail(

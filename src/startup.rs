@@ -34,6 +34,9 @@ pub struct Application {
     api_state: Arc<ApiState>,
     drain_timeout: Duration,
     sweep_interval: Duration,
+    /// How often raw bodies past `retention` are pruned.
+    prune_interval: Duration,
+    retention: Duration,
     callback_limits: ConnectionLimits,
     /// Where the accepted callback credentials came from; the CLI tells the operator.
     pub credential_source: CredentialSource,
@@ -87,6 +90,8 @@ impl Application {
             api_state,
             drain_timeout: Duration::from_secs(settings.shutdown.drain_timeout_s),
             sweep_interval: Duration::from_millis(settings.jobs.sweep_interval_ms),
+            prune_interval: Duration::from_secs(settings.storage.prune_interval_s),
+            retention: Duration::from_secs(u64::from(settings.storage.retention_days) * 86_400),
             callback_limits: ConnectionLimits {
                 header_read_timeout: Duration::from_millis(
                     settings.callback.header_read_timeout_ms,
@@ -139,8 +144,14 @@ impl Application {
             Arc::clone(&self.store) as Arc<dyn Store>,
             self.sweep_interval,
         ));
+        let pruner = tokio::spawn(prune_raw_bodies(
+            Arc::clone(&self.store) as Arc<dyn Store>,
+            self.prune_interval,
+            self.retention,
+        ));
         shutdown.await;
         sweeper.abort();
+        pruner.abort();
         tracing::info!("shutting down: no new connections; finishing in-flight callbacks");
         let _ = stop.send(true);
         let (callback_result, api_result) = tokio::join!(callback_server, api_server);
@@ -164,6 +175,21 @@ async fn sweep_overdue_jobs(store: Arc<dyn Store>, interval: Duration) {
             Err(error) => {
                 tracing::warn!(%error, "job deadline sweep failed; retrying at the next interval")
             }
+        }
+    }
+}
+
+/// Prunes raw bodies older than `retention` every `interval` (the first time right away).
+async fn prune_raw_bodies(store: Arc<dyn Store>, interval: Duration, retention: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let cutoff = time::OffsetDateTime::now_utc() - retention;
+        match store.prune_raw_bodies(cutoff).await {
+            Ok(0) => {}
+            Ok(pruned) => tracing::info!(pruned, "pruned raw bodies past storage.retention_days"),
+            Err(error) => tracing::warn!(%error, "pruning failed; retrying at the next interval"),
         }
     }
 }

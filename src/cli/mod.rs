@@ -36,6 +36,13 @@ enum Command {
     CheckConfig,
     /// Register and inspect jobs through the running listener's API.
     Jobs(jobs::JobsArgs),
+    /// Prune raw bodies older than storage.retention_days now (the listener also does it hourly).
+    Prune,
+    /// Copy the database consistently to FILE while the listener keeps running.
+    Backup {
+        /// Where to write the copy (must not exist).
+        file: PathBuf,
+    },
     /// Play the platform: post realistic callbacks (with its retries) to a listener and check that
     /// every acknowledged one was stored.
     Simulate(SimulateArgs),
@@ -73,6 +80,39 @@ pub fn run() -> ExitCode {
         Command::Serve => serve(&settings),
         Command::Jobs(arguments) => jobs::run(&settings, arguments),
         Command::Simulate(arguments) => simulate(&settings, arguments),
+        Command::Prune => {
+            let cutoff = time::OffsetDateTime::now_utc()
+                - time::Duration::days(i64::from(settings.storage.retention_days));
+            match crate::storage::sqlite::prune_database(&settings.storage.path, cutoff) {
+                Ok(pruned) => {
+                    println!(
+                        "pruned {pruned} raw bodies older than {} days",
+                        settings.storage.retention_days
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("m2m-listener: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Backup { file } => {
+            match crate::storage::sqlite::backup_database(&settings.storage.path, &file) {
+                Ok(()) => {
+                    println!(
+                        "backed up {} to {}",
+                        settings.storage.path.display(),
+                        file.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("m2m-listener: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

@@ -287,6 +287,10 @@ pub trait Store: Send + Sync + 'static {
         identifier: DeviceIdentifier,
     ) -> BoxFuture<'_, Result<Option<DeviceHistory>, StoreError>>;
 
+    /// Deletes raw bodies received before `cutoff` (see the backend for what is kept); returns
+    /// how many.
+    fn prune_raw_bodies(&self, cutoff: OffsetDateTime) -> BoxFuture<'_, Result<usize, StoreError>>;
+
     /// How many jobs are in each state.
     fn job_counts(&self) -> BoxFuture<'_, Result<Vec<(String, i64)>, StoreError>>;
 

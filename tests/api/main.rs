@@ -10,5 +10,6 @@ mod jobs;
 mod json_callbacks;
 mod observability;
 mod openapi;
+mod retention;
 mod simulate;
 mod storage_faults;

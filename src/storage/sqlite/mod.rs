@@ -19,6 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 
 mod jobs;
 mod queries;
+mod retention;
+
+pub use retention::{backup_database, prune_database};
 
 use jobs::{JobBatch, JobCompletion};
 mod schema;
@@ -57,6 +60,8 @@ enum Command {
         oneshot::Sender<Result<Registered, StoreError>>,
     ),
     Sweep(OffsetDateTime, oneshot::Sender<Result<u64, StoreError>>),
+    /// One chunk of raw bodies received before the cutoff.
+    Prune(OffsetDateTime, oneshot::Sender<Result<usize, StoreError>>),
     Shutdown,
 }
 
@@ -226,6 +231,19 @@ impl Store for SqliteStore {
         Box::pin(self.read(move |connection| queries::device_history(connection, &identifier)))
     }
 
+    fn prune_raw_bodies(&self, cutoff: OffsetDateTime) -> BoxFuture<'_, Result<usize, StoreError>> {
+        Box::pin(async move {
+            let mut total = 0;
+            loop {
+                let deleted = self.ask(move |reply| Command::Prune(cutoff, reply)).await?;
+                total += deleted;
+                if deleted < retention::PRUNE_CHUNK as usize {
+                    return Ok(total);
+                }
+            }
+        })
+    }
+
     fn job_counts(&self) -> BoxFuture<'_, Result<Vec<(String, i64)>, StoreError>> {
         Box::pin(self.read(queries::job_counts))
     }
@@ -257,6 +275,9 @@ fn open_writer(path: &Path, settings: &StorageSettings) -> rusqlite::Result<Conn
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     connection.busy_timeout(Duration::from_millis(settings.busy_timeout_ms))?;
+    // Takes effect only on a new database (before its first table): pruned raw bodies then give
+    // their space back through incremental vacuum.
+    connection.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", settings.synchronous.pragma_value())?;
     connection.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)?;
@@ -383,6 +404,12 @@ impl Writer {
                         let _ = reply.send(self.transact(|connection, completions| {
                             jobs::register(connection, &registration, now, job_timeout, completions)
                         }));
+                    }
+                    Command::Prune(cutoff, reply) => {
+                        let _ =
+                            reply.send(self.transact(|connection, _| {
+                                retention::prune_chunk(connection, cutoff)
+                            }));
                     }
                     Command::Sweep(now, reply) => {
                         let _ = reply.send(self.transact(|connection, completions| {

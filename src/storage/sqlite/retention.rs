@@ -1,0 +1,96 @@
+//! Retention and backup: pruning old raw bodies, and consistent online copies.
+
+use std::path::Path;
+
+use anyhow::Context;
+use rusqlite::{Connection, OpenFlags, params};
+use time::OffsetDateTime;
+
+use crate::storage::timestamp;
+
+/// Raw bodies deleted per transaction, so that pruning never holds the writer for long.
+pub(super) const PRUNE_CHUNK: i64 = 2_000;
+
+/// Deletes up to [`PRUNE_CHUNK`] raw bodies of stored deliveries received before `cutoff`.
+/// Kept whatever their age: quarantined bodies (the only copy of what was sent) and bodies of
+/// jobs still pending or in progress (they may need re-processing). Delivery rows, outcomes and
+/// jobs are never pruned. Returns how many bodies were deleted.
+pub(super) fn prune_chunk(
+    connection: &Connection,
+    cutoff: OffsetDateTime,
+) -> rusqlite::Result<usize> {
+    let deleted = connection
+        .prepare_cached(
+            "DELETE FROM raw_bodies WHERE delivery_id IN (
+                 SELECT r.delivery_id
+                 FROM raw_bodies r
+                 JOIN deliveries d ON d.id = r.delivery_id
+                 LEFT JOIN jobs j ON j.request_id = d.request_id
+                 WHERE d.received_at < ?1
+                   AND d.result = 'stored'
+                   AND (j.id IS NULL OR j.state NOT IN ('pending', 'in_progress'))
+                 ORDER BY r.delivery_id
+                 LIMIT ?2)",
+        )?
+        .execute(params![timestamp(cutoff), PRUNE_CHUNK])?;
+    if deleted > 0 {
+        // Hands freed pages back to the file system (databases created with auto_vacuum).
+        connection.execute_batch("PRAGMA incremental_vacuum(1000);")?;
+    }
+    Ok(deleted)
+}
+
+/// Prunes everything due, chunk by chunk, on a connection of its own (the `prune` command).
+pub fn prune_database(path: &Path, cutoff: OffsetDateTime) -> anyhow::Result<usize> {
+    let connection = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .with_context(|| format!("failed to open database at {}", path.display()))?;
+    connection.busy_timeout(std::time::Duration::from_secs(10))?;
+    let mut total = 0;
+    loop {
+        let deleted = prune_chunk(&connection, cutoff).context("pruning failed")?;
+        total += deleted;
+        if deleted < PRUNE_CHUNK as usize {
+            return Ok(total);
+        }
+    }
+}
+
+/// Copies the database to `target` consistently while the listener keeps writing: the SQLite
+/// backup API, all pages in one step (a step that copies everything reads one snapshot, and so
+/// is not restarted by concurrent commits).
+pub fn backup_database(path: &Path, target: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !target.exists(),
+        "{} exists already; not overwriting it",
+        target.display()
+    );
+    let source = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .with_context(|| format!("failed to open database at {}", path.display()))?;
+    source.busy_timeout(std::time::Duration::from_secs(10))?;
+    let mut copy = Connection::open(target)
+        .with_context(|| format!("failed to create {}", target.display()))?;
+    {
+        let backup = rusqlite::backup::Backup::new(&source, &mut copy)?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            // -1: every page in this one step.
+            match backup.step(-1).context("backup failed")? {
+                rusqlite::backup::StepResult::Done => break,
+                rusqlite::backup::StepResult::Busy | rusqlite::backup::StepResult::Locked => {
+                    anyhow::ensure!(
+                        std::time::Instant::now() < deadline,
+                        "the database stayed locked for a minute"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                _ => {}
+            }
+        }
+    }
+    let integrity: String = copy.query_row("PRAGMA integrity_check", [], |row| row.get(0))?;
+    anyhow::ensure!(
+        integrity == "ok",
+        "the backup failed its integrity check: {integrity}"
+    );
+    Ok(())
+}
