@@ -10,6 +10,7 @@ mod jobs;
 mod json_callbacks;
 mod observability;
 mod openapi;
+mod properties;
 mod retention;
 mod simulate;
 mod storage_faults;
