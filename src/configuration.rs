@@ -54,6 +54,10 @@ pub struct CallbackSettings {
     /// Proxies whose `X-Forwarded-For` names the client; from anyone else it is ignored.
     #[serde(deserialize_with = "list_or_indexed_map")]
     pub trusted_proxies: Vec<String>,
+    /// Serve callbacks over TLS with this certificate and key (optional; a TLS proxy in front is
+    /// the usual setup).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSettings>,
     /// Accepted username/password pairs. Several may be valid at once (rotation, several billing
     /// accounts on one URL). Empty: a pair is generated on first start.
     #[serde(deserialize_with = "list_or_indexed_map")]
@@ -94,9 +98,19 @@ impl Default for CallbackSettings {
             max_headers: 64,
             allowed_sources: Vec::new(),
             trusted_proxies: Vec::new(),
+            tls: None,
             credentials: Vec::new(),
         }
     }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first. The platform requires a certificate from a public CA.
+    pub cert_path: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_path: PathBuf,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -13,7 +13,7 @@
 //! - [`http`]: the callback port and the API port, with graceful shutdown.
 //! - [`metrics`]: the Prometheus metrics (bounded labels).
 //! - [`configuration`]: defaults, TOML file, `M2M_` environment.
-//! - [`telemetry`]: the log subscriber.
+//! - [`telemetry`]: the log subscriber; [`tls`]: optional native TLS on the callback port.
 //! - [`startup`]: wiring everything into an [`startup::Application`].
 //! - [`simulate`]: a stand-in for the platform (load, demos, the benchmark).
 //! - [`cli`]: the command line; [`client`]: its client for the API.
@@ -32,3 +32,4 @@ pub mod simulate;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;

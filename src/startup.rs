@@ -38,6 +38,8 @@ pub struct Application {
     prune_interval: Duration,
     retention: Duration,
     callback_limits: ConnectionLimits,
+    /// Present when `callback.tls` is configured.
+    callback_tls: Option<tokio_rustls::TlsAcceptor>,
     /// Where the accepted callback credentials came from; the CLI tells the operator.
     pub credential_source: CredentialSource,
 }
@@ -92,6 +94,12 @@ impl Application {
             sweep_interval: Duration::from_millis(settings.jobs.sweep_interval_ms),
             prune_interval: Duration::from_secs(settings.storage.prune_interval_s),
             retention: Duration::from_secs(u64::from(settings.storage.retention_days) * 86_400),
+            callback_tls: settings
+                .callback
+                .tls
+                .as_ref()
+                .map(crate::tls::acceptor)
+                .transpose()?,
             callback_limits: ConnectionLimits {
                 header_read_timeout: Duration::from_millis(
                     settings.callback.header_read_timeout_ms,
@@ -130,6 +138,7 @@ impl Application {
             stopped.clone(),
             self.drain_timeout,
             self.callback_limits,
+            self.callback_tls,
         ));
         let api_state = self.api_state;
         let api_server = tokio::spawn(http::serve(
@@ -139,6 +148,7 @@ impl Application {
             stopped,
             self.drain_timeout,
             API_LIMITS,
+            None,
         ));
         let sweeper = tokio::spawn(sweep_overdue_jobs(
             Arc::clone(&self.store) as Arc<dyn Store>,

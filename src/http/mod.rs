@@ -16,9 +16,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 
 use tokio::sync::{Semaphore, watch};
 
@@ -46,6 +47,7 @@ pub async fn serve<H, F>(
     mut shutdown: watch::Receiver<bool>,
     drain_timeout: Duration,
     limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
@@ -77,16 +79,20 @@ pub async fn serve<H, F>(
                     let response = handler(request, peer);
                     async move { Ok::<_, Infallible>(response.await) }
                 });
-                let connection = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(limits.header_read_timeout)
-                    .max_headers(limits.max_headers)
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection);
+                let watcher = graceful.watcher();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
-                    if let Err(error) = connection.await {
+                    let served = match tls {
+                        None => serve_one(stream, service, limits, watcher).await,
+                        // The handshake counts against the header read timeout.
+                        Some(tls) => match tokio::time::timeout(limits.header_read_timeout, tls.accept(stream)).await {
+                            Ok(Ok(stream)) => serve_one(stream, service, limits, watcher).await,
+                            Ok(Err(error)) => Err(format!("TLS handshake failed: {error}")),
+                            Err(_) => Err("TLS handshake timed out".to_owned()),
+                        },
+                    };
+                    if let Err(error) = served {
                         tracing::debug!(server = name, %peer, %error, "connection ended with an error");
                     }
                 });
@@ -101,6 +107,30 @@ pub async fn serve<H, F>(
             tracing::warn!(server = name, timeout_s = drain_timeout.as_secs(), "drain timed out; closing remaining connections");
         }
     }
+}
+
+/// Serves HTTP/1.1 on one connection (plain or TLS) until it closes or shutdown drains it.
+async fn serve_one<I, S>(
+    io: I,
+    service: S,
+    limits: ConnectionLimits,
+    watcher: Watcher,
+) -> Result<(), String>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = Full<Bytes>> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service);
+    watcher
+        .watch(connection)
+        .await
+        .map_err(|error| error.to_string())
 }
 
 /// Completes once `shutdown` turns true (or its sender is gone).

@@ -14,3 +14,4 @@ mod properties;
 mod retention;
 mod simulate;
 mod storage_faults;
+mod tls;
