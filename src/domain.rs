@@ -42,10 +42,11 @@ pub struct DeviceIdentifier {
 }
 
 impl DeviceIdentifier {
+    /// Trims ASCII white space only (the platform pads values with spaces); identifiers are ASCII.
     pub fn new(kind: &str, id: &str) -> Self {
         Self {
-            kind: kind.trim().to_ascii_uppercase(),
-            id: id.trim().to_owned(),
+            kind: kind.trim_ascii().to_ascii_uppercase(),
+            id: id.trim_ascii().to_owned(),
         }
     }
 }

@@ -176,11 +176,22 @@ pub async fn handle(
             | ["api", "v1", "devices", _, _]
             | ["api", "v1", "errors", _],
             _,
-        ) => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "METHOD_NOT_ALLOWED",
-            &format!("{method} is not allowed on {path}"),
-        ),
+        ) => {
+            let allowed = if segments.as_slice() == ["api", "v1", "jobs"] {
+                "GET, HEAD, POST"
+            } else {
+                "GET, HEAD"
+            };
+            let mut refused = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "METHOD_NOT_ALLOWED",
+                &format!("{method} is not allowed on {path}"),
+            );
+            refused
+                .headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static(allowed));
+            refused
+        }
         _ => error(
             StatusCode::NOT_FOUND,
             "NOT_FOUND",
@@ -318,7 +329,7 @@ fn one_of(
     allowed: &[&str],
 ) -> Result<Option<String>, InvalidParameter> {
     match query.get(name).map(String::as_str) {
-        None | Some("") => Ok(None),
+        None => Ok(None),
         Some(value) if allowed.contains(&value) => Ok(Some(value.to_owned())),
         Some(_) => Err(InvalidParameter::new(
             "INVALID_PARAMETER",
@@ -379,7 +390,7 @@ fn reveal_secrets(
     query: &HashMap<String, String>,
 ) -> Result<bool, InvalidParameter> {
     match query.get("reveal").map(String::as_str) {
-        None | Some("") => Ok(false),
+        None => Ok(false),
         Some("secrets") if state.token_digest.is_some() => Ok(true),
         Some("secrets") => Err(InvalidParameter {
             status: StatusCode::FORBIDDEN,

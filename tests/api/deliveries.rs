@@ -99,6 +99,27 @@ async fn bad_listing_parameters_get_stable_error_codes() {
     }
     let unknown = app.get_api("/api/v1/nothing-here").await;
     assert_eq!(unknown.status(), 404);
+    let empty_filter = app.get_api("/api/v1/deliveries?result=").await;
+    assert_eq!(
+        empty_filter.status(),
+        400,
+        "an empty enum filter is not 'no filter'"
+    );
+    let wrong_method = app
+        .client
+        .delete(format!("{}/api/v1/deliveries", app.api_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    assert_eq!(wrong_method.headers()["allow"], "GET, HEAD");
+    let jobs_wrong_method = app
+        .client
+        .delete(format!("{}/api/v1/jobs", app.api_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(jobs_wrong_method.headers()["allow"], "GET, HEAD, POST");
 }
 
 #[tokio::test]
