@@ -382,6 +382,12 @@ mod tests {
             code(r#"{"request_id":"","operation":"activate"}"#),
             "INVALID_REQUEST_ID"
         );
+        assert_eq!(code(r#"{"request_id":"a b","operation":"activate"}"#), "INVALID_REQUEST_ID");
+        assert_eq!(code("{\"request_id\":\"\u0085\",\"operation\":\"activate\"}"), "INVALID_REQUEST_ID");
+        assert_eq!(
+            code("{\"request_id\":\"r\",\"operation\":\"activate\",\"devices\":[{\"kind\":\"IMEI\",\"id\":\"\u0085\"}]}"),
+            "INVALID_DEVICE"
+        );
         assert_eq!(
             code(r#"{"request_id":"r","operation":"explode"}"#),
             "UNKNOWN_OPERATION"
