@@ -166,17 +166,17 @@ fn invalid(code: &'static str, message: impl Into<String>) -> InvalidRegistratio
 
 impl RegistrationRequest {
     pub fn validate(self) -> Result<Registration, InvalidRegistration> {
-        let request_id = self.request_id.trim().to_owned();
+        let request_id = self.request_id.trim_ascii().to_owned();
         if request_id.is_empty() {
             return Err(invalid(
                 "INVALID_REQUEST_ID",
                 "request_id must not be empty",
             ));
         }
-        if request_id.len() > 128 {
+        if request_id.len() > 128 || !request_id.bytes().all(|byte| byte.is_ascii_graphic()) {
             return Err(invalid(
                 "INVALID_REQUEST_ID",
-                "request_id is longer than 128 characters",
+                "request_id must be 1 to 128 printable ASCII characters without spaces (the platform's are GUIDs)",
             ));
         }
         let operation = Operation::from_label(self.operation.trim())
@@ -219,10 +219,11 @@ impl RegistrationRequest {
                     ),
                 ));
             }
-            if identifier.id.is_empty() {
+            let allowed = |byte: u8| byte.is_ascii_alphanumeric() || b"._:@+-".contains(&byte);
+            if identifier.id.is_empty() || !identifier.id.bytes().all(allowed) {
                 return Err(invalid(
                     "INVALID_DEVICE",
-                    format!("devices[{index}].id must not be empty"),
+                    format!("devices[{index}].id must be letters, digits or . _ : @ + -"),
                 ));
             }
             if !identifiers.contains(&identifier) {
@@ -382,10 +383,18 @@ mod tests {
             code(r#"{"request_id":"","operation":"activate"}"#),
             "INVALID_REQUEST_ID"
         );
-        assert_eq!(code(r#"{"request_id":"a b","operation":"activate"}"#), "INVALID_REQUEST_ID");
-        assert_eq!(code("{\"request_id\":\"\u0085\",\"operation\":\"activate\"}"), "INVALID_REQUEST_ID");
         assert_eq!(
-            code("{\"request_id\":\"r\",\"operation\":\"activate\",\"devices\":[{\"kind\":\"IMEI\",\"id\":\"\u0085\"}]}"),
+            code(r#"{"request_id":"a b","operation":"activate"}"#),
+            "INVALID_REQUEST_ID"
+        );
+        assert_eq!(
+            code("{\"request_id\":\"\u{85}\",\"operation\":\"activate\"}"),
+            "INVALID_REQUEST_ID"
+        );
+        assert_eq!(
+            code(
+                "{\"request_id\":\"r\",\"operation\":\"activate\",\"devices\":[{\"kind\":\"IMEI\",\"id\":\"\u{85}\"}]}"
+            ),
             "INVALID_DEVICE"
         );
         assert_eq!(
