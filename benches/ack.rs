@@ -204,23 +204,27 @@ impl Drop for Server {
     }
 }
 
+/// Resident memory of a process, from `/proc/PID/status`.
+fn resident_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kilobytes| kilobytes * 1024)
+        .unwrap_or(0)
+}
+
 impl Server {
     fn resident_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|value| {
-                value
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .map(|kilobytes| kilobytes * 1024)
-            .unwrap_or(0)
+        resident_bytes(self.child.id())
     }
 
     /// Stops the server gracefully and returns the database size after a checkpoint.
@@ -354,22 +358,7 @@ async fn load(server: &Server, bodies: Arc<Vec<Bytes>>, connections: usize) -> L
         let (sampling, peak) = (Arc::clone(&sampling), Arc::clone(&peak));
         std::thread::spawn(move || {
             while sampling.load(Ordering::Relaxed) {
-                let status =
-                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                if let Some(kilobytes) = status
-                    .lines()
-                    .find_map(|line| line.strip_prefix("VmRSS:"))
-                    .and_then(|value| {
-                        value
-                            .trim()
-                            .trim_end_matches("kB")
-                            .trim()
-                            .parse::<u64>()
-                            .ok()
-                    })
-                {
-                    peak.fetch_max(kilobytes * 1024, Ordering::Relaxed);
-                }
+                peak.fetch_max(resident_bytes(pid), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(50));
             }
         })

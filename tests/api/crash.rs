@@ -2,52 +2,12 @@
 //! stays intact. Repeated several times per run.
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::{RngExt, SeedableRng};
 
-use crate::helpers::fixture;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn start(directory: &std::path::Path, callback_port: u16, api_port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_m2m-listener"))
-        .current_dir(directory)
-        .env_remove("M2M_CONFIG")
-        .env("M2M_CALLBACK__LISTEN", format!("127.0.0.1:{callback_port}"))
-        .env("M2M_API__LISTEN", format!("127.0.0.1:{api_port}"))
-        .env("M2M_CALLBACK__CREDENTIALS__0__USERNAME", "fleet-ops")
-        .env(
-            "M2M_CALLBACK__CREDENTIALS__0__PASSWORD",
-            "s3cret-rotation-A",
-        )
-        .env("M2M_TELEMETRY__LEVEL", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("listener starts")
-}
-
-async fn wait_until_ready(api_port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(response) = reqwest::get(format!("http://127.0.0.1:{api_port}/readyz")).await {
-            if response.status() == 200 {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("the listener did not become ready");
-}
+use crate::helpers::{fixture, free_port, listener_process, wait_until_ready};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_callback_is_lost_across_repeated_sigkills() {
@@ -64,7 +24,13 @@ async fn no_acknowledged_callback_is_lost_across_repeated_sigkills() {
     let client = reqwest::Client::new();
 
     for round in 0..5 {
-        let mut listener = start(directory.path(), callback_port, api_port);
+        let mut listener = listener_process(
+            directory.path(),
+            callback_port,
+            api_port,
+            "fleet-ops",
+            "s3cret-rotation-A",
+        );
         wait_until_ready(api_port).await;
         let mut senders = tokio::task::JoinSet::new();
         for worker in 0..8 {

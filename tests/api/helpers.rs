@@ -213,3 +213,49 @@ impl TestApp {
             .expect("registration sent")
     }
 }
+
+/// A free TCP port on loopback (for listeners run as their own process).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The real binary on fixed ports with the database under `directory`, so that it can be killed
+/// and restarted on the same data. Accepts `username`/`password`.
+pub fn listener_process(
+    directory: &std::path::Path,
+    callback_port: u16,
+    api_port: u16,
+    username: &str,
+    password: &str,
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_m2m-listener"))
+        .current_dir(directory)
+        .env_remove("M2M_CONFIG")
+        .env("M2M_CALLBACK__LISTEN", format!("127.0.0.1:{callback_port}"))
+        .env("M2M_API__LISTEN", format!("127.0.0.1:{api_port}"))
+        .env("M2M_CALLBACK__CREDENTIALS__0__USERNAME", username)
+        .env("M2M_CALLBACK__CREDENTIALS__0__PASSWORD", password)
+        .env("M2M_TELEMETRY__LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("listener starts")
+}
+
+/// Waits until the listener on `api_port` answers `/readyz` with 200.
+pub async fn wait_until_ready(api_port: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Ok(response) = reqwest::get(format!("http://127.0.0.1:{api_port}/readyz")).await {
+            if response.status() == 200 {
+                return;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the listener did not become ready");
+}

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    CarrierResult, TestApp, carrier_callback, fixture, spawn_app, upload_callback,
+    CarrierResult, TestApp, carrier_callback, fixture, free_port, spawn_app, upload_callback,
     with_callback_count,
 };
 
@@ -190,14 +190,6 @@ impl Drop for Prometheus {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn start_prometheus(target: &str) -> Prometheus {

@@ -1,14 +1,13 @@
 //! The platform simulator against real listeners.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
 use m2m_listener::client::ApiClient;
 use m2m_listener::configuration::Settings;
 use m2m_listener::simulate::{self, SimulateOptions};
 
-use crate::helpers::spawn_app;
+use crate::helpers::{free_port, listener_process, spawn_app, wait_until_ready};
 
 #[derive(Parser)]
 struct Arguments {
@@ -82,48 +81,17 @@ async fn a_simulated_platform_loses_nothing_and_its_jobs_complete() {
     assert!(app.count("SELECT count(*) FROM device_outcomes WHERE status = 'failed'") > 0);
 }
 
-/// The listener as its own process on fixed ports, so that it can be killed and restarted.
-fn listener(directory: &std::path::Path, callback_port: u16, api_port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_m2m-listener"))
-        .current_dir(directory)
-        .env_remove("M2M_CONFIG")
-        .env("M2M_CALLBACK__LISTEN", format!("127.0.0.1:{callback_port}"))
-        .env("M2M_API__LISTEN", format!("127.0.0.1:{api_port}"))
-        .env("M2M_CALLBACK__CREDENTIALS__0__USERNAME", "sim")
-        .env("M2M_CALLBACK__CREDENTIALS__0__PASSWORD", "sim-password")
-        .env("M2M_TELEMETRY__LEVEL", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("listener starts")
-}
-
-async fn wait_until_ready(api_port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(response) = reqwest::get(format!("http://127.0.0.1:{api_port}/readyz")).await {
-            if response.status() == 200 {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the listener did not become ready");
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn re_sends_bring_every_callback_in_when_the_listener_is_killed_and_restarted_mid_run() {
     let directory = tempfile::tempdir().unwrap();
     let (callback_port, api_port) = (free_port(), free_port());
-    let mut first = listener(directory.path(), callback_port, api_port);
+    let mut first = listener_process(
+        directory.path(),
+        callback_port,
+        api_port,
+        "sim",
+        "sim-password",
+    );
     wait_until_ready(api_port).await;
     let options = options(&[
         "--url",
@@ -165,7 +133,13 @@ async fn re_sends_bring_every_callback_in_when_the_listener_is_killed_and_restar
     first.kill().unwrap();
     first.wait().unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut second = listener(directory.path(), callback_port, api_port);
+    let mut second = listener_process(
+        directory.path(),
+        callback_port,
+        api_port,
+        "sim",
+        "sim-password",
+    );
     wait_until_ready(api_port).await;
     let summary = simulation.await.unwrap().unwrap();
     let _ = second.kill();

@@ -10,6 +10,18 @@ use crate::storage::{
     Page, RawBody, UploadRecord,
 };
 
+/// A page of `limit` rows from `limit + 1` fetched: the extra row only says that more follow.
+fn page<T>(mut items: Vec<T>, limit: i64, id_of: impl Fn(&T) -> i64) -> Page<T> {
+    let more = items.len() as i64 > limit;
+    items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let next_cursor = if more {
+        items.last().map(|last| id_of(last).to_string())
+    } else {
+        None
+    };
+    Page { items, next_cursor }
+}
+
 /// A WHERE clause of only the filters given, so that SQLite can use an index for each (it cannot
 /// for `?1 IS NULL OR column = ?1`).
 #[derive(Default)]
@@ -66,7 +78,7 @@ pub(super) fn list_deliveries(
          ORDER BY id DESC
          LIMIT ?"
     ))?;
-    let mut items = statement
+    let items = statement
         .query_map(
             params_from_iter(filter.values.iter().map(|value| value.as_ref())),
             |row| {
@@ -92,12 +104,7 @@ pub(super) fn list_deliveries(
             },
         )?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let more = items.len() as i64 > limit;
-    items.truncate(limit as usize);
-    let next_cursor = more
-        .then(|| items.last().map(|last| last.id.to_string()))
-        .flatten();
-    Ok(Page { items, next_cursor })
+    Ok(page(items, limit, |delivery| delivery.id))
 }
 
 pub(super) fn raw_body(connection: &Connection, delivery_id: i64) -> rusqlite::Result<RawBody> {
@@ -205,7 +212,7 @@ pub(super) fn list_jobs(
     }
     let clause = filter.clause();
     filter.values.push(Box::new(limit + 1));
-    let mut items = connection
+    let items = connection
         .prepare_cached(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ?"
         ))?
@@ -214,12 +221,7 @@ pub(super) fn list_jobs(
             job_from_row,
         )?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let more = items.len() as i64 > limit;
-    items.truncate(limit as usize);
-    let next_cursor = more
-        .then(|| items.last().map(|last| last.id.to_string()))
-        .flatten();
-    Ok(Page { items, next_cursor })
+    Ok(page(items, limit, |job| job.id))
 }
 
 const OUTCOME_COLUMNS: &str =
