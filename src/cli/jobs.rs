@@ -65,15 +65,9 @@ enum JobsCommand {
 }
 
 pub fn run(settings: &Settings, arguments: JobsArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match super::runtime() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("m2m-listener: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let client = match ApiClient::new(settings, arguments.api_url.as_deref()) {
         Ok(client) => client,

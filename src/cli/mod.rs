@@ -121,15 +121,9 @@ fn serve(settings: &Settings) -> ExitCode {
         eprintln!("m2m-listener: {error:#}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("m2m-listener: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let outcome = runtime.block_on(async {
         let shutdown = shutdown_signal().context("cannot listen for SIGTERM/SIGINT")?;
@@ -148,15 +142,9 @@ fn serve(settings: &Settings) -> ExitCode {
 }
 
 fn simulate(settings: &Settings, arguments: SimulateArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("m2m-listener: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let pair = crate::auth::existing_credentials(
         &settings.callback.credentials,
@@ -230,6 +218,17 @@ fn simulate(settings: &Settings, arguments: SimulateArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The async runtime of a command, or the exit code when it cannot start.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| {
+            eprintln!("m2m-listener: cannot start the async runtime: {error}");
+            ExitCode::FAILURE
+        })
 }
 
 /// Tells the operator where things are. Generated credentials are printed here, once, on the
