@@ -111,6 +111,17 @@ async fn first_start_without_config_prints_generated_credentials_and_the_databas
         .unwrap();
     assert_eq!(accepted.status(), 200);
     assert_eq!(refused.status(), 403);
+    // A burst of refusals (a credentials mismatch after re-registration) is logged once per
+    // interval, not once per request.
+    for _ in 0..20 {
+        let again = client
+            .post(&callback_url)
+            .body(with_credentials(&username, "Wrong-Password-Marker-77"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 403);
+    }
 
     terminate(&child);
     let status = child.wait().unwrap();
@@ -125,6 +136,11 @@ async fn first_start_without_config_prints_generated_credentials_and_the_databas
         .unwrap();
     assert!(status.success(), "exit status {status:?}\n{rest}\n{stderr}");
     assert!(rest.contains("callback acknowledged"), "{rest}");
+    assert_eq!(
+        rest.matches("callback rejected").count(),
+        1,
+        "21 refusals within the 10 s interval are one log line:\n{rest}"
+    );
     let output = format!("{rest}{stderr}");
     assert!(
         !output.contains("Wrong-Password-Marker-77"),

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use rusqlite::{Connection, OptionalExtension, ToSql, params};
 use time::OffsetDateTime;
 
-use super::{insert_rows, queries};
+use super::{insert_rows, queries, sql_count};
 use crate::domain::{DeviceIdentifier, OutcomeStatus, UploadSummary};
 use crate::jobs::{self, JobFacts, JobState, Registration, UploadCounts};
 use crate::storage::{Registered, timestamp};
@@ -260,7 +260,7 @@ pub(super) fn record_upload(
     job_id: i64,
     upload: &UploadSummary,
 ) -> rusqlite::Result<()> {
-    let count = |value: Option<u64>| value.and_then(|value| i64::try_from(value).ok());
+    let count = sql_count;
     connection
         .prepare_cached(
             "UPDATE jobs SET is_upload = 1,
@@ -398,49 +398,34 @@ pub(super) fn register(
         .timeout_s
         .and_then(|timeout| i64::try_from(timeout).ok());
     let operation = registration.operation.as_str();
+    // One row for both paths: a new job is created first, and then registered like an adopted one.
     let job_id = match existing {
-        Some((job_id, _, _)) => {
-            connection
-                .prepare_cached(
-                    "UPDATE jobs SET registered = 1, operation = ?2, account = ?3, label = ?4, expected_devices = ?5,
-                         timeout_s = ?6, registration = ?7, registered_at = ?8, deadline = ?9
-                     WHERE id = ?1",
-                )?
-                .execute(params![
-                    job_id,
-                    operation,
-                    registration.account,
-                    registration.label,
-                    expected,
-                    timeout_s,
-                    canonical,
-                    at,
-                    deadline
-                ])?;
-            job_id
-        }
-        None => {
-            connection
-                .prepare_cached(
-                    "INSERT INTO jobs (request_id, registered, operation, account, label, expected_devices, timeout_s,
-                         registration, state, created_at, registered_at, deadline)
-                     VALUES (?1, 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
-                )?
-                .execute(params![
-                    registration.request_id,
-                    operation,
-                    registration.account,
-                    registration.label,
-                    expected,
-                    timeout_s,
-                    canonical,
-                    JobState::Pending.as_str(),
-                    at,
-                    deadline
-                ])?;
-            connection.last_insert_rowid()
-        }
+        Some((job_id, _, _)) => job_id,
+        None => find_or_create_job(
+            connection,
+            &registration.request_id,
+            Some(operation),
+            now,
+            timeout,
+        )?,
     };
+    connection
+        .prepare_cached(
+            "UPDATE jobs SET registered = 1, operation = ?2, account = ?3, label = ?4, expected_devices = ?5,
+                 timeout_s = ?6, registration = ?7, registered_at = ?8, deadline = ?9
+             WHERE id = ?1",
+        )?
+        .execute(params![
+            job_id,
+            operation,
+            registration.account,
+            registration.label,
+            expected,
+            timeout_s,
+            canonical,
+            at,
+            deadline
+        ])?;
     for device in &registration.devices {
         let identifiers = std::slice::from_ref(device);
         match find_job_device(connection, job_id, identifiers)? {

@@ -604,6 +604,11 @@ fn write_deliveries(
     Ok((results, completions))
 }
 
+/// A count as SQLite stores it (counts past `i64::MAX` do not occur; they read as unknown).
+pub(super) fn sql_count(value: Option<u64>) -> Option<i64> {
+    value.and_then(|value| i64::try_from(value).ok())
+}
+
 /// Inserts `rows` with one cached single-row statement `head VALUES (?, ...) tail`. (Multi-row
 /// statements built per call measured slower: their SQL text is formatted and looked up each time.)
 pub(super) fn insert_rows<const WIDTH: usize>(
@@ -792,7 +797,7 @@ fn insert_outcomes(
         jobs::record_upload(transaction, *job_id, upload)?;
     }
     if let Some(upload) = &callback.upload {
-        let count = |value: Option<u64>| value.and_then(|value| i64::try_from(value).ok());
+        let count = sql_count;
         transaction
             .prepare_cached(
                 "INSERT INTO upload_summaries (delivery_id, request_id, account_name, device_sku, total_lines,
