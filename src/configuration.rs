@@ -177,6 +177,16 @@ pub struct StorageSettings {
     pub retention_days: u32,
     /// How often pruning runs.
     pub prune_interval_s: u64,
+    /// A PostgreSQL URL (`postgres://user:password@host:5432/database`): selects the PostgreSQL
+    /// backend, which several replicas can share, instead of the SQLite file at `path`. Libpq
+    /// parameters work in the query string, e.g. `?options=-c%20search_path%3Dm2m`.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_masked_url"
+    )]
+    pub url: Option<Secret>,
+    /// PostgreSQL connections kept by this replica (writers and API reads share them).
+    pub pool_size: usize,
 }
 
 impl Default for StorageSettings {
@@ -188,11 +198,21 @@ impl Default for StorageSettings {
             max_batch: 256,
             retention_days: 30,
             prune_interval_s: 3600,
+            url: None,
+            pool_size: 16,
         }
     }
 }
 
 impl StorageSettings {
+    /// The PostgreSQL URL, when that backend is selected.
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.url
+            .as_ref()
+            .map(Secret::expose)
+            .filter(|url| !url.is_empty())
+    }
+
     /// Where generated callback credentials are kept: beside the database.
     pub fn generated_credentials_path(&self) -> PathBuf {
         let directory = self
@@ -379,6 +399,15 @@ impl Settings {
                 "must be between 1 and 10000".to_owned(),
             );
         }
+        if let Some(url) = self.storage.postgres_url() {
+            // The parser's message never repeats the URL (and with it the password).
+            if let Err(error) = url.parse::<tokio_postgres::Config>() {
+                return fail("storage.url", format!("is not a PostgreSQL URL: {error}"));
+            }
+        }
+        if !(2..=1_000).contains(&self.storage.pool_size) {
+            return fail("storage.pool_size", "must be from 2 to 1000".to_owned());
+        }
         let token_missing = self.api.token.as_ref().is_none_or(Secret::is_empty);
         if !self.api.listen.ip().is_loopback() && token_missing {
             return fail(
@@ -396,6 +425,41 @@ impl Settings {
     pub fn to_masked_toml(&self) -> String {
         toml::to_string_pretty(self)
             .unwrap_or_else(|error| format!("# cannot render settings: {error}\n"))
+    }
+}
+
+/// A database URL as `check-config` shows it: the password masked, the rest kept.
+fn serialize_masked_url<S: serde::Serializer>(
+    url: &Option<Secret>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let Some(url) = url else {
+        return serializer.serialize_none();
+    };
+    serializer.serialize_str(&mask_url_password(url.expose()))
+}
+
+/// `scheme://user:password@host...` with the password replaced by `********`. Anything else after
+/// the scheme is masked whole when it cannot be split safely.
+pub fn mask_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "********".to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    // A password in the query string (`?password=`) cannot be masked piecewise: mask the query.
+    let tail = match tail.split_once('?') {
+        Some((path, query)) if query.to_ascii_lowercase().contains("password") => {
+            format!("{path}?********")
+        }
+        _ => tail.to_owned(),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}:********@{host}{tail}")
+        }
+        None => format!("{scheme}://{authority}{tail}"),
     }
 }
 

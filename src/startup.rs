@@ -17,7 +17,6 @@ use crate::configuration::Settings;
 use crate::http::{self, ConnectionLimits, api::ApiState, callback::CallbackState};
 use crate::metrics::Metrics;
 use crate::storage::Store;
-use crate::storage::sqlite::SqliteStore;
 
 /// The API port serves operators and Prometheus, not the platform: modest fixed limits.
 const API_LIMITS: ConnectionLimits = ConnectionLimits {
@@ -29,7 +28,9 @@ const API_LIMITS: ConnectionLimits = ConnectionLimits {
 pub struct Application {
     callback_listener: TcpListener,
     api_listener: TcpListener,
-    store: Arc<SqliteStore>,
+    store: Arc<dyn Store>,
+    /// The SQLite file, when that backend is used.
+    database_path: Option<std::path::PathBuf>,
     callback_state: Arc<CallbackState>,
     api_state: Arc<ApiState>,
     drain_timeout: Duration,
@@ -46,12 +47,17 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            settings.storage.postgres_url().is_none() || !settings.callback.credentials.is_empty(),
+            "invalid configuration: callback.credentials: must be configured when storage.url is set: every replica must accept the same pair (a generated pair is kept beside a SQLite file only)"
+        );
         let metrics = Arc::new(Metrics::new().context("failed to set up metrics")?);
-        let store = Arc::new(SqliteStore::open(
+        let (store, database_path) = crate::storage::open(
             &settings.storage,
             Duration::from_secs(settings.jobs.default_timeout_s),
             Arc::clone(&metrics),
-        )?);
+        )
+        .await?;
         let (credentials, credential_source) = auth::resolve_credentials(
             &settings.callback.credentials,
             &settings.storage.generated_credentials_path(),
@@ -67,7 +73,7 @@ impl Application {
         let api_listener = TcpListener::bind(settings.api.listen)
             .await
             .with_context(|| format!("failed to listen for the API on {}", settings.api.listen))?;
-        let shared_store: Arc<dyn Store> = store.clone();
+        let shared_store = Arc::clone(&store);
         let callback_state = Arc::new(CallbackState::new(
             Arc::clone(&shared_store),
             Arc::clone(&metrics),
@@ -88,6 +94,7 @@ impl Application {
             callback_listener,
             api_listener,
             store,
+            database_path,
             callback_state,
             api_state,
             drain_timeout: Duration::from_secs(settings.shutdown.drain_timeout_s),
@@ -119,8 +126,9 @@ impl Application {
         Ok(self.api_listener.local_addr()?)
     }
 
-    pub fn database_path(&self) -> &std::path::Path {
-        self.store.path()
+    /// The SQLite file; `None` on PostgreSQL.
+    pub fn database_path(&self) -> Option<&std::path::Path> {
+        self.database_path.as_deref()
     }
 
     /// Serves until `shutdown` completes; then stops accepting, lets in-flight callbacks commit and
@@ -151,11 +159,11 @@ impl Application {
             None,
         ));
         let sweeper = tokio::spawn(sweep_overdue_jobs(
-            Arc::clone(&self.store) as Arc<dyn Store>,
+            Arc::clone(&self.store),
             self.sweep_interval,
         ));
         let pruner = tokio::spawn(prune_raw_bodies(
-            Arc::clone(&self.store) as Arc<dyn Store>,
+            Arc::clone(&self.store),
             self.prune_interval,
             self.retention,
         ));

@@ -83,7 +83,12 @@ pub fn run() -> ExitCode {
         Command::Prune => {
             let cutoff = time::OffsetDateTime::now_utc()
                 - time::Duration::days(i64::from(settings.storage.retention_days));
-            match crate::storage::sqlite::prune_database(&settings.storage.path, cutoff) {
+            let pruned = if settings.storage.postgres_url().is_some() {
+                prune_postgres(&settings, cutoff)
+            } else {
+                crate::storage::sqlite::prune_database(&settings.storage.path, cutoff)
+            };
+            match pruned {
                 Ok(pruned) => {
                     println!(
                         "pruned {pruned} raw bodies older than {} days",
@@ -96,6 +101,12 @@ pub fn run() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Backup { .. } if settings.storage.postgres_url().is_some() => {
+            eprintln!(
+                "m2m-listener: backup copies the SQLite file; with storage.url use PostgreSQL's own tools (pg_dump, base backups)"
+            );
+            ExitCode::from(2)
         }
         Command::Backup { file } => {
             match crate::storage::sqlite::backup_database(&settings.storage.path, &file) {
@@ -116,6 +127,26 @@ pub fn run() -> ExitCode {
     }
 }
 
+/// Prunes on PostgreSQL through the store, as the listener's own pruning task does.
+fn prune_postgres(settings: &Settings, cutoff: time::OffsetDateTime) -> anyhow::Result<usize> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new()?);
+        let store = crate::storage::postgres::PostgresStore::open(
+            &settings.storage,
+            std::time::Duration::from_secs(settings.jobs.default_timeout_s),
+            metrics,
+        )
+        .await?;
+        let pruned = crate::storage::Store::prune_raw_bodies(&store, cutoff).await;
+        crate::storage::Store::close(&store).await;
+        Ok(pruned?)
+    })
+}
+
 fn serve(settings: &Settings) -> ExitCode {
     if let Err(error) = telemetry::init(&settings.telemetry) {
         eprintln!("m2m-listener: {error:#}");
@@ -128,7 +159,7 @@ fn serve(settings: &Settings) -> ExitCode {
     let outcome = runtime.block_on(async {
         let shutdown = shutdown_signal().context("cannot listen for SIGTERM/SIGINT")?;
         let application = Application::build(settings).await?;
-        announce(&application)?;
+        announce(&application, settings)?;
         application.run_until_stopped(shutdown).await
     });
     match outcome {
@@ -233,15 +264,25 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
 
 /// Tells the operator where things are. Generated credentials are printed here, once, on the
 /// terminal: they never go through the log.
-fn announce(application: &Application) -> anyhow::Result<()> {
-    let database = std::path::absolute(application.database_path())?;
+fn announce(application: &Application, settings: &Settings) -> anyhow::Result<()> {
+    let database = match application.database_path() {
+        Some(path) => std::path::absolute(path)?.display().to_string(),
+        None => format!(
+            "PostgreSQL {}",
+            settings
+                .storage
+                .postgres_url()
+                .map(crate::configuration::mask_url_password)
+                .unwrap_or_default()
+        ),
+    };
     println!("m2m-listener {}", env!("CARGO_PKG_VERSION"));
     println!(
         "  callbacks: http://{}/ (POST)",
         application.callback_address()?
     );
     println!("  API:       http://{}/api/v1/", application.api_address()?);
-    println!("  database:  {}", database.display());
+    println!("  database:  {database}");
     match &application.credential_source {
         CredentialSource::Configured(count) => {
             println!("  callback credentials: {count} configured pair(s)")
@@ -268,7 +309,7 @@ fn announce(application: &Application) -> anyhow::Result<()> {
     }
     tracing::info!(
         callback = %application.callback_address()?, api = %application.api_address()?,
-        database = %database.display(), "listening"
+        %database, "listening"
     );
     Ok(())
 }

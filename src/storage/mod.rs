@@ -1,10 +1,12 @@
 //! Storage: the only place that knows SQL.
 //!
 //! [`Store`] is the narrow interface the HTTP edge uses; [`sqlite::SqliteStore`] implements it on
-//! one SQLite file (a PostgreSQL backend implements the same trait). The contract that matters:
+//! one SQLite file, [`postgres::PostgresStore`] on a PostgreSQL database several replicas share. The contract that matters:
 //! [`Store::submit`] returns `Ok` only once the delivery is committed durably, and stores a
 //! re-delivery of a stored message as a duplicate, atomically, however many arrive at once.
 
+pub mod postgres;
+pub(crate) mod rows;
 pub mod sqlite;
 
 use std::future::Future;
@@ -306,4 +308,20 @@ pub fn timestamp(at: OffsetDateTime) -> String {
     );
     at.format(&format)
         .unwrap_or_else(|_| at.unix_timestamp().to_string())
+}
+
+/// Opens the backend the settings select: PostgreSQL when `storage.url` is set, else the SQLite
+/// file at `storage.path`. Returns the store and, for SQLite, its file.
+pub async fn open(
+    settings: &crate::configuration::StorageSettings,
+    job_timeout: std::time::Duration,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) -> anyhow::Result<(std::sync::Arc<dyn Store>, Option<std::path::PathBuf>)> {
+    if settings.postgres_url().is_some() {
+        let store = postgres::PostgresStore::open(settings, job_timeout, metrics).await?;
+        return Ok((std::sync::Arc::new(store), None));
+    }
+    let store = sqlite::SqliteStore::open(settings, job_timeout, metrics)?;
+    let path = store.path().to_owned();
+    Ok((std::sync::Arc::new(store), Some(path)))
 }

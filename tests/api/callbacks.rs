@@ -25,14 +25,12 @@ async fn seed_004_activation_is_acknowledged_and_its_device_stored() {
         body.contains("Envelope") && !body.contains("Fault"),
         "{body}"
     );
-    let database = app.database();
-    let (status, state, ip, mdn, plan, operation): (String, String, String, String, String, String) = database
-        .query_row(
-            "SELECT status, state, ip_address, mdn, service_plan, operation FROM device_outcomes WHERE request_id = ?1",
-            [ACTIVATE_REQUEST],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?)),
-        )
-        .unwrap();
+    let row = app.database.rows(&format!(
+        "SELECT status, state, ip_address, mdn, service_plan, operation FROM device_outcomes WHERE request_id = '{ACTIVATE_REQUEST}'"
+    ));
+    let text = |index: usize| row[0][index].clone().unwrap();
+    let (status, state, ip, mdn, plan, operation) =
+        (text(0), text(1), text(2), text(3), text(4), text(5));
     assert_eq!(
         (
             status.as_str(),
@@ -57,26 +55,22 @@ async fn seed_004_activation_is_acknowledged_and_its_device_stored() {
         ("MDN", "5096306081"),
         ("MIN", "2345958183"),
     ] {
-        let found: i64 = database
-            .query_row(
-                "SELECT count(*) FROM outcome_identifiers i JOIN device_outcomes o ON o.id = i.outcome_id
-                 WHERE i.kind = ?1 AND i.identifier = ?2 AND o.request_id = ?3",
-                [kind, identifier, ACTIVATE_REQUEST],
-                |row| row.get(0),
-            )
-            .unwrap();
+        let found = app.count(&format!(
+            "SELECT count(*) FROM outcome_identifiers i JOIN device_outcomes o ON o.id = i.outcome_id
+             WHERE i.kind = '{kind}' AND i.identifier = '{identifier}' AND o.request_id = '{ACTIVATE_REQUEST}'"
+        ));
         assert_eq!(found, 1, "{kind} {identifier}");
     }
-    let (kind, result, count, max): (String, String, i64, i64) = database
-        .query_row(
-            "SELECT kind, result, callback_count, max_callback_threshold FROM deliveries",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
-        )
-        .unwrap();
+    let delivery = app
+        .database
+        .rows("SELECT kind, result, callback_count, max_callback_threshold FROM deliveries");
     assert_eq!(
-        (kind.as_str(), result.as_str(), count, max),
-        ("carrier_service", "stored", 1, 4)
+        delivery,
+        vec![
+            ["carrier_service", "stored", "1", "4"]
+                .map(|value| Some(value.to_owned()))
+                .to_vec()
+        ]
     );
 }
 
@@ -87,24 +81,23 @@ async fn seed_001_upload_is_acknowledged_with_its_lines_and_counts() {
     let response = app.post_callback(fixture("upload_seed001.xml")).await;
 
     assert_eq!(response.status(), 200);
-    let database = app.database();
-    let mut lines = database
-        .prepare(
-            "SELECT o.status, o.line_status, group_concat(i.kind || '=' || i.identifier, ',')
+    let mut lines: Vec<(String, String, String)> = app
+        .database
+        .rows(&format!(
+            "SELECT o.status, o.line_status, string_agg(i.kind || '=' || i.identifier, ',')
              FROM device_outcomes o JOIN outcome_identifiers i ON i.outcome_id = o.id
-             WHERE o.request_id = ?1 GROUP BY o.id ORDER BY o.id",
-        )
-        .unwrap()
-        .query_map([UPLOAD_REQUEST], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, String>(2)?,
-            ))
+             WHERE o.request_id = '{UPLOAD_REQUEST}' GROUP BY o.id ORDER BY o.id"
+        ))
+        .into_iter()
+        .map(|row| {
+            let mut row = row.into_iter().map(Option::unwrap);
+            (
+                row.next().unwrap(),
+                row.next().unwrap(),
+                row.next().unwrap(),
+            )
         })
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
+        .collect();
     assert_eq!(lines.len(), 2);
     lines.iter_mut().for_each(|line| {
         let mut identifiers: Vec<&str> = line.2.split(',').collect();
@@ -123,28 +116,26 @@ async fn seed_001_upload_is_acknowledged_with_its_lines_and_counts() {
         lines[1].2,
         "ICCID=18072019672556477007,IMEI=180720196786707"
     );
-    let summary: (String, String, i64, i64, i64, i64, Option<String>) = database
-        .query_row(
-            "SELECT account_name, device_sku, total_lines, pending_lines, success_lines, failed_lines, package_error
-             FROM upload_summaries WHERE request_id = ?1",
-            [UPLOAD_REQUEST],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?, row.get(6)?)),
-        )
-        .unwrap();
+    let summary = app.database.rows(&format!(
+        "SELECT account_name, device_sku, total_lines, pending_lines, success_lines, failed_lines, package_error
+         FROM upload_summaries WHERE request_id = '{UPLOAD_REQUEST}'"
+    ));
+    let text = |value: &str| Some(value.to_owned());
     assert_eq!(
         summary,
-        (
-            "suvenduactiot".to_owned(),
-            "test".to_owned(),
-            2,
-            0,
-            2,
-            0,
+        vec![vec![
+            text("suvenduactiot"),
+            text("test"),
+            text("2"),
+            text("0"),
+            text("2"),
+            text("0"),
             None
-        )
+        ]]
     );
-    let account: String = database
-        .query_row("SELECT account FROM deliveries", [], |row| row.get(0))
+    let account = app
+        .database
+        .value("SELECT account FROM deliveries")
         .unwrap();
     assert_eq!(
         account, "seed-account",
@@ -170,7 +161,9 @@ async fn re_deliveries_with_callback_count_1_to_4_are_stored_once() {
         3
     );
     assert_eq!(
-        app.count("SELECT duplicates FROM deliveries WHERE result = 'stored'"),
+        app.count(
+            "SELECT count(*) FROM deliveries WHERE duplicate_of = (SELECT id FROM deliveries WHERE result = 'stored')"
+        ),
         3
     );
     assert_eq!(app.count("SELECT count(*) FROM raw_bodies"), 1);
@@ -368,42 +361,27 @@ async fn notification_callbacks_are_stored_with_their_kind() {
     ] {
         let response = app.post_callback(fixture(fixture_name)).await;
         assert_eq!(response.status(), 200, "{fixture_name}");
-        let stored: String = app
-            .database()
-            .query_row(
-                "SELECT kind FROM deliveries ORDER BY id DESC LIMIT 1",
-                [],
-                |row| row.get(0),
-            )
+        let stored = app
+            .database
+            .value("SELECT kind FROM deliveries ORDER BY id DESC LIMIT 1")
             .unwrap();
         assert_eq!(stored, kind, "{fixture_name}");
     }
-    let sms_details: String = app
-        .database()
-        .query_row(
-            "SELECT details FROM deliveries WHERE kind = 'sms_mo'",
-            [],
-            |row| row.get(0),
-        )
+    let sms_details = app
+        .database
+        .value("SELECT details FROM deliveries WHERE kind = 'sms_mo'")
         .unwrap();
     assert!(sms_details.contains("TEMP=21.5;BATT=87"), "{sms_details}");
-    let comment: String = app
-        .database()
-        .query_row(
-            "SELECT comment FROM deliveries WHERE kind = 'resume_tracking'",
-            [],
-            |row| row.get(0),
-        )
+    let comment = app
+        .database
+        .value("SELECT comment FROM deliveries WHERE kind = 'resume_tracking'")
         .unwrap();
     assert!(comment.starts_with("Device will resume"));
-    let fault: (String, String) = app
-        .database()
-        .query_row(
-            "SELECT status, fault_code FROM device_outcomes WHERE fault_code IS NOT NULL",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .unwrap();
+    let fault = app
+        .database
+        .rows("SELECT status, fault_code FROM device_outcomes WHERE fault_code IS NOT NULL");
+    assert_eq!(fault.len(), 1);
+    let fault = (fault[0][0].clone().unwrap(), fault[0][1].clone().unwrap());
     assert_eq!(
         fault,
         (
@@ -496,7 +474,7 @@ async fn a_callback_in_flight_at_shutdown_is_committed_and_answered() {
     stream.write_all(first_half).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
 
-    let database_path = app.database_path.clone();
+    let database = app.database.clone();
     let stopping = tokio::spawn(app.stop());
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let refused_new = tokio::net::TcpStream::connect(&address).await;
@@ -511,15 +489,10 @@ async fn a_callback_in_flight_at_shutdown_is_committed_and_answered() {
         refused_new.is_err(),
         "no new connections are accepted while draining"
     );
-    let database = rusqlite::Connection::open(&database_path).unwrap();
-    let stored: i64 = database
-        .query_row(
-            "SELECT count(*) FROM deliveries WHERE result = 'stored'",
-            [],
-            |row| row.get(0),
-        )
-        .unwrap();
-    assert_eq!(stored, 1);
+    assert_eq!(
+        database.count("SELECT count(*) FROM deliveries WHERE result = 'stored'"),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

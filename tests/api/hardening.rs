@@ -207,13 +207,9 @@ async fn an_external_entity_is_never_resolved() {
     let response = app.post_callback(body).await;
 
     assert_eq!(response.status(), 200);
-    let stored: String = app
-        .database()
-        .query_row(
-            "SELECT coalesce(parse_error, '') FROM deliveries",
-            [],
-            |row| row.get(0),
-        )
+    let stored = app
+        .database
+        .value("SELECT coalesce(parse_error, '') FROM deliveries")
         .unwrap();
     assert!(stored.contains("DTD"), "{stored}");
     assert_eq!(
@@ -314,13 +310,9 @@ async fn forwarded_addresses_count_only_from_trusted_proxies() {
     let untrusted = post(&no_proxy, "198.51.100.7", "untrusted").await.unwrap();
 
     assert_eq!(allowed_client.status(), 200);
-    let source: String = behind_proxy
-        .database()
-        .query_row(
-            "SELECT source_address FROM deliveries WHERE request_id = 'via-proxy'",
-            [],
-            |row| row.get(0),
-        )
+    let source = behind_proxy
+        .database
+        .value("SELECT source_address FROM deliveries WHERE request_id = 'via-proxy'")
         .unwrap();
     assert_eq!(source, "198.51.100.7");
     assert_eq!(other_client.status(), 403);

@@ -1,4 +1,6 @@
 //! Starts the real listener on port 0 with a temporary database, and talks to it over HTTP.
+// Shared by two test binaries; each uses only part of it.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 
@@ -8,10 +10,192 @@ use m2m_listener::startup::Application;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// Which storage backend the suite runs on: each test binary sets `crate::BACKEND`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL server the suite uses: `M2M_TEST_POSTGRES_URL`, else this machine's.
+pub fn postgres_base_url() -> String {
+    std::env::var("M2M_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Runs `work` with a synchronous PostgreSQL client on a thread of its own (the `postgres` crate
+/// runs its own runtime, which cannot start inside the test's).
+fn with_postgres<T: Send + 'static>(
+    url: &str,
+    work: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error> + Send + 'static,
+) -> T {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap_or_else(|error| {
+            panic!(
+                "PostgreSQL is not reachable at {url} ({error}): start it, set M2M_TEST_POSTGRES_URL, or run .ci/run, which installs it"
+            )
+        });
+        work(&mut client)
+    })
+    .join()
+    .expect("PostgreSQL thread")
+    .expect("PostgreSQL statement")
+}
+
+/// A schema of its own for one test (or one listener directory), created empty; returns the URL
+/// that selects it. Schemas left by earlier runs whose process is gone are dropped first.
+pub fn fresh_postgres_schema(name: &str) -> String {
+    static CLEANED: std::sync::Once = std::sync::Once::new();
+    let base = postgres_base_url();
+    CLEANED.call_once(|| {
+        with_postgres(&base, |client| {
+            let stale: Vec<String> = client
+                .query(
+                    "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'm2m\\_t\\_%'",
+                    &[],
+                )?
+                .iter()
+                .map(|row| row.get::<_, String>(0))
+                .filter(|schema| {
+                    let pid = schema.split('_').nth(2).unwrap_or("");
+                    !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                })
+                .collect();
+            for schema in stale {
+                client.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))?;
+            }
+            Ok(())
+        });
+    });
+    let schema = format!("m2m_t_{}_{name}", std::process::id());
+    let create = format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}");
+    with_postgres(&base, move |client| client.batch_execute(&create));
+    let separator = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{separator}options=-c%20search_path%3D{schema}")
+}
+
+/// A name unique within this test process.
+pub fn unique_name() -> String {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        .to_string()
+}
+
+/// The database a test app writes to, for checks that look at the stored rows themselves.
+#[derive(Clone, Debug)]
+pub enum TestDatabase {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl TestDatabase {
+    /// Every row of `sql` as text (NULL as `None`); the SQL must suit both backends.
+    pub fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        match self {
+            TestDatabase::Sqlite(path) => {
+                let connection = rusqlite::Connection::open(path).expect("database opens");
+                connection
+                    .busy_timeout(std::time::Duration::from_secs(5))
+                    .expect("busy timeout");
+                let mut statement = connection.prepare(sql).expect(sql);
+                let width = statement.column_count();
+                statement
+                    .query_map([], |row| {
+                        (0..width)
+                            .map(|index| {
+                                Ok(match row.get_ref(index)? {
+                                    rusqlite::types::ValueRef::Null => None,
+                                    rusqlite::types::ValueRef::Integer(value) => {
+                                        Some(value.to_string())
+                                    }
+                                    rusqlite::types::ValueRef::Real(value) => {
+                                        Some(value.to_string())
+                                    }
+                                    rusqlite::types::ValueRef::Text(text)
+                                    | rusqlite::types::ValueRef::Blob(text) => {
+                                        Some(String::from_utf8_lossy(text).into_owned())
+                                    }
+                                })
+                            })
+                            .collect()
+                    })
+                    .expect(sql)
+                    .collect::<rusqlite::Result<_>>()
+                    .expect(sql)
+            }
+            TestDatabase::Postgres(url) => {
+                let sql = sql.to_owned();
+                with_postgres(url, move |client| {
+                    Ok(client
+                        .simple_query(&sql)?
+                        .into_iter()
+                        .filter_map(|message| match message {
+                            postgres::SimpleQueryMessage::Row(row) => Some(
+                                (0..row.len())
+                                    .map(|index| row.get(index).map(str::to_owned))
+                                    .collect(),
+                            ),
+                            _ => None,
+                        })
+                        .collect())
+                })
+            }
+        }
+    }
+
+    /// The one value `sql` selects, as text.
+    pub fn value(&self, sql: &str) -> Option<String> {
+        let rows = self.rows(sql);
+        assert_eq!(rows.len(), 1, "{sql} selected {} rows", rows.len());
+        rows[0][0].clone()
+    }
+
+    /// The one number `sql` selects.
+    pub fn count(&self, sql: &str) -> i64 {
+        self.value(sql)
+            .unwrap_or_else(|| panic!("{sql} selected NULL"))
+            .parse()
+            .expect(sql)
+    }
+
+    /// Runs a statement that changes rows.
+    pub fn execute(&self, sql: &str) {
+        match self {
+            TestDatabase::Sqlite(path) => {
+                let connection = rusqlite::Connection::open(path).expect("database opens");
+                connection
+                    .busy_timeout(std::time::Duration::from_secs(5))
+                    .expect("busy timeout");
+                connection.execute_batch(sql).expect(sql);
+            }
+            TestDatabase::Postgres(url) => {
+                let sql = sql.to_owned();
+                with_postgres(url, move |client| client.batch_execute(&sql));
+            }
+        }
+    }
+
+    /// Points a listener process (or CLI command) at this database.
+    pub fn configure(&self, command: &mut std::process::Command) {
+        match self {
+            TestDatabase::Sqlite(path) => {
+                command.env("M2M_STORAGE__PATH", path);
+            }
+            TestDatabase::Postgres(url) => {
+                command.env("M2M_STORAGE__URL", url);
+            }
+        }
+    }
+}
+
 pub struct TestApp {
     pub callback_url: String,
     pub api_url: String,
     pub database_path: PathBuf,
+    pub database: TestDatabase,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
@@ -47,6 +231,9 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
     settings.callback.listen = "127.0.0.1:0".parse().expect("address");
     settings.api.listen = "127.0.0.1:0".parse().expect("address");
     settings.storage.path = directory.path().join("m2m-listener.db");
+    if crate::BACKEND == Backend::Postgres {
+        settings.storage.url = Some(Secret::new(fresh_postgres_schema(&unique_name())));
+    }
     settings.callback.credentials = test_credentials();
     settings.shutdown.drain_timeout_s = 5;
     customise(&mut settings);
@@ -60,7 +247,16 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
         application.callback_address().expect("callback address")
     );
     let api_url = format!("http://{}", application.api_address().expect("api address"));
-    let database_path = application.database_path().to_owned();
+    let database = match settings.storage.postgres_url() {
+        Some(url) => TestDatabase::Postgres(url.to_owned()),
+        None => TestDatabase::Sqlite(
+            application
+                .database_path()
+                .expect("a SQLite file")
+                .to_owned(),
+        ),
+    };
+    let database_path = settings.storage.path.clone();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(application.run_until_stopped(async {
         let _ = stopped.await;
@@ -69,6 +265,7 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
         callback_url,
         api_url,
         database_path,
+        database,
         client: reqwest::Client::new(),
         stop: Some(stop),
         server: Some(server),
@@ -117,19 +314,9 @@ impl TestApp {
         serde_json::from_slice(&response.bytes().await.expect("body")).expect("JSON body")
     }
 
-    /// A read-only connection to the real database file.
-    pub fn database(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open_with_flags(
-            &self.database_path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .expect("database opens")
-    }
-
+    /// The one number `sql` selects from the real database.
     pub fn count(&self, sql: &str) -> i64 {
-        self.database()
-            .query_row(sql, [], |row| row.get(0))
-            .expect(sql)
+        self.database.count(sql)
     }
 
     /// Sends `body` with chunked transfer encoding (no Content-Length) over a raw connection and
@@ -232,7 +419,23 @@ pub fn listener_process(
     username: &str,
     password: &str,
 ) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_m2m-listener"))
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_m2m-listener"));
+    if crate::BACKEND == Backend::Postgres {
+        // One schema per directory: a restarted listener finds its data again.
+        static SCHEMAS: std::sync::Mutex<Vec<(PathBuf, String)>> =
+            std::sync::Mutex::new(Vec::new());
+        let mut schemas = SCHEMAS.lock().expect("schemas");
+        let url = match schemas.iter().find(|(known, _)| known == directory) {
+            Some((_, url)) => url.clone(),
+            None => {
+                let url = fresh_postgres_schema(&unique_name());
+                schemas.push((directory.to_owned(), url.clone()));
+                url
+            }
+        };
+        command.env("M2M_STORAGE__URL", url);
+    }
+    command
         .current_dir(directory)
         .env_remove("M2M_CONFIG")
         .env("M2M_CALLBACK__LISTEN", format!("127.0.0.1:{callback_port}"))

@@ -1,5 +1,9 @@
 //! Integration tests against the real listener: port 0, a temporary SQLite file, real payloads.
+//! `tests/api_postgres` runs the same modules on PostgreSQL.
 
+pub const BACKEND: helpers::Backend = helpers::Backend::Sqlite;
+
+mod backup;
 mod binary;
 mod callbacks;
 mod crash;

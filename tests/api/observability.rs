@@ -478,6 +478,110 @@ fn the_compose_file_is_valid() {
     }
 }
 
+const POSTGRES_COMPOSE_VARIABLES: &[(&str, &str)] = &[
+    ("M2M_API_TOKEN", "test-token"),
+    ("M2M_POSTGRES_PASSWORD", "test-postgres-password"),
+    ("M2M_CALLBACK_USERNAME", "test-user"),
+    ("M2M_CALLBACK_PASSWORD", "test-password"),
+];
+
+#[test]
+fn the_postgres_compose_file_is_valid() {
+    let compose = || {
+        let mut command = tool("docker-compose");
+        command
+            .args(["-f"])
+            .arg(repository("deploy/docker-compose.postgres.yml"))
+            .arg("config");
+        for (name, _) in POSTGRES_COMPOSE_VARIABLES {
+            command.env_remove(name);
+        }
+        command
+    };
+    let output = compose()
+        .envs(POSTGRES_COMPOSE_VARIABLES.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rendered = String::from_utf8_lossy(&output.stdout);
+    for service in [
+        "postgres:",
+        "listener-1:",
+        "listener-2:",
+        "listener-3:",
+        "lb:",
+        "prometheus:",
+        "grafana:",
+    ] {
+        assert!(rendered.contains(service), "{service} missing:\n{rendered}");
+    }
+    assert_eq!(
+        rendered
+            .matches("M2M_STORAGE__URL: postgres://m2m:test-postgres-password@postgres:5432/m2m")
+            .count(),
+        3,
+        "every listener uses the shared database:\n{rendered}"
+    );
+    assert_eq!(
+        rendered
+            .matches("M2M_CALLBACK__CREDENTIALS__0__USERNAME: test-user")
+            .count(),
+        3,
+        "every listener has the configured credentials:\n{rendered}"
+    );
+
+    // The credentials are required: without them the file does not render.
+    let missing = compose()
+        .envs(
+            POSTGRES_COMPOSE_VARIABLES
+                .iter()
+                .copied()
+                .filter(|(name, _)| *name != "M2M_CALLBACK_PASSWORD"),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        !missing.status.success(),
+        "rendered without a callback password"
+    );
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("M2M_CALLBACK_PASSWORD"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+}
+
+#[test]
+fn promtool_accepts_the_replicas_prometheus_config() {
+    // As for deploy/prometheus.yml: the rules are named where the container mounts them.
+    let directory = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repository("deploy/prometheus-replicas.yml")).unwrap();
+    for listener in ["listener-1:9090", "listener-2:9090", "listener-3:9090"] {
+        assert!(text.contains(listener), "{listener} is not scraped");
+    }
+    let config = text.replace(
+        "/etc/prometheus/alerts.yml",
+        &repository("dashboards/alerts.yml").display().to_string(),
+    );
+    let path = directory.path().join("prometheus.yml");
+    std::fs::write(&path, config).unwrap();
+    let checked = tool("promtool")
+        .args(["check", "config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
+
 #[test]
 fn the_systemd_unit_verifies() {
     let directory = tempfile::tempdir().unwrap();

@@ -1,8 +1,6 @@
 //! Retention (raw bodies pruned, what must stay stays) and online backup.
 
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -13,14 +11,8 @@ use crate::helpers::{
 
 /// Pretends every delivery so far arrived in 2020.
 fn age_everything(app: &TestApp) {
-    let connection = rusqlite::Connection::open(&app.database_path).unwrap();
-    connection.busy_timeout(Duration::from_secs(5)).unwrap();
-    connection
-        .execute(
-            "UPDATE deliveries SET received_at = '2020-01-01T00:00:00.000000Z'",
-            [],
-        )
-        .unwrap();
+    app.database
+        .execute("UPDATE deliveries SET received_at = '2020-01-01T00:00:00.000000Z'");
 }
 
 async fn raw_status(app: &TestApp, request_id: &str) -> u16 {
@@ -115,12 +107,10 @@ async fn the_prune_command_prunes_what_is_due() {
     }
     age_everything(&app);
 
-    let output = Command::new(env!("CARGO_BIN_EXE_m2m-listener"))
-        .arg("prune")
-        .env_remove("M2M_CONFIG")
-        .env("M2M_STORAGE__PATH", &app.database_path)
-        .output()
-        .unwrap();
+    let mut prune = Command::new(env!("CARGO_BIN_EXE_m2m-listener"));
+    prune.arg("prune").env_remove("M2M_CONFIG");
+    app.database.configure(&mut prune);
+    let output = prune.output().unwrap();
 
     assert!(
         output.status.success(),
@@ -133,75 +123,4 @@ async fn the_prune_command_prunes_what_is_due() {
         String::from_utf8_lossy(&output.stdout)
     );
     assert_eq!(raw_status(&app, "prune-0").await, 410);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backup_taken_while_callbacks_arrive_is_consistent_and_complete() {
-    let app = Arc::new(spawn_app().await);
-    let template = String::from_utf8(fixture("deactivate_bare.xml")).unwrap();
-    let acknowledged = Arc::new(AtomicUsize::new(0));
-    let running = Arc::new(AtomicBool::new(true));
-    let load = {
-        let (app, acknowledged, running) = (
-            Arc::clone(&app),
-            Arc::clone(&acknowledged),
-            Arc::clone(&running),
-        );
-        tokio::spawn(async move {
-            let mut index = 0;
-            while running.load(Ordering::Relaxed) {
-                let body = template.replace(
-                    "7d1c1f0e-5b7a-4a8e-9f57-1c0c7f3e2a11",
-                    &format!("backup-{index}"),
-                );
-                if app.post_callback(body).await.status() == 200 {
-                    acknowledged.fetch_add(1, Ordering::Relaxed);
-                }
-                index += 1;
-            }
-        })
-    };
-    while acknowledged.load(Ordering::Relaxed) < 200 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let before = acknowledged.load(Ordering::Relaxed) as i64;
-    let target = app.directory.path().join("backup.db");
-
-    let output = Command::new(env!("CARGO_BIN_EXE_m2m-listener"))
-        .arg("backup")
-        .arg(&target)
-        .env_remove("M2M_CONFIG")
-        .env("M2M_STORAGE__PATH", &app.database_path)
-        .output()
-        .unwrap();
-    running.store(false, Ordering::Relaxed);
-    load.await.unwrap();
-
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let copy = rusqlite::Connection::open(&target).unwrap();
-    let integrity: String = copy
-        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
-        .unwrap();
-    assert_eq!(integrity, "ok");
-    let copied: i64 = copy
-        .query_row("SELECT count(*) FROM deliveries", [], |row| row.get(0))
-        .unwrap();
-    assert!(
-        copied >= before,
-        "the backup holds {copied} deliveries; {before} were acknowledged before it began"
-    );
-    let refused = Command::new(env!("CARGO_BIN_EXE_m2m-listener"))
-        .arg("backup")
-        .arg(&target)
-        .env("M2M_STORAGE__PATH", &app.database_path)
-        .output()
-        .unwrap();
-    assert!(
-        !refused.status.success(),
-        "an existing file is not overwritten"
-    );
 }

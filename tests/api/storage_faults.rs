@@ -192,7 +192,7 @@ async fn a_full_disk_answers_503_never_200_and_recovers_when_space_returns() {
         "the refused callback is taken on retry"
     );
     assert_eq!(app.get_api("/readyz").await.status(), 200);
-    let database = app.database();
+    let database = rusqlite::Connection::open(&app.database_path).unwrap();
     for index in acknowledged.iter().chain([&refused]) {
         let stored: i64 = database
             .query_row(

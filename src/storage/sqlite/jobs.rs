@@ -10,7 +10,8 @@ use time::OffsetDateTime;
 
 use super::{insert_rows, queries, sql_count};
 use crate::domain::{DeviceIdentifier, OutcomeStatus, UploadSummary};
-use crate::jobs::{self, JobFacts, JobState, Registration, UploadCounts};
+use crate::jobs::{JobFacts, JobState, Registration, UploadCounts};
+use crate::storage::rows::{JobCompletion, counter_of, seconds_between, transition};
 use crate::storage::{Registered, timestamp};
 
 /// What one write batch does to the jobs it touches. Deliveries, re-deliveries, callback times
@@ -36,15 +37,6 @@ struct TouchedJob {
 
 /// Positions in [`TouchedJob::counters`].
 const REPORTED: usize = 0;
-
-fn counter_of(status: &str) -> Option<usize> {
-    match status {
-        "succeeded" => Some(1),
-        "failed" => Some(2),
-        "accepted" => Some(3),
-        _ => None,
-    }
-}
 
 impl JobBatch {
     /// Finds or creates the job for `request_id` and counts this delivery on it. Returns its id.
@@ -282,13 +274,6 @@ pub(super) fn record_upload(
     Ok(())
 }
 
-/// A job that just completed: for `m2m_job_completion_seconds`, observed once the transaction
-/// commits.
-pub(super) struct JobCompletion {
-    pub operation: String,
-    pub seconds: f64,
-}
-
 /// Recounts the job's devices and applies the state rule as of `now`. Returns whether the state
 /// changed; a job that just completed (not timed out) is added to `completions`.
 pub(super) fn recompute(
@@ -332,30 +317,26 @@ pub(super) fn recompute(
             };
             Ok((facts, row.get::<_, String>(8)?, row.get::<_, Option<String>>(9)?))
         })?;
-    let state = jobs::compute_state(&facts);
-    let was_terminal = JobState::from_label(&old_state).is_some_and(JobState::is_terminal);
-    let new_completed_at = match (state.is_terminal(), was_terminal) {
-        (false, _) => None,
-        (true, true) => completed_at.clone().or(Some(now_text)),
-        (true, false) => Some(now_text),
-    };
-    let changed = state.as_str() != old_state;
-    if changed || new_completed_at != completed_at {
-        let completed_at = new_completed_at;
+    let transition = transition(&facts, &old_state, completed_at.as_deref(), &now_text);
+    if transition.write {
         connection
             .prepare_cached("UPDATE jobs SET state = ?2, completed_at = ?3 WHERE id = ?1")?
-            .execute(params![job_id, state.as_str(), completed_at])?;
+            .execute(params![
+                job_id,
+                transition.state.as_str(),
+                transition.completed_at
+            ])?;
     }
-    if changed && state.is_terminal() && state != JobState::TimedOut {
-        let (operation, seconds): (Option<String>, Option<f64>) = connection
+    let changed = transition.changed;
+    if changed && transition.state.is_terminal() && transition.state != JobState::TimedOut {
+        let (operation, started): (Option<String>, String) = connection
             .prepare_cached(
-                "SELECT operation, (julianday(?2) - julianday(coalesce(registered_at, created_at))) * 86400.0
-                 FROM jobs WHERE id = ?1",
+                "SELECT operation, coalesce(registered_at, created_at) FROM jobs WHERE id = ?1",
             )?
-            .query_row(params![job_id, timestamp(now)], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            .query_row([job_id], |row| Ok((row.get(0)?, row.get(1)?)))?;
         completions.push(JobCompletion {
             operation: operation.unwrap_or_else(|| "other".to_owned()),
-            seconds: seconds.unwrap_or(0.0).max(0.0),
+            seconds: seconds_between(&started, &now_text),
         });
     }
     Ok(changed)

@@ -23,7 +23,8 @@ mod retention;
 
 pub use retention::{backup_database, prune_database};
 
-use jobs::{JobBatch, JobCompletion};
+use crate::storage::rows::JobCompletion;
+use jobs::JobBatch;
 mod schema;
 
 use super::{

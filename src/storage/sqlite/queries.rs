@@ -5,22 +5,13 @@ use std::collections::HashMap;
 use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 
 use crate::domain::{DeliveryResult, DeviceIdentifier};
-use crate::storage::{
-    DeliveryQuery, DeliveryRecord, DeviceHistory, FaultRecord, JobQuery, JobRecord, OutcomeRecord,
-    Page, RawBody, UploadRecord,
+use crate::storage::rows::{
+    HISTORY_LIMIT, JobRow, fault_record, identifier_candidates, page, parse_details,
+    unreported_outcome,
 };
-
-/// A page of `limit` rows from `limit + 1` fetched: the extra row only says that more follow.
-fn page<T>(mut items: Vec<T>, limit: i64, id_of: impl Fn(&T) -> i64) -> Page<T> {
-    let more = items.len() as i64 > limit;
-    items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    let next_cursor = if more {
-        items.last().map(|last| id_of(last).to_string())
-    } else {
-        None
-    };
-    Page { items, next_cursor }
-}
+use crate::storage::{
+    DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord, OutcomeRecord, Page, RawBody,
+};
 
 /// A WHERE clause of only the filters given, so that SQLite can use an index for each (it cannot
 /// for `?1 IS NULL OR column = ?1`).
@@ -132,13 +123,7 @@ const JOB_COLUMNS: &str = "id, request_id, registered, operation, account, label
      failed_lines, package_error, timeout_s, registered_at, first_callback_at, last_callback_at, completed_at, deadline";
 
 fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
-    let is_upload: bool = row.get(14)?;
-    let total_lines: Option<i64> = row.get(15)?;
-    let devices_reported: i64 = row.get(8)?;
-    let expected_devices =
-        row.get::<_, Option<i64>>(7)?
-            .or(if is_upload { total_lines } else { None });
-    Ok(JobRecord {
+    Ok(JobRow {
         id: row.get(0)?,
         request_id: row.get(1)?,
         registered: row.get(2)?,
@@ -146,32 +131,28 @@ fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
         account: row.get(4)?,
         label: row.get(5)?,
         state: row.get(6)?,
-        expected_devices,
-        devices_reported,
+        expected_devices: row.get(7)?,
+        devices_reported: row.get(8)?,
         succeeded: row.get(9)?,
         failed: row.get(10)?,
         accepted: row.get(11)?,
-        pending: expected_devices.map(|expected| (expected - devices_reported).max(0)),
-        upload: if is_upload {
-            Some(UploadRecord {
-                total_lines,
-                pending_lines: row.get(16)?,
-                success_lines: row.get(17)?,
-                failed_lines: row.get(18)?,
-                package_error: row.get(19)?,
-            })
-        } else {
-            None
-        },
         deliveries: row.get(12)?,
         duplicates: row.get(13)?,
+        is_upload: row.get(14)?,
+        total_lines: row.get(15)?,
+        pending_lines: row.get(16)?,
+        success_lines: row.get(17)?,
+        failed_lines: row.get(18)?,
+        package_error: row.get(19)?,
         timeout_s: row.get(20)?,
+        created_at: String::new(),
         registered_at: row.get(21)?,
         first_callback_at: row.get(22)?,
         last_callback_at: row.get(23)?,
         completed_at: row.get(24)?,
         deadline: row.get(25)?,
-    })
+    }
+    .into_record())
 }
 
 pub(super) fn job_by_id(connection: &Connection, job_id: i64) -> rusqlite::Result<JobRecord> {
@@ -230,27 +211,20 @@ const OUTCOME_COLUMNS: &str =
 
 /// An outcome row (columns as in `OUTCOME_COLUMNS`, starting at `first`), identifiers left empty.
 fn outcome_from_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<OutcomeRecord> {
-    let fault_code: Option<String> = row.get(first + 5)?;
-    let fault_message: Option<String> = row.get(first + 6)?;
-    let details: Option<String> = row.get(first + 13)?;
     Ok(OutcomeRecord {
         request_id: row.get(first + 1)?,
         operation: row.get(first + 2)?,
         identifiers: Vec::new(),
         status: row.get(first + 3)?,
         line_status: row.get(first + 4)?,
-        fault: (fault_code.is_some() || fault_message.is_some()).then_some(FaultRecord {
-            code: fault_code,
-            message: fault_message,
-            resolution: None,
-        }),
+        fault: fault_record(row.get(first + 5)?, row.get(first + 6)?),
         state: row.get(first + 7)?,
         service_plan: row.get(first + 8)?,
         ip_address: row.get(first + 9)?,
         mdn: row.get(first + 10)?,
         received_at: row.get(first + 11)?,
         delivery_id: row.get(first + 12)?,
-        details: details.and_then(|details| serde_json::from_str(&details).ok()),
+        details: parse_details(row.get(first + 13)?),
     })
 }
 
@@ -277,11 +251,6 @@ pub(super) fn job_devices(
                 id: row.get(2)?,
             });
     }
-    let unreported = if job.deadline.as_str() < now {
-        "missing"
-    } else {
-        "pending"
-    };
     let mut statement = connection.prepare_cached(&format!(
         "SELECT d.id, o.id IS NOT NULL, {OUTCOME_COLUMNS}
          FROM job_devices d LEFT JOIN device_outcomes o ON o.id = d.latest_outcome_id
@@ -294,21 +263,7 @@ pub(super) fn job_devices(
             let mut outcome = if reported {
                 outcome_from_row(row, 2)?
             } else {
-                OutcomeRecord {
-                    request_id: Some(job.request_id.clone()),
-                    operation: job.operation.clone(),
-                    identifiers: Vec::new(),
-                    status: unreported.to_owned(),
-                    line_status: None,
-                    fault: None,
-                    state: None,
-                    service_plan: None,
-                    ip_address: None,
-                    mdn: None,
-                    received_at: None,
-                    delivery_id: None,
-                    details: None,
-                }
+                unreported_outcome(&job, now)
             };
             outcome.identifiers = identifiers.remove(&device_id).unwrap_or_default();
             outcome
@@ -320,23 +275,11 @@ pub(super) fn job_devices(
     Ok(Some(devices))
 }
 
-/// Outcomes shown in a device history, newest first.
-const HISTORY_LIMIT: i64 = 500;
-
 pub(super) fn device_history(
     connection: &Connection,
     identifier: &DeviceIdentifier,
 ) -> rusqlite::Result<Option<DeviceHistory>> {
-    // Identifiers are stored as sent; hexadecimal ones (MEID, ESN) may differ in case only.
-    let mut candidates = vec![identifier.id.clone()];
-    for variant in [
-        identifier.id.to_ascii_uppercase(),
-        identifier.id.to_ascii_lowercase(),
-    ] {
-        if !candidates.contains(&variant) {
-            candidates.push(variant);
-        }
-    }
+    let candidates = identifier_candidates(&identifier.id);
     let mut outcome_ids: Vec<i64> = Vec::new();
     for candidate in &candidates {
         outcome_ids = connection

@@ -1,0 +1,636 @@
+//! Job writes on PostgreSQL: correlation of a batch with its jobs, registration (and adoption),
+//! the deadline sweep. Job rows are locked before they are read, and written back whole: the
+//! counters and state computed here are never based on a row another replica is changing.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use deadpool_postgres::Transaction;
+use time::OffsetDateTime;
+use tokio_postgres::Row;
+
+use super::Failure;
+use super::write::{clean, count, next_ids};
+use crate::domain::{DeviceIdentifier, OutcomeStatus, UploadSummary};
+use crate::jobs::{JobState, Registration};
+use crate::storage::rows::{JobCompletion, JobRow, counter_of};
+use crate::storage::{DeliveryContent, NewDelivery, Registered, timestamp};
+
+pub(super) const JOB_COLUMNS: &str = "id, request_id, registered, operation, account, label, state, expected_devices,
+     devices_reported, succeeded, failed, accepted, deliveries, duplicates, is_upload, total_lines, pending_lines,
+     success_lines, failed_lines, package_error, timeout_s, created_at, registered_at, first_callback_at,
+     last_callback_at, completed_at, deadline";
+
+/// A `jobs` row selected with [`JOB_COLUMNS`].
+pub(super) fn job_row(row: &Row) -> Result<JobRow, tokio_postgres::Error> {
+    Ok(JobRow {
+        id: row.try_get(0)?,
+        request_id: row.try_get(1)?,
+        registered: row.try_get(2)?,
+        operation: row.try_get(3)?,
+        account: row.try_get(4)?,
+        label: row.try_get(5)?,
+        state: row.try_get(6)?,
+        expected_devices: row.try_get(7)?,
+        devices_reported: row.try_get(8)?,
+        succeeded: row.try_get(9)?,
+        failed: row.try_get(10)?,
+        accepted: row.try_get(11)?,
+        deliveries: row.try_get(12)?,
+        duplicates: row.try_get(13)?,
+        is_upload: row.try_get(14)?,
+        total_lines: row.try_get(15)?,
+        pending_lines: row.try_get(16)?,
+        success_lines: row.try_get(17)?,
+        failed_lines: row.try_get(18)?,
+        package_error: row.try_get(19)?,
+        timeout_s: row.try_get(20)?,
+        created_at: row.try_get(21)?,
+        registered_at: row.try_get(22)?,
+        first_callback_at: row.try_get(23)?,
+        last_callback_at: row.try_get(24)?,
+        completed_at: row.try_get(25)?,
+        deadline: row.try_get(26)?,
+    })
+}
+
+/// What one batch adds to one job.
+pub(super) struct TouchedJob {
+    deliveries: i64,
+    duplicates: i64,
+    operation: Option<&'static str>,
+    first_at: OffsetDateTime,
+    last_at: OffsetDateTime,
+    /// Changes to devices_reported, succeeded, failed, accepted.
+    counters: [i64; 4],
+}
+
+impl TouchedJob {
+    pub fn new(at: OffsetDateTime) -> Self {
+        Self {
+            deliveries: 0,
+            duplicates: 0,
+            operation: None,
+            first_at: at,
+            last_at: at,
+            counters: [0; 4],
+        }
+    }
+
+    pub fn record_delivery(
+        &mut self,
+        operation: Option<&'static str>,
+        at: OffsetDateTime,
+        duplicate: bool,
+    ) {
+        self.deliveries += 1;
+        self.duplicates += i64::from(duplicate);
+        self.operation = self.operation.or(operation);
+        self.first_at = self.first_at.min(at);
+        self.last_at = self.last_at.max(at);
+    }
+}
+
+/// Creates the jobs not stored yet and locks all of them, in `request_id` order. Returns the
+/// locked rows by `request_id`, and which were created.
+pub(super) async fn create_and_lock(
+    transaction: &Transaction<'_>,
+    mut jobs: Vec<(String, Option<&'static str>, OffsetDateTime)>,
+    timeout: Duration,
+) -> Result<(HashMap<String, JobRow>, HashSet<String>), tokio_postgres::Error> {
+    jobs.sort_by(|left, right| left.0.cmp(&right.0));
+    let request_ids: Vec<&str> = jobs.iter().map(|job| job.0.as_str()).collect();
+    let operations: Vec<Option<&str>> = jobs.iter().map(|job| job.1).collect();
+    let created_at: Vec<String> = jobs.iter().map(|job| timestamp(job.2)).collect();
+    let deadlines: Vec<String> = jobs.iter().map(|job| timestamp(job.2 + timeout)).collect();
+    let states = vec![JobState::Pending.as_str(); jobs.len()];
+    let insert = transaction
+        .prepare_cached(
+            "INSERT INTO jobs (request_id, operation, state, created_at, deadline)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+             ON CONFLICT (request_id) DO NOTHING
+             RETURNING request_id",
+        )
+        .await?;
+    let created = transaction
+        .query(
+            &insert,
+            &[&request_ids, &operations, &states, &created_at, &deadlines],
+        )
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<HashSet<String>, _>>()?;
+    let lock = transaction
+        .prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE request_id = ANY($1) ORDER BY request_id FOR NO KEY UPDATE"
+        ))
+        .await?;
+    let mut rows = HashMap::with_capacity(jobs.len());
+    for row in transaction.query(&lock, &[&request_ids]).await? {
+        let row = job_row(&row)?;
+        rows.insert(row.request_id.clone(), row);
+    }
+    Ok((rows, created))
+}
+
+/// Changes to the devices of locked jobs, written with a few set-based statements.
+#[derive(Default)]
+pub(super) struct DeviceUpdates {
+    /// (job, kind, identifier) → device; new devices have negative placeholder ids.
+    devices: HashMap<(i64, String, String), i64>,
+    /// The latest status of every device seen (None: registered, not reported).
+    status: HashMap<i64, Option<&'static str>>,
+    /// Device → its new latest outcome and status.
+    latest: HashMap<i64, (i64, &'static str)>,
+    /// New devices: placeholder, job, registered.
+    new_devices: Vec<(i64, i64, bool)>,
+    /// Existing devices now registered.
+    now_registered: Vec<i64>,
+    /// New identifier rows: job, kind, identifier, device.
+    new_identifiers: Vec<(i64, String, String, i64)>,
+}
+
+impl DeviceUpdates {
+    /// Loads the stored devices that any of `wanted` (job, kind, identifier) names.
+    async fn load_identifiers(
+        &mut self,
+        transaction: &Transaction<'_>,
+        wanted: &[(i64, String, String)],
+    ) -> Result<(), tokio_postgres::Error> {
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let jobs: Vec<i64> = wanted.iter().map(|key| key.0).collect();
+        let kinds: Vec<&str> = wanted.iter().map(|key| key.1.as_str()).collect();
+        let identifiers: Vec<&str> = wanted.iter().map(|key| key.2.as_str()).collect();
+        let statement = transaction
+            .prepare_cached(
+                "SELECT i.job_id, i.kind, i.identifier, i.job_device_id, d.status
+                 FROM job_device_identifiers i JOIN job_devices d ON d.id = i.job_device_id
+                 WHERE (i.job_id, i.kind, i.identifier) IN
+                     (SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]))",
+            )
+            .await?;
+        for row in transaction
+            .query(&statement, &[&jobs, &kinds, &identifiers])
+            .await?
+        {
+            let device: i64 = row.try_get(3)?;
+            let status: Option<String> = row.try_get(4)?;
+            self.devices
+                .insert((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?), device);
+            self.status
+                .insert(device, status.as_deref().and_then(static_status));
+        }
+        Ok(())
+    }
+
+    /// Loads the devices the outcomes of `new_deliveries` may name.
+    pub async fn load(
+        &mut self,
+        transaction: &Transaction<'_>,
+        rows: &HashMap<String, JobRow>,
+        deliveries: &[&NewDelivery],
+        new_deliveries: &[usize],
+    ) -> Result<(), tokio_postgres::Error> {
+        let mut wanted = Vec::new();
+        for index in new_deliveries {
+            let DeliveryContent::Callback(callback) = &deliveries[*index].content else {
+                continue;
+            };
+            let Some(job) = callback
+                .request_id
+                .as_deref()
+                .and_then(|request_id| rows.get(&clean(request_id)))
+            else {
+                continue;
+            };
+            for outcome in &callback.outcomes {
+                for identifier in &outcome.identifiers {
+                    wanted.push((job.id, clean(&identifier.kind), clean(&identifier.id)));
+                }
+            }
+        }
+        self.load_identifiers(transaction, &wanted).await
+    }
+
+    /// The job's device one of `identifiers` names.
+    fn find(&self, job_id: i64, identifiers: &[DeviceIdentifier]) -> Option<i64> {
+        identifiers.iter().find_map(|identifier| {
+            self.devices
+                .get(&(job_id, clean(&identifier.kind), clean(&identifier.id)))
+                .copied()
+        })
+    }
+
+    fn add(&mut self, job_id: i64, registered: bool) -> i64 {
+        let placeholder = -1 - i64::try_from(self.new_devices.len()).unwrap_or(i64::MAX - 1);
+        self.new_devices.push((placeholder, job_id, registered));
+        self.status.insert(placeholder, None);
+        placeholder
+    }
+
+    fn add_identifiers(&mut self, job_id: i64, device: i64, identifiers: &[DeviceIdentifier]) {
+        for identifier in identifiers {
+            let key = (job_id, clean(&identifier.kind), clean(&identifier.id));
+            if !self.devices.contains_key(&key) {
+                self.new_identifiers
+                    .push((job_id, key.1.clone(), key.2.clone(), device));
+                self.devices.insert(key, device);
+            }
+        }
+    }
+
+    /// Makes `outcome_id` the latest outcome of the job's device it names (a new device if none),
+    /// and counts the change on `job`.
+    pub fn record_outcome(
+        &mut self,
+        job_id: i64,
+        outcome_id: i64,
+        identifiers: &[DeviceIdentifier],
+        status: OutcomeStatus,
+        job: &mut TouchedJob,
+    ) {
+        let device = match self.find(job_id, identifiers) {
+            Some(device) => device,
+            None => self.add(job_id, false),
+        };
+        match self.status.get(&device).copied().flatten() {
+            None => job.counters[0] += 1,
+            Some(previous) => {
+                if let Some(index) = counter_of(previous) {
+                    job.counters[index] -= 1;
+                }
+            }
+        }
+        if let Some(index) = counter_of(status.as_str()) {
+            job.counters[index] += 1;
+        }
+        self.status.insert(device, Some(status.as_str()));
+        self.latest.insert(device, (outcome_id, status.as_str()));
+        self.add_identifiers(job_id, device, identifiers);
+    }
+
+    /// Marks the job's device `identifier` names as registered (a new device if none).
+    fn register(&mut self, job_id: i64, identifier: &DeviceIdentifier) {
+        let identifiers = std::slice::from_ref(identifier);
+        match self.find(job_id, identifiers) {
+            Some(device) if device > 0 => self.now_registered.push(device),
+            Some(_) => {}
+            None => {
+                let device = self.add(job_id, true);
+                self.add_identifiers(job_id, device, identifiers);
+            }
+        }
+    }
+
+    pub async fn write(self, transaction: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        let fresh = next_ids(transaction, "job_devices_id_seq", self.new_devices.len()).await?;
+        let real: HashMap<i64, i64> = self
+            .new_devices
+            .iter()
+            .map(|(placeholder, _, _)| *placeholder)
+            .zip(fresh)
+            .collect();
+        let id_of = |device: i64| real.get(&device).copied().unwrap_or(device);
+        if !self.new_devices.is_empty() {
+            let ids: Vec<i64> = self
+                .new_devices
+                .iter()
+                .map(|device| id_of(device.0))
+                .collect();
+            let jobs: Vec<i64> = self.new_devices.iter().map(|device| device.1).collect();
+            let registered: Vec<bool> = self.new_devices.iter().map(|device| device.2).collect();
+            let latest: Vec<Option<i64>> = self
+                .new_devices
+                .iter()
+                .map(|device| self.latest.get(&device.0).map(|latest| latest.0))
+                .collect();
+            let status: Vec<Option<&str>> = self
+                .new_devices
+                .iter()
+                .map(|device| self.latest.get(&device.0).map(|latest| latest.1))
+                .collect();
+            let statement = transaction
+                .prepare_cached(
+                    "INSERT INTO job_devices (id, job_id, registered, latest_outcome_id, status)
+                     SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::boolean[], $4::bigint[], $5::text[])",
+                )
+                .await?;
+            transaction
+                .execute(&statement, &[&ids, &jobs, &registered, &latest, &status])
+                .await?;
+        }
+        let updated: Vec<(i64, i64, &str)> = self
+            .latest
+            .iter()
+            .filter(|(device, _)| **device > 0)
+            .map(|(device, (outcome, status))| (*device, *outcome, *status))
+            .collect();
+        if !updated.is_empty() {
+            let ids: Vec<i64> = updated.iter().map(|update| update.0).collect();
+            let outcomes: Vec<i64> = updated.iter().map(|update| update.1).collect();
+            let statuses: Vec<&str> = updated.iter().map(|update| update.2).collect();
+            let statement = transaction
+                .prepare_cached(
+                    "UPDATE job_devices d SET latest_outcome_id = u.outcome, status = u.status
+                     FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS u (id, outcome, status)
+                     WHERE d.id = u.id",
+                )
+                .await?;
+            transaction
+                .execute(&statement, &[&ids, &outcomes, &statuses])
+                .await?;
+        }
+        if !self.now_registered.is_empty() {
+            let statement = transaction
+                .prepare_cached("UPDATE job_devices SET registered = TRUE WHERE id = ANY($1)")
+                .await?;
+            transaction
+                .execute(&statement, &[&self.now_registered])
+                .await?;
+        }
+        if !self.new_identifiers.is_empty() {
+            let jobs: Vec<i64> = self.new_identifiers.iter().map(|row| row.0).collect();
+            let kinds: Vec<&str> = self
+                .new_identifiers
+                .iter()
+                .map(|row| row.1.as_str())
+                .collect();
+            let identifiers: Vec<&str> = self
+                .new_identifiers
+                .iter()
+                .map(|row| row.2.as_str())
+                .collect();
+            let devices: Vec<i64> = self
+                .new_identifiers
+                .iter()
+                .map(|row| id_of(row.3))
+                .collect();
+            let statement = transaction
+                .prepare_cached(
+                    "INSERT INTO job_device_identifiers (job_id, kind, identifier, job_device_id)
+                     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[])
+                     ON CONFLICT DO NOTHING",
+                )
+                .await?;
+            transaction
+                .execute(&statement, &[&jobs, &kinds, &identifiers, &devices])
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A stored status as the `'static` label it is (anything else counts nowhere).
+fn static_status(status: &str) -> Option<&'static str> {
+    OutcomeStatus::from_label(status).map(OutcomeStatus::as_str)
+}
+
+/// The latest upload report sets the job's line counts; a package-level error sticks.
+pub(super) fn record_upload(row: &mut JobRow, upload: &UploadSummary) {
+    row.is_upload = true;
+    row.total_lines = count(upload.total_lines).or(row.total_lines);
+    row.pending_lines = count(upload.pending_lines).or(row.pending_lines);
+    row.success_lines = count(upload.success_lines).or(row.success_lines);
+    row.failed_lines = count(upload.failed_lines).or(row.failed_lines);
+    if row.package_error.is_none() {
+        row.package_error = upload.package_error.as_deref().map(clean);
+    }
+}
+
+/// Applies each job's batch changes, recomputes the state of jobs that received a first delivery,
+/// and writes the rows back.
+pub(super) async fn finish(
+    transaction: &Transaction<'_>,
+    rows: &mut HashMap<String, JobRow>,
+    touched: HashMap<String, TouchedJob>,
+    completions: &mut Vec<JobCompletion>,
+) -> Result<(), tokio_postgres::Error> {
+    for (request_id, job) in touched {
+        let Some(row) = rows.get_mut(&request_id) else {
+            continue;
+        };
+        row.deliveries += job.deliveries;
+        row.duplicates += job.duplicates;
+        row.operation = row.operation.take().or(job.operation.map(str::to_owned));
+        let first_at = timestamp(job.first_at);
+        if row
+            .first_callback_at
+            .as_ref()
+            .is_none_or(|first| *first > first_at)
+        {
+            row.first_callback_at = Some(first_at);
+        }
+        let last_at = timestamp(job.last_at);
+        if row
+            .last_callback_at
+            .as_ref()
+            .is_none_or(|last| *last < last_at)
+        {
+            row.last_callback_at = Some(last_at);
+        }
+        let [reported, succeeded, failed, accepted] = job.counters;
+        row.devices_reported += reported;
+        row.succeeded += succeeded;
+        row.failed += failed;
+        row.accepted += accepted;
+        if job.deliveries > job.duplicates {
+            let (_, completion) = row.recompute(job.last_at);
+            completions.extend(completion);
+        }
+    }
+    write_jobs(transaction, rows.values()).await
+}
+
+/// Writes the mutable columns of locked job rows back, in one statement.
+async fn write_jobs<'a>(
+    transaction: &Transaction<'_>,
+    rows: impl Iterator<Item = &'a JobRow>,
+) -> Result<(), tokio_postgres::Error> {
+    let rows: Vec<&JobRow> = rows.collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    macro_rules! column {
+        ($field:ident) => {
+            rows.iter()
+                .map(|row| row.$field.clone())
+                .collect::<Vec<_>>()
+        };
+    }
+    let statement = transaction
+        .prepare_cached(
+            "UPDATE jobs SET operation = u.operation, state = u.state, devices_reported = u.devices_reported,
+                 succeeded = u.succeeded, failed = u.failed, accepted = u.accepted, deliveries = u.deliveries,
+                 duplicates = u.duplicates, is_upload = u.is_upload, total_lines = u.total_lines,
+                 pending_lines = u.pending_lines, success_lines = u.success_lines, failed_lines = u.failed_lines,
+                 package_error = u.package_error, first_callback_at = u.first_callback_at,
+                 last_callback_at = u.last_callback_at, completed_at = u.completed_at
+             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[],
+                 $8::bigint[], $9::bigint[], $10::boolean[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[],
+                 $15::text[], $16::text[], $17::text[], $18::text[])
+                 AS u (id, operation, state, devices_reported, succeeded, failed, accepted, deliveries, duplicates,
+                       is_upload, total_lines, pending_lines, success_lines, failed_lines, package_error,
+                       first_callback_at, last_callback_at, completed_at)
+             WHERE jobs.id = u.id",
+        )
+        .await?;
+    transaction
+        .execute(
+            &statement,
+            &[
+                &column!(id),
+                &column!(operation),
+                &column!(state),
+                &column!(devices_reported),
+                &column!(succeeded),
+                &column!(failed),
+                &column!(accepted),
+                &column!(deliveries),
+                &column!(duplicates),
+                &column!(is_upload),
+                &column!(total_lines),
+                &column!(pending_lines),
+                &column!(success_lines),
+                &column!(failed_lines),
+                &column!(package_error),
+                &column!(first_callback_at),
+                &column!(last_callback_at),
+                &column!(completed_at),
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Registers a job, or adopts the unregistered one earlier callbacks created. `canonical` is the
+/// registration's JSON form, what "the same registration again" is compared on.
+pub(super) async fn register(
+    transaction: &Transaction<'_>,
+    registration: &Registration,
+    canonical: &str,
+    now: OffsetDateTime,
+    default_timeout: Duration,
+    completions: &mut Vec<JobCompletion>,
+) -> Result<Registered, Failure> {
+    let timeout = registration
+        .timeout_s
+        .map(Duration::from_secs)
+        .unwrap_or(default_timeout);
+    let operation = registration.operation.as_str();
+    let request_id = registration.request_id.clone();
+    let (mut rows, created) = create_and_lock(
+        transaction,
+        vec![(request_id.clone(), Some(operation), now)],
+        timeout,
+    )
+    .await?;
+    let Some(mut row) = rows.remove(&request_id) else {
+        return Err(Failure::Defect(
+            "a job created and locked a moment ago is not there".to_owned(),
+        ));
+    };
+    if row.registered {
+        let stored: Option<String> = transaction
+            .query_one("SELECT registration FROM jobs WHERE id = $1", &[&row.id])
+            .await?
+            .try_get(0)?;
+        return Ok(if stored.as_deref() == Some(canonical) {
+            Registered::Unchanged(row.into_record())
+        } else {
+            Registered::Conflict(row.into_record())
+        });
+    }
+    row.registered = true;
+    row.operation = Some(operation.to_owned());
+    row.account = registration.account.as_deref().map(clean);
+    row.label = registration.label.as_deref().map(clean);
+    row.expected_devices = registration
+        .expected()
+        .and_then(|expected| i64::try_from(expected).ok());
+    row.timeout_s = registration
+        .timeout_s
+        .and_then(|timeout| i64::try_from(timeout).ok());
+    row.registered_at = Some(timestamp(now));
+    row.deadline = timestamp(now + timeout);
+    transaction
+        .execute(
+            "UPDATE jobs SET registered = TRUE, operation = $2, account = $3, label = $4, expected_devices = $5,
+                 timeout_s = $6, registration = $7, registered_at = $8, deadline = $9
+             WHERE id = $1",
+            &[
+                &row.id,
+                &row.operation,
+                &row.account,
+                &row.label,
+                &row.expected_devices,
+                &row.timeout_s,
+                &canonical,
+                &row.registered_at,
+                &row.deadline,
+            ],
+        )
+        .await?;
+    let mut devices = DeviceUpdates::default();
+    let wanted: Vec<(i64, String, String)> = registration
+        .devices
+        .iter()
+        .map(|device| (row.id, clean(&device.kind), clean(&device.id)))
+        .collect();
+    devices.load_identifiers(transaction, &wanted).await?;
+    for device in &registration.devices {
+        devices.register(row.id, device);
+    }
+    devices.write(transaction).await?;
+    let (write, completion) = row.recompute(now);
+    completions.extend(completion);
+    if write {
+        write_jobs(transaction, std::iter::once(&row)).await?;
+    }
+    Ok(if created.contains(&request_id) {
+        Registered::Created(row.into_record())
+    } else {
+        Registered::Adopted(row.into_record())
+    })
+}
+
+/// Open jobs locked per sweep transaction.
+pub(super) const SWEEP_CHUNK: usize = 500;
+
+/// Applies the state rule to up to [`SWEEP_CHUNK`] open jobs whose deadline has passed, skipping
+/// those another replica holds (it is sweeping or updating them). Returns how many changed and
+/// how many were locked.
+pub(super) async fn sweep_chunk(
+    transaction: &Transaction<'_>,
+    now: OffsetDateTime,
+    completions: &mut Vec<JobCompletion>,
+) -> Result<(u64, usize), tokio_postgres::Error> {
+    let statement = transaction
+        .prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs
+             WHERE state IN ('pending', 'in_progress') AND deadline < $1
+             ORDER BY id LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED"
+        ))
+        .await?;
+    let limit = i64::try_from(SWEEP_CHUNK).unwrap_or(i64::MAX);
+    let mut rows = transaction
+        .query(&statement, &[&timestamp(now), &limit])
+        .await?
+        .iter()
+        .map(job_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let locked = rows.len();
+    let mut changed = Vec::new();
+    for row in &mut rows {
+        let (write, completion) = row.recompute(now);
+        completions.extend(completion);
+        if write {
+            changed.push(&*row);
+        }
+    }
+    let count = changed.len() as u64;
+    write_jobs(transaction, changed.into_iter()).await?;
+    Ok((count, if count == 0 { 0 } else { locked }))
+}

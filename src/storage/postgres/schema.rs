@@ -1,0 +1,142 @@
+//! The PostgreSQL schema, as an ordered list of migrations recorded in `schema_migrations`.
+//!
+//! The same tables as the SQLite schema, with two differences: a delivery's re-delivery count is
+//! counted at read time (`duplicate_of` is indexed) instead of being kept on the first delivery's
+//! row, so that replicas storing re-deliveries of one message never wait on each other; and there
+//! is no per-batch heartbeat row for them to contend on.
+
+/// Schema versions, applied in order. Never edit an applied migration: add a new one.
+pub(super) const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE deliveries (
+    id                     BIGSERIAL PRIMARY KEY,
+    received_at            TEXT NOT NULL,
+    form                   TEXT,
+    kind                   TEXT,
+    operation              TEXT,
+    request_id             TEXT,
+    callback_count         BIGINT,
+    max_callback_threshold BIGINT,
+    dedup_key              BYTEA NOT NULL,
+    result                 TEXT NOT NULL CHECK (result IN ('stored', 'duplicate', 'quarantined')),
+    duplicate_of           BIGINT REFERENCES deliveries (id),
+    size                   BIGINT NOT NULL,
+    content_type           TEXT,
+    source_address         TEXT,
+    account                TEXT,
+    status                 TEXT,
+    fault_code             TEXT,
+    fault_message          TEXT,
+    comment                TEXT,
+    details                TEXT,
+    parse_error            TEXT
+);
+-- One first delivery per message, whichever replica stores it: a concurrent insert of the same
+-- message waits for the first one's transaction and then does nothing (ON CONFLICT DO NOTHING).
+CREATE UNIQUE INDEX deliveries_message ON deliveries (dedup_key) WHERE duplicate_of IS NULL;
+CREATE INDEX deliveries_request ON deliveries (request_id, id);
+CREATE INDEX deliveries_unusual_result ON deliveries (result, id) WHERE result <> 'stored';
+CREATE INDEX deliveries_duplicate_of ON deliveries (duplicate_of) WHERE duplicate_of IS NOT NULL;
+
+CREATE TABLE raw_bodies (
+    delivery_id BIGINT PRIMARY KEY REFERENCES deliveries (id),
+    body        BYTEA NOT NULL
+);
+
+CREATE TABLE device_outcomes (
+    id            BIGSERIAL PRIMARY KEY,
+    delivery_id   BIGINT NOT NULL REFERENCES deliveries (id),
+    request_id    TEXT,
+    operation     TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    line_status   TEXT,
+    fault_code    TEXT,
+    fault_message TEXT,
+    state         TEXT,
+    service_plan  TEXT,
+    ip_address    TEXT,
+    mdn           TEXT,
+    details       TEXT,
+    received_at   TEXT NOT NULL
+);
+CREATE INDEX device_outcomes_request ON device_outcomes (request_id, id);
+
+CREATE TABLE outcome_identifiers (
+    kind       TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    outcome_id BIGINT NOT NULL REFERENCES device_outcomes (id),
+    PRIMARY KEY (kind, identifier, outcome_id)
+);
+CREATE INDEX outcome_identifiers_outcome ON outcome_identifiers (outcome_id);
+
+CREATE TABLE upload_summaries (
+    delivery_id   BIGINT PRIMARY KEY REFERENCES deliveries (id),
+    request_id    TEXT,
+    account_name  TEXT,
+    device_sku    TEXT,
+    total_lines   BIGINT,
+    pending_lines BIGINT,
+    success_lines BIGINT,
+    failed_lines  BIGINT,
+    package_error TEXT
+);
+CREATE INDEX upload_summaries_request ON upload_summaries (request_id);
+
+-- Written by the readiness probe: proves a commit can go through right now.
+CREATE TABLE heartbeat (
+    id         INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_at TEXT NOT NULL
+);
+
+-- A job: one platform request, keyed by RequestId. Every transaction that changes a job locks its
+-- row first (SELECT ... FOR NO KEY UPDATE, in request_id order), so counters and state written by
+-- different replicas never interleave.
+CREATE TABLE jobs (
+    id                BIGSERIAL PRIMARY KEY,
+    request_id        TEXT NOT NULL UNIQUE,
+    registered        BOOLEAN NOT NULL DEFAULT FALSE,
+    operation         TEXT,
+    account           TEXT,
+    label             TEXT,
+    expected_devices  BIGINT,
+    timeout_s         BIGINT,
+    registration      TEXT,
+    state             TEXT NOT NULL,
+    devices_reported  BIGINT NOT NULL DEFAULT 0,
+    succeeded         BIGINT NOT NULL DEFAULT 0,
+    failed            BIGINT NOT NULL DEFAULT 0,
+    accepted          BIGINT NOT NULL DEFAULT 0,
+    deliveries        BIGINT NOT NULL DEFAULT 0,
+    duplicates        BIGINT NOT NULL DEFAULT 0,
+    is_upload         BOOLEAN NOT NULL DEFAULT FALSE,
+    total_lines       BIGINT,
+    pending_lines     BIGINT,
+    success_lines     BIGINT,
+    failed_lines      BIGINT,
+    package_error     TEXT,
+    created_at        TEXT NOT NULL,
+    registered_at     TEXT,
+    first_callback_at TEXT,
+    last_callback_at  TEXT,
+    completed_at      TEXT,
+    deadline          TEXT NOT NULL
+);
+CREATE INDEX jobs_state ON jobs (state, id);
+CREATE INDEX jobs_open_deadline ON jobs (deadline) WHERE state IN ('pending', 'in_progress');
+
+CREATE TABLE job_devices (
+    id                BIGSERIAL PRIMARY KEY,
+    job_id            BIGINT NOT NULL REFERENCES jobs (id),
+    registered        BOOLEAN NOT NULL DEFAULT FALSE,
+    latest_outcome_id BIGINT REFERENCES device_outcomes (id),
+    status            TEXT
+);
+CREATE INDEX job_devices_job ON job_devices (job_id, id);
+
+CREATE TABLE job_device_identifiers (
+    job_id        BIGINT NOT NULL,
+    kind          TEXT NOT NULL,
+    identifier    TEXT NOT NULL,
+    job_device_id BIGINT NOT NULL REFERENCES job_devices (id),
+    PRIMARY KEY (job_id, kind, identifier)
+);
+"#];

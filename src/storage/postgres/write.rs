@@ -1,0 +1,641 @@
+//! One write batch: every delivery, its raw body, outcomes and upload report, and the jobs they
+//! touch, in one transaction with a fixed number of set-based statements.
+//!
+//! Locks are taken in one order by every transaction: first delivery rows (dedup-key order),
+//! then job rows (`request_id` order). Everything else a batch writes hangs off a job row it has
+//! locked, or is new.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use deadpool_postgres::{Object, Transaction};
+use time::OffsetDateTime;
+
+use super::Failure;
+use super::jobs::{self, DeviceUpdates, TouchedJob};
+use crate::domain::{DeliveryResult, Operation};
+use crate::storage::rows::JobCompletion;
+use crate::storage::{DeliveryContent, NewDelivery, Receipt, timestamp};
+
+/// Text as PostgreSQL stores it: `text` cannot hold NUL, which a JSON callback can carry
+/// (`\u0000`); it becomes U+FFFD. The raw body keeps the original bytes.
+pub(super) fn clean(value: &str) -> String {
+    if value.contains('\0') {
+        value.replace('\0', "\u{FFFD}")
+    } else {
+        value.to_owned()
+    }
+}
+
+pub(super) fn clean_option(value: Option<&str>) -> Option<String> {
+    value.map(clean)
+}
+
+/// A count as a `bigint` (counts past `i64::MAX` do not occur; they read as unknown).
+pub(super) fn count(value: Option<u64>) -> Option<i64> {
+    value.and_then(|value| i64::try_from(value).ok())
+}
+
+/// `count` fresh values of `sequence`, ascending, in one round trip.
+pub(super) async fn next_ids(
+    transaction: &Transaction<'_>,
+    sequence: &str,
+    count: usize,
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let statement = transaction
+        .prepare_cached(&format!(
+            "SELECT nextval('{sequence}') FROM generate_series(1, $1)"
+        ))
+        .await?;
+    let count = i32::try_from(count).unwrap_or(i32::MAX);
+    let mut ids = transaction
+        .query(&statement, &[&count])
+        .await?
+        .iter()
+        .map(|row| row.try_get::<_, i64>(0))
+        .collect::<Result<Vec<_>, _>>()?;
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// The `deliveries` columns of several rows, one array per column.
+#[derive(Default)]
+struct DeliveryColumns {
+    id: Vec<i64>,
+    received_at: Vec<String>,
+    form: Vec<Option<&'static str>>,
+    kind: Vec<Option<&'static str>>,
+    operation: Vec<Option<&'static str>>,
+    request_id: Vec<Option<String>>,
+    callback_count: Vec<Option<i64>>,
+    max_callback_threshold: Vec<Option<i64>>,
+    dedup_key: Vec<Vec<u8>>,
+    result: Vec<&'static str>,
+    duplicate_of: Vec<Option<i64>>,
+    size: Vec<i64>,
+    content_type: Vec<Option<String>>,
+    source_address: Vec<Option<String>>,
+    account: Vec<Option<String>>,
+    status: Vec<Option<String>>,
+    fault_code: Vec<Option<String>>,
+    fault_message: Vec<Option<String>>,
+    comment: Vec<Option<String>>,
+    details: Vec<Option<String>>,
+    parse_error: Vec<Option<String>>,
+}
+
+impl DeliveryColumns {
+    fn push(
+        &mut self,
+        id: i64,
+        delivery: &NewDelivery,
+        result: DeliveryResult,
+        duplicate_of: Option<i64>,
+    ) {
+        let (callback, parse_error) = match &delivery.content {
+            DeliveryContent::Callback(callback) => (Some(callback.as_ref()), None),
+            DeliveryContent::Quarantined(unreadable) => (None, Some(unreadable.reason.as_str())),
+        };
+        let fault = callback.and_then(|callback| callback.fault.as_ref());
+        self.id.push(id);
+        self.received_at.push(timestamp(delivery.received_at));
+        self.form
+            .push(callback.map(|callback| callback.form.as_str()));
+        self.kind
+            .push(callback.map(|callback| callback.kind.as_str()));
+        self.operation
+            .push(callback.map(|callback| callback.operation.as_str()));
+        self.request_id
+            .push(clean_option(delivery.content.request_id()));
+        self.callback_count
+            .push(delivery.content.callback_count().map(i64::from));
+        self.max_callback_threshold.push(
+            callback
+                .and_then(|callback| callback.max_callback_threshold)
+                .map(i64::from),
+        );
+        self.dedup_key.push(delivery.content.dedup_key().to_vec());
+        self.result.push(result.as_str());
+        self.duplicate_of.push(duplicate_of);
+        self.size
+            .push(i64::try_from(delivery.body.len()).unwrap_or(i64::MAX));
+        self.content_type
+            .push(clean_option(delivery.content_type.as_deref()));
+        self.source_address
+            .push(clean_option(delivery.source_address.as_deref()));
+        self.account.push(clean_option(delivery.account.as_deref()));
+        self.status.push(clean_option(
+            callback.and_then(|callback| callback.status.as_deref()),
+        ));
+        self.fault_code
+            .push(clean_option(fault.map(|fault| fault.code.as_str())));
+        self.fault_message
+            .push(clean_option(fault.map(|fault| fault.message.as_str())));
+        self.comment.push(clean_option(
+            callback.and_then(|callback| callback.comment.as_deref()),
+        ));
+        self.details.push(
+            callback
+                .and_then(|callback| callback.details.as_ref())
+                .map(|details| clean(&details.to_string())),
+        );
+        self.parse_error.push(clean_option(parse_error));
+    }
+
+    /// Inserts the rows; a first delivery of a message already stored is skipped. Returns the ids
+    /// inserted.
+    async fn insert(
+        &self,
+        transaction: &Transaction<'_>,
+    ) -> Result<HashSet<i64>, tokio_postgres::Error> {
+        if self.id.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let statement = transaction
+            .prepare_cached(
+                "INSERT INTO deliveries (id, received_at, form, kind, operation, request_id, callback_count,
+                     max_callback_threshold, dedup_key, result, duplicate_of, size, content_type, source_address,
+                     account, status, fault_code, fault_message, comment, details, parse_error)
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::bigint[], $8::bigint[], $9::bytea[], $10::text[], $11::bigint[], $12::bigint[], $13::text[],
+                     $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::text[],
+                     $21::text[])
+                 ON CONFLICT DO NOTHING
+                 RETURNING id",
+            )
+            .await?;
+        let rows = transaction
+            .query(
+                &statement,
+                &[
+                    &self.id,
+                    &self.received_at,
+                    &self.form,
+                    &self.kind,
+                    &self.operation,
+                    &self.request_id,
+                    &self.callback_count,
+                    &self.max_callback_threshold,
+                    &self.dedup_key,
+                    &self.result,
+                    &self.duplicate_of,
+                    &self.size,
+                    &self.content_type,
+                    &self.source_address,
+                    &self.account,
+                    &self.status,
+                    &self.fault_code,
+                    &self.fault_message,
+                    &self.comment,
+                    &self.details,
+                    &self.parse_error,
+                ],
+            )
+            .await?;
+        rows.iter().map(|row| row.try_get(0)).collect()
+    }
+}
+
+/// What became of one delivery of the batch.
+enum Fate {
+    /// The first delivery of its message (stored or quarantined).
+    First,
+    /// A re-delivery of the message stored as `original`.
+    Duplicate { original: i64 },
+}
+
+/// Writes `deliveries` in one transaction and commits. `Ok` holds one receipt per delivery, in
+/// order, and the jobs that completed.
+pub(super) async fn write_batch(
+    client: &mut Object,
+    deliveries: &[&NewDelivery],
+    job_timeout: Duration,
+) -> Result<(Vec<Receipt>, Vec<JobCompletion>), Failure> {
+    let transaction = client.transaction().await?;
+    let ids = next_ids(&transaction, "deliveries_id_seq", deliveries.len()).await?;
+
+    // Within the batch, the first delivery of each message is its candidate first delivery;
+    // later ones are re-deliveries of it.
+    let mut first_in_batch: HashMap<&[u8; 32], usize> = HashMap::new();
+    let mut earlier: Vec<Option<usize>> = Vec::with_capacity(deliveries.len());
+    for (index, delivery) in deliveries.iter().enumerate() {
+        let key = delivery.content.dedup_key();
+        earlier.push(first_in_batch.get(key).copied());
+        first_in_batch.entry(key).or_insert(index);
+    }
+    let mut candidates: Vec<usize> = (0..deliveries.len())
+        .filter(|index| earlier[*index].is_none())
+        .collect();
+    candidates.sort_by_key(|index| deliveries[*index].content.dedup_key());
+    let mut firsts = DeliveryColumns::default();
+    for &index in &candidates {
+        let result = match deliveries[index].content {
+            DeliveryContent::Callback(_) => DeliveryResult::Stored,
+            DeliveryContent::Quarantined(_) => DeliveryResult::Quarantined,
+        };
+        firsts.push(ids[index], deliveries[index], result, None);
+    }
+    let inserted = firsts.insert(&transaction).await?;
+
+    // Candidates not inserted are re-deliveries of a message stored before (by any replica);
+    // the conflicting insert has committed by now, so this statement sees it.
+    let stored_before: Vec<Vec<u8>> = candidates
+        .iter()
+        .filter(|index| !inserted.contains(&ids[**index]))
+        .map(|index| deliveries[*index].content.dedup_key().to_vec())
+        .collect();
+    let mut originals: HashMap<Vec<u8>, i64> = HashMap::new();
+    if !stored_before.is_empty() {
+        let statement = transaction
+            .prepare_cached(
+                "SELECT dedup_key, id FROM deliveries WHERE dedup_key = ANY($1) AND duplicate_of IS NULL",
+            )
+            .await?;
+        for row in transaction.query(&statement, &[&stored_before]).await? {
+            originals.insert(row.try_get(0)?, row.try_get(1)?);
+        }
+    }
+    let mut fates = Vec::with_capacity(deliveries.len());
+    let mut duplicates = DeliveryColumns::default();
+    for (index, delivery) in deliveries.iter().enumerate() {
+        let first = earlier[index].unwrap_or(index);
+        let original = if inserted.contains(&ids[first]) {
+            (first != index).then_some(ids[first])
+        } else {
+            match originals.get(&delivery.content.dedup_key()[..]) {
+                Some(original) => Some(*original),
+                None => return Err(missing_original()),
+            }
+        };
+        fates.push(match original {
+            None => Fate::First,
+            Some(original) => {
+                duplicates.push(
+                    ids[index],
+                    delivery,
+                    DeliveryResult::Duplicate,
+                    Some(original),
+                );
+                Fate::Duplicate { original }
+            }
+        });
+    }
+    duplicates.insert(&transaction).await?;
+
+    let new_deliveries: Vec<usize> = (0..deliveries.len())
+        .filter(|index| matches!(fates[*index], Fate::First))
+        .collect();
+    insert_raw_bodies(&transaction, deliveries, &ids, &new_deliveries).await?;
+    let outcome_ids = insert_outcomes(&transaction, deliveries, &ids, &new_deliveries).await?;
+
+    // Jobs: create the missing ones, lock all of them, then apply the batch to them.
+    let mut touched: HashMap<String, TouchedJob> = HashMap::new();
+    let mut creating: Vec<(String, Option<&'static str>, OffsetDateTime)> = Vec::new();
+    for (index, delivery) in deliveries.iter().enumerate() {
+        let Some(request_id) = delivery.content.request_id() else {
+            continue;
+        };
+        let operation = match &delivery.content {
+            DeliveryContent::Callback(callback) if callback.operation != Operation::Other => {
+                Some(callback.operation.as_str())
+            }
+            _ => None,
+        };
+        let request_id = clean(request_id);
+        if !touched.contains_key(&request_id) {
+            creating.push((request_id.clone(), operation, delivery.received_at));
+        }
+        let job = touched
+            .entry(request_id)
+            .or_insert_with(|| TouchedJob::new(delivery.received_at));
+        job.record_delivery(
+            operation,
+            delivery.received_at,
+            matches!(fates[index], Fate::Duplicate { .. }),
+        );
+    }
+    let mut completions = Vec::new();
+    if !touched.is_empty() {
+        let (mut rows, _) = jobs::create_and_lock(&transaction, creating, job_timeout).await?;
+        let mut devices = DeviceUpdates::default();
+        devices
+            .load(&transaction, &rows, deliveries, &new_deliveries)
+            .await?;
+        for (position, &index) in new_deliveries.iter().enumerate() {
+            let DeliveryContent::Callback(callback) = &deliveries[index].content else {
+                continue;
+            };
+            let Some(request_id) = callback.request_id.as_deref().map(clean) else {
+                continue;
+            };
+            let (Some(row), Some(job)) = (rows.get_mut(&request_id), touched.get_mut(&request_id))
+            else {
+                continue;
+            };
+            for (outcome, outcome_id) in callback.outcomes.iter().zip(&outcome_ids[position]) {
+                devices.record_outcome(
+                    row.id,
+                    *outcome_id,
+                    &outcome.identifiers,
+                    outcome.status,
+                    job,
+                );
+            }
+            if let Some(upload) = &callback.upload {
+                jobs::record_upload(row, upload);
+            }
+        }
+        devices.write(&transaction).await?;
+        jobs::finish(&transaction, &mut rows, touched, &mut completions).await?;
+    }
+    transaction.commit().await?;
+
+    let receipts = fates
+        .iter()
+        .enumerate()
+        .map(|(index, fate)| match fate {
+            Fate::First => Receipt {
+                delivery_id: ids[index],
+                result: match deliveries[index].content {
+                    DeliveryContent::Callback(_) => DeliveryResult::Stored,
+                    DeliveryContent::Quarantined(_) => DeliveryResult::Quarantined,
+                },
+                duplicate_of: None,
+            },
+            Fate::Duplicate { original } => Receipt {
+                delivery_id: ids[index],
+                result: DeliveryResult::Duplicate,
+                duplicate_of: Some(*original),
+            },
+        })
+        .collect();
+    Ok((receipts, completions))
+}
+
+/// A conflict on a message that then cannot be found: not expected (deliveries are never
+/// deleted); a defect, so that the batch is retried one delivery at a time.
+fn missing_original() -> Failure {
+    Failure::Defect("a stored message could not be found again".to_owned())
+}
+
+async fn insert_raw_bodies(
+    transaction: &Transaction<'_>,
+    deliveries: &[&NewDelivery],
+    ids: &[i64],
+    new_deliveries: &[usize],
+) -> Result<(), tokio_postgres::Error> {
+    if new_deliveries.is_empty() {
+        return Ok(());
+    }
+    let delivery_ids: Vec<i64> = new_deliveries.iter().map(|index| ids[*index]).collect();
+    let bodies: Vec<&[u8]> = new_deliveries
+        .iter()
+        .map(|index| &deliveries[*index].body[..])
+        .collect();
+    let statement = transaction
+        .prepare_cached(
+            "INSERT INTO raw_bodies (delivery_id, body) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
+        )
+        .await?;
+    transaction
+        .execute(&statement, &[&delivery_ids, &bodies])
+        .await?;
+    Ok(())
+}
+
+/// Inserts the outcomes, identifiers and upload reports of the new deliveries. Returns the outcome
+/// ids of each (in the order of `new_deliveries`, then of its outcomes).
+async fn insert_outcomes(
+    transaction: &Transaction<'_>,
+    deliveries: &[&NewDelivery],
+    ids: &[i64],
+    new_deliveries: &[usize],
+) -> Result<Vec<Vec<i64>>, Failure> {
+    let callbacks: Vec<(i64, &NewDelivery, &crate::domain::Callback)> = new_deliveries
+        .iter()
+        .filter_map(|index| match &deliveries[*index].content {
+            DeliveryContent::Callback(callback) => {
+                Some((ids[*index], deliveries[*index], callback.as_ref()))
+            }
+            DeliveryContent::Quarantined(_) => None,
+        })
+        .collect();
+    let total: usize = callbacks
+        .iter()
+        .map(|(_, _, callback)| callback.outcomes.len())
+        .sum();
+    let mut fresh = next_ids(transaction, "device_outcomes_id_seq", total)
+        .await?
+        .into_iter();
+    let mut outcome_ids = Vec::with_capacity(new_deliveries.len());
+    let mut outcomes = OutcomeColumns::default();
+    let mut identifiers: [Vec<String>; 2] = Default::default();
+    let mut identified: Vec<i64> = Vec::new();
+    let mut uploads = UploadColumns::default();
+    let mut callbacks = callbacks.into_iter().peekable();
+    for index in new_deliveries {
+        let Some((_, _, callback)) = callbacks.next_if(|(id, _, _)| *id == ids[*index]) else {
+            outcome_ids.push(Vec::new());
+            continue;
+        };
+        let delivery = deliveries[*index];
+        let received_at = timestamp(delivery.received_at);
+        let mut these = Vec::with_capacity(callback.outcomes.len());
+        for outcome in &callback.outcomes {
+            let Some(outcome_id) = fresh.next() else {
+                return Err(Failure::Defect(
+                    "fewer outcome ids than outcomes".to_owned(),
+                ));
+            };
+            outcomes.push(outcome_id, ids[*index], &received_at, callback, outcome);
+            for identifier in &outcome.identifiers {
+                identifiers[0].push(clean(&identifier.kind));
+                identifiers[1].push(clean(&identifier.id));
+                identified.push(outcome_id);
+            }
+            these.push(outcome_id);
+        }
+        if let Some(upload) = &callback.upload {
+            uploads.push(ids[*index], callback, upload);
+        }
+        outcome_ids.push(these);
+    }
+    outcomes.insert(transaction).await?;
+    if !identified.is_empty() {
+        let statement = transaction
+            .prepare_cached(
+                "INSERT INTO outcome_identifiers (kind, identifier, outcome_id)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
+                 ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        transaction
+            .execute(&statement, &[&identifiers[0], &identifiers[1], &identified])
+            .await?;
+    }
+    uploads.insert(transaction).await?;
+    Ok(outcome_ids)
+}
+
+#[derive(Default)]
+struct OutcomeColumns {
+    id: Vec<i64>,
+    delivery_id: Vec<i64>,
+    request_id: Vec<Option<String>>,
+    operation: Vec<&'static str>,
+    status: Vec<&'static str>,
+    line_status: Vec<Option<String>>,
+    fault_code: Vec<Option<String>>,
+    fault_message: Vec<Option<String>>,
+    state: Vec<Option<String>>,
+    service_plan: Vec<Option<String>>,
+    ip_address: Vec<Option<String>>,
+    mdn: Vec<Option<String>>,
+    details: Vec<Option<String>>,
+    received_at: Vec<String>,
+}
+
+impl OutcomeColumns {
+    fn push(
+        &mut self,
+        id: i64,
+        delivery_id: i64,
+        received_at: &str,
+        callback: &crate::domain::Callback,
+        outcome: &crate::domain::DeviceOutcome,
+    ) {
+        self.id.push(id);
+        self.delivery_id.push(delivery_id);
+        self.request_id
+            .push(clean_option(callback.request_id.as_deref()));
+        self.operation.push(callback.operation.as_str());
+        self.status.push(outcome.status.as_str());
+        self.line_status
+            .push(clean_option(outcome.line_status.as_deref()));
+        self.fault_code.push(clean_option(
+            outcome.fault.as_ref().map(|fault| fault.code.as_str()),
+        ));
+        self.fault_message.push(clean_option(
+            outcome.fault.as_ref().map(|fault| fault.message.as_str()),
+        ));
+        self.state.push(clean_option(outcome.state.as_deref()));
+        self.service_plan
+            .push(clean_option(outcome.service_plan.as_deref()));
+        self.ip_address
+            .push(clean_option(outcome.ip_address.as_deref()));
+        self.mdn.push(clean_option(outcome.mdn.as_deref()));
+        self.details.push(
+            outcome
+                .details
+                .as_ref()
+                .map(|details| clean(&details.to_string())),
+        );
+        self.received_at.push(received_at.to_owned());
+    }
+
+    async fn insert(&self, transaction: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        if self.id.is_empty() {
+            return Ok(());
+        }
+        let statement = transaction
+            .prepare_cached(
+                "INSERT INTO device_outcomes (id, delivery_id, request_id, operation, status, line_status, fault_code,
+                     fault_message, state, service_plan, ip_address, mdn, details, received_at)
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[])",
+            )
+            .await?;
+        transaction
+            .execute(
+                &statement,
+                &[
+                    &self.id,
+                    &self.delivery_id,
+                    &self.request_id,
+                    &self.operation,
+                    &self.status,
+                    &self.line_status,
+                    &self.fault_code,
+                    &self.fault_message,
+                    &self.state,
+                    &self.service_plan,
+                    &self.ip_address,
+                    &self.mdn,
+                    &self.details,
+                    &self.received_at,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct UploadColumns {
+    delivery_id: Vec<i64>,
+    request_id: Vec<Option<String>>,
+    account_name: Vec<Option<String>>,
+    device_sku: Vec<Option<String>>,
+    total_lines: Vec<Option<i64>>,
+    pending_lines: Vec<Option<i64>>,
+    success_lines: Vec<Option<i64>>,
+    failed_lines: Vec<Option<i64>>,
+    package_error: Vec<Option<String>>,
+}
+
+impl UploadColumns {
+    fn push(
+        &mut self,
+        delivery_id: i64,
+        callback: &crate::domain::Callback,
+        upload: &crate::domain::UploadSummary,
+    ) {
+        self.delivery_id.push(delivery_id);
+        self.request_id
+            .push(clean_option(callback.request_id.as_deref()));
+        self.account_name
+            .push(clean_option(upload.account_name.as_deref()));
+        self.device_sku
+            .push(clean_option(upload.device_sku.as_deref()));
+        self.total_lines.push(count(upload.total_lines));
+        self.pending_lines.push(count(upload.pending_lines));
+        self.success_lines.push(count(upload.success_lines));
+        self.failed_lines.push(count(upload.failed_lines));
+        self.package_error
+            .push(clean_option(upload.package_error.as_deref()));
+    }
+
+    async fn insert(&self, transaction: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        if self.delivery_id.is_empty() {
+            return Ok(());
+        }
+        let statement = transaction
+            .prepare_cached(
+                "INSERT INTO upload_summaries (delivery_id, request_id, account_name, device_sku, total_lines,
+                     pending_lines, success_lines, failed_lines, package_error)
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[],
+                     $7::bigint[], $8::bigint[], $9::text[])",
+            )
+            .await?;
+        transaction
+            .execute(
+                &statement,
+                &[
+                    &self.delivery_id,
+                    &self.request_id,
+                    &self.account_name,
+                    &self.device_sku,
+                    &self.total_lines,
+                    &self.pending_lines,
+                    &self.success_lines,
+                    &self.failed_lines,
+                    &self.package_error,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+}

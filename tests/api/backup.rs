@@ -1,0 +1,80 @@
+//! Online backup of the SQLite file (SQLite only: on PostgreSQL the command refuses, see
+//! `tests/api_postgres/replicas.rs`).
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::helpers::{fixture, spawn_app};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_while_callbacks_arrive_is_consistent_and_complete() {
+    let app = Arc::new(spawn_app().await);
+    let template = String::from_utf8(fixture("deactivate_bare.xml")).unwrap();
+    let acknowledged = Arc::new(AtomicUsize::new(0));
+    let running = Arc::new(AtomicBool::new(true));
+    let load = {
+        let (app, acknowledged, running) = (
+            Arc::clone(&app),
+            Arc::clone(&acknowledged),
+            Arc::clone(&running),
+        );
+        tokio::spawn(async move {
+            let mut index = 0;
+            while running.load(Ordering::Relaxed) {
+                let body = template.replace(
+                    "7d1c1f0e-5b7a-4a8e-9f57-1c0c7f3e2a11",
+                    &format!("backup-{index}"),
+                );
+                if app.post_callback(body).await.status() == 200 {
+                    acknowledged.fetch_add(1, Ordering::Relaxed);
+                }
+                index += 1;
+            }
+        })
+    };
+    while acknowledged.load(Ordering::Relaxed) < 200 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = acknowledged.load(Ordering::Relaxed) as i64;
+    let target = app.directory.path().join("backup.db");
+
+    let output = Command::new(env!("CARGO_BIN_EXE_m2m-listener"))
+        .arg("backup")
+        .arg(&target)
+        .env_remove("M2M_CONFIG")
+        .env("M2M_STORAGE__PATH", &app.database_path)
+        .output()
+        .unwrap();
+    running.store(false, Ordering::Relaxed);
+    load.await.unwrap();
+
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let copy = rusqlite::Connection::open(&target).unwrap();
+    let integrity: String = copy
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(integrity, "ok");
+    let copied: i64 = copy
+        .query_row("SELECT count(*) FROM deliveries", [], |row| row.get(0))
+        .unwrap();
+    assert!(
+        copied >= before,
+        "the backup holds {copied} deliveries; {before} were acknowledged before it began"
+    );
+    let refused = Command::new(env!("CARGO_BIN_EXE_m2m-listener"))
+        .arg("backup")
+        .arg(&target)
+        .env("M2M_STORAGE__PATH", &app.database_path)
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "an existing file is not overwritten"
+    );
+}

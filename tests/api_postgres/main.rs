@@ -1,0 +1,35 @@
+//! The integration suite on PostgreSQL: the modules of `tests/api` that involve storage, run
+//! again with every test app on a fresh schema of the server at `M2M_TEST_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`), plus what only several replicas can show.
+//! SQLite-only modules (file faults, crash on the file, online backup, CLI defaults) stay in
+//! `tests/api`.
+
+pub const BACKEND: helpers::Backend = helpers::Backend::Postgres;
+
+#[path = "../api/helpers.rs"]
+mod helpers;
+
+#[path = "../api/callbacks.rs"]
+mod callbacks;
+#[path = "../api/deliveries.rs"]
+mod deliveries;
+#[path = "../api/hardening.rs"]
+mod hardening;
+#[path = "../api/jobs.rs"]
+mod jobs;
+#[path = "../api/json_callbacks.rs"]
+mod json_callbacks;
+#[path = "../api/observability.rs"]
+mod observability;
+#[path = "../api/openapi.rs"]
+mod openapi;
+#[path = "../api/properties.rs"]
+mod properties;
+#[path = "../api/retention.rs"]
+mod retention;
+#[path = "../api/simulate.rs"]
+mod simulate;
+#[path = "../api/tls.rs"]
+mod tls;
+
+mod replicas;
