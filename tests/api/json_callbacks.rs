@@ -217,3 +217,25 @@ async fn a_json_callback_with_a_wrong_password_gets_a_json_403_and_nothing_is_st
     assert_eq!(error["error"]["code"], "UNAUTHORIZED");
     assert_eq!(app.count("SELECT count(*) FROM deliveries"), 0);
 }
+
+#[tokio::test]
+async fn a_nul_character_in_a_json_value_is_stored_and_the_raw_body_kept_as_sent() {
+    let app = spawn_app().await;
+    // JSON may carry U+0000 (`\u0000`); PostgreSQL text cannot hold it.
+    let body = String::from_utf8(fixture("json_change_identifier.json"))
+        .unwrap()
+        .replace("\"M2M_4G\"", "\"M2M\\u0000_4G\"")
+        .replace(CHANGE_REQUEST, "nul-\\u0000-request");
+
+    let response = post_json(&app, body.clone(), Some("application/json")).await;
+
+    assert_eq!(response.status(), 200);
+    let listing = app.get_json("/api/v1/deliveries").await;
+    let delivery = &listing["items"][0];
+    assert_eq!(delivery["result"], "stored", "{listing}");
+    let raw = app
+        .get_api(&format!("/api/v1/deliveries/{}/raw", delivery["id"]))
+        .await;
+    assert_eq!(raw.bytes().await.unwrap(), body.as_bytes());
+    assert_eq!(app.count("SELECT count(*) FROM device_outcomes"), 1);
+}
