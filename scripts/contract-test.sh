@@ -6,8 +6,12 @@
 #
 # The coverage phase is left out: schemathesis 4.32.5 crashes in it with an internal error
 # ("AST constructor recursion depth mismatch") on one operation; the other phases run every check.
+#
+# `scripts/contract-test.sh postgres` runs the listener on PostgreSQL instead of a SQLite file: a
+# fresh schema of the server at M2M_TEST_POSTGRES_URL (default: this machine's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+backend="${1:-sqlite}"
 
 binary=target/debug/m2m-listener
 [ -x "$binary" ] || cargo build --locked
@@ -17,6 +21,13 @@ trap 'kill "$listener" 2>/dev/null || true; rm -rf "$workdir"' EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 callback_port=$(free_port)
 api_port=$(free_port)
+
+if [ "$backend" = postgres ]; then
+  base="${M2M_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
+  psql "$base" -q -c "SET client_min_messages = warning; DROP SCHEMA IF EXISTS m2m_contract CASCADE; CREATE SCHEMA m2m_contract"
+  case "$base" in *\?*) separator='&' ;; *) separator='?' ;; esac
+  export M2M_STORAGE__URL="${base}${separator}options=-c%20search_path%3Dm2m_contract"
+fi
 
 M2M_CALLBACK__LISTEN="127.0.0.1:$callback_port" \
 M2M_API__LISTEN="127.0.0.1:$api_port" \
