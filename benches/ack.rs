@@ -7,7 +7,9 @@
 //! number of devices in a callback, and database bytes per callback.
 //!
 //! Options (after `--`): `--callbacks N` (default 20000), `--connections C` (default 64),
-//! `--rounds R` (default 2), `--synchronous full|normal` (default full), `--quick` (small sizes).
+//! `--rounds R` (default 2), `--synchronous full|normal` (default full), `--quick` (small sizes),
+//! `--replicas-only` (only the scale-out section: 1, 2 and 3 replicas on PostgreSQL beside SQLite,
+//! on the server at `M2M_TEST_POSTGRES_URL`, default this machine's).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -40,6 +42,8 @@ struct Options {
     rounds: usize,
     synchronous: String,
     quick: bool,
+    /// Only the scale-out section (`--replicas-only`).
+    replicas_only: bool,
     /// Run by `cargo test` (which passes no `--bench`): a small smoke run that keeps the benchmark
     /// working, with no report written.
     smoke: bool,
@@ -68,6 +72,9 @@ fn options() -> Options {
             .unwrap_or(if quick { 1 } else { 2 }),
         synchronous: value("--synchronous").unwrap_or_else(|| "full".to_owned()),
         quick,
+        replicas_only: arguments
+            .iter()
+            .any(|argument| argument == "--replicas-only"),
         smoke,
     }
 }
@@ -299,24 +306,31 @@ fn start_probe(synchronous: &str) -> Server {
 }
 
 fn start_listener(synchronous: &str) -> Server {
+    start_listener_with("listener", &[("M2M_STORAGE__SYNCHRONOUS", synchronous)])
+}
+
+/// The listener on a fresh SQLite file, or wherever `settings` (environment variables) point it.
+fn start_listener_with(name: &'static str, settings: &[(&str, &str)]) -> Server {
     let directory = tempfile::tempdir().expect("directory");
     let database = directory.path().join("m2m-listener.db");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_m2m-listener"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_m2m-listener"));
+    command
         .current_dir(directory.path())
         .env("M2M_STORAGE__PATH", &database)
-        .env("M2M_STORAGE__SYNCHRONOUS", synchronous)
         .env("M2M_CALLBACK__LISTEN", "127.0.0.1:0")
         .env("M2M_API__LISTEN", "127.0.0.1:0")
         .env("M2M_CALLBACK__CREDENTIALS__0__USERNAME", USERNAME)
         .env("M2M_CALLBACK__CREDENTIALS__0__PASSWORD", PASSWORD)
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("listener starts");
+        .stderr(Stdio::null());
+    for (key, value) in settings {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("listener starts");
     let callback = address_from_output(&mut child, "callbacks: ");
     Server {
-        name: "listener",
+        name,
         child,
         callback,
         database,
@@ -345,30 +359,49 @@ impl LoadResult {
 
 /// Posts every body once over `connections` keep-alive connections.
 async fn load(server: &Server, bodies: Arc<Vec<Bytes>>, connections: usize) -> LoadResult {
+    load_across(&[server], bodies, connections, 1).await
+}
+
+/// Posts every body `copies` times over `connections` keep-alive connections spread over
+/// `servers` (connection k talks to server k mod n); copy i of a body goes to server i mod n, all
+/// at once. Peak RSS is the largest of any one server.
+async fn load_across(
+    servers: &[&Server],
+    bodies: Arc<Vec<Bytes>>,
+    connections: usize,
+    copies: usize,
+) -> LoadResult {
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(connections)
         .build_http();
-    let url: hyper::Uri = format!("http://{}/", server.callback).parse().expect("url");
+    let urls: Arc<Vec<hyper::Uri>> = Arc::new(
+        servers
+            .iter()
+            .map(|server| format!("http://{}/", server.callback).parse().expect("url"))
+            .collect(),
+    );
     let next = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicUsize::new(0));
     let sampling = Arc::new(AtomicBool::new(true));
     let peak = Arc::new(AtomicU64::new(0));
-    let pid = server.child.id();
+    let pids: Vec<u32> = servers.iter().map(|server| server.child.id()).collect();
     let sampler = {
         let (sampling, peak) = (Arc::clone(&sampling), Arc::clone(&peak));
         std::thread::spawn(move || {
             while sampling.load(Ordering::Relaxed) {
-                peak.fetch_max(resident_bytes(pid), Ordering::Relaxed);
+                for pid in &pids {
+                    peak.fetch_max(resident_bytes(*pid), Ordering::Relaxed);
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
         })
     };
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..connections {
-        let (client, url, bodies, next, failed) = (
+    for connection in 0..connections {
+        let (client, urls, bodies, next, failed) = (
             client.clone(),
-            url.clone(),
+            Arc::clone(&urls),
             Arc::clone(&bodies),
             Arc::clone(&next),
             Arc::clone(&failed),
@@ -378,19 +411,27 @@ async fn load(server: &Server, bodies: Arc<Vec<Bytes>>, connections: usize) -> L
             loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
                 let Some(body) = bodies.get(index) else { break };
-                let request = Request::post(url.clone())
-                    .header("content-type", "text/xml; charset=utf-8")
-                    .body(Full::new(body.clone()))
-                    .expect("request");
                 let sent = Instant::now();
-                let answered = match client.request(request).await {
-                    Ok(response) => {
-                        let ok = response.status().is_success();
-                        let _ = response.into_body().collect().await;
-                        ok
-                    }
-                    Err(_) => false,
-                };
+                let mut answered = true;
+                let mut copies_sent = Vec::with_capacity(copies);
+                for copy in 0..copies {
+                    let url = &urls[(connection + copy) % urls.len()];
+                    let request = Request::post(url.clone())
+                        .header("content-type", "text/xml; charset=utf-8")
+                        .body(Full::new(body.clone()))
+                        .expect("request");
+                    copies_sent.push(client.request(request));
+                }
+                for response in join_all(copies_sent).await {
+                    answered &= match response {
+                        Ok(response) => {
+                            let ok = response.status().is_success();
+                            let _ = response.into_body().collect().await;
+                            ok
+                        }
+                        Err(_) => false,
+                    };
+                }
                 if answered {
                     latencies.push(sent.elapsed().as_secs_f64());
                 } else {
@@ -411,6 +452,30 @@ async fn load(server: &Server, bodies: Arc<Vec<Bytes>>, connections: usize) -> L
         latency: LatencySummary::of(&mut latencies),
         peak_resident_bytes: peak.load(Ordering::Relaxed),
     }
+}
+
+/// Runs `futures` concurrently; their outputs in order.
+async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut done: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|context| {
+        let mut pending = false;
+        for (future, output) in pinned.iter_mut().zip(done.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(context) {
+                    std::task::Poll::Ready(value) => *output = Some(value),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    done.into_iter().flatten().collect()
 }
 
 fn envelope() -> Envelope<'static> {
@@ -497,6 +562,11 @@ async fn benchmark(options: Options) {
         options.connections,
         options.rounds
     ));
+
+    if options.replicas_only {
+        scale_out(&options, &mut line).await;
+        return;
+    }
 
     // (1) Side by side: probe, listener, alternating, fresh databases.
     line("## Durable throughput, side by side\n".to_owned());
@@ -613,6 +683,8 @@ async fn benchmark(options: Options) {
     ));
     drop(server);
 
+    scale_out(&options, &mut line).await;
+
     if options.smoke {
         println!("\n(smoke run under cargo test; `cargo bench --bench ack` measures)");
         return;
@@ -622,5 +694,108 @@ async fn benchmark(options: Options) {
         .join("benchmark-report.md");
     if std::fs::write(&path, &report).is_ok() {
         println!("\n(report written to {})", path.display());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scale-out: replicas on one PostgreSQL database.
+
+/// A fresh, empty schema on the benchmark's PostgreSQL server; the URL that selects it.
+async fn fresh_schema(name: &str) -> String {
+    let base = std::env::var("M2M_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|url| !url.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let (client, connection) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|error| panic!("PostgreSQL at {base}: {error}"));
+    tokio::spawn(connection);
+    let schema = format!("m2m_bench_{name}");
+    client
+        .batch_execute(&format!(
+            "SET client_min_messages = warning; DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+        ))
+        .await
+        .expect("schema");
+    let separator = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{separator}options=-c%20search_path%3D{schema}")
+}
+
+/// Throughput of 1, 2 and 3 listener processes sharing one PostgreSQL database, beside one
+/// listener on SQLite, on the same load; then the same callbacks sent to all three replicas at
+/// once (every message stored once, twice refused as a re-delivery).
+async fn scale_out(options: &Options, line: &mut impl FnMut(String)) {
+    line(format!(
+        "## Scale-out: replicas on one PostgreSQL database ({} connections)\n",
+        options.connections
+    ));
+    line("| backend | replicas | acknowledged/s | p50 ms | p99 ms | max ms | failed | peak RSS MiB (largest replica) |".to_owned());
+    line("|---|---|---|---|---|---|---|---|".to_owned());
+    let report =
+        |line: &mut dyn FnMut(String), backend: &str, replicas: usize, result: &LoadResult| {
+            line(format!(
+                "| {backend} | {replicas} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.1} |",
+                result.per_second(),
+                result.latency.p50,
+                result.latency.p99,
+                result.latency.max,
+                result.failed,
+                mebibytes(result.peak_resident_bytes)
+            ));
+        };
+    let sqlite = start_listener(&options.synchronous);
+    load(
+        &sqlite,
+        Arc::new(carrier_bodies(500, "scale-warm-sqlite")),
+        options.connections,
+    )
+    .await;
+    let result = load(
+        &sqlite,
+        Arc::new(carrier_bodies(options.callbacks, "scale-sqlite")),
+        options.connections,
+    )
+    .await;
+    report(line, "SQLite", 1, &result);
+    drop(sqlite);
+    for replicas in 1..=3 {
+        let url = fresh_schema(&format!("{replicas}")).await;
+        let servers: Vec<Server> = (0..replicas)
+            .map(|_| start_listener_with("replica", &[("M2M_STORAGE__URL", url.as_str())]))
+            .collect();
+        let targets: Vec<&Server> = servers.iter().collect();
+        let tag = format!("scale-pg-{replicas}");
+        load_across(
+            &targets,
+            Arc::new(carrier_bodies(500, &format!("{tag}-warm"))),
+            options.connections,
+            1,
+        )
+        .await;
+        let result = load_across(
+            &targets,
+            Arc::new(carrier_bodies(options.callbacks, &tag)),
+            options.connections,
+            1,
+        )
+        .await;
+        report(line, "PostgreSQL", replicas, &result);
+        if replicas == 3 {
+            let fan_out = load_across(
+                &targets,
+                Arc::new(carrier_bodies(options.callbacks / 3, "scale-pg-fan-out")),
+                options.connections,
+                3,
+            )
+            .await;
+            line(format!(
+                "\nSame message to all 3 replicas at once: **{:.0} messages/s** ({:.0} POSTs/s), p50 {:.2} ms, p99 {:.2} ms, {} failed\n",
+                fan_out.per_second(),
+                fan_out.per_second() * 3.0,
+                fan_out.latency.p50,
+                fan_out.latency.p99,
+                fan_out.failed
+            ));
+        }
     }
 }

@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use tokio_postgres::Row;
 
 use super::Failure;
-use super::write::{clean, count, next_ids};
+use super::write::{clean, count, reserve_ids};
 use crate::domain::{DeviceIdentifier, OutcomeStatus, UploadSummary};
 use crate::jobs::{JobState, Registration};
 use crate::storage::rows::{JobCompletion, JobRow, counter_of};
@@ -285,8 +285,13 @@ impl DeviceUpdates {
         }
     }
 
-    pub async fn write(self, transaction: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
-        let fresh = next_ids(transaction, "job_devices_id_seq", self.new_devices.len()).await?;
+    /// Writes the changes in one pipelined round trip; new devices take their ids from `fresh`
+    /// (at least as many as there are new devices).
+    pub async fn write(
+        self,
+        transaction: &Transaction<'_>,
+        fresh: Vec<i64>,
+    ) -> Result<(), tokio_postgres::Error> {
         let real: HashMap<i64, i64> = self
             .new_devices
             .iter()
@@ -294,24 +299,53 @@ impl DeviceUpdates {
             .zip(fresh)
             .collect();
         let id_of = |device: i64| real.get(&device).copied().unwrap_or(device);
-        if !self.new_devices.is_empty() {
-            let ids: Vec<i64> = self
-                .new_devices
-                .iter()
-                .map(|device| id_of(device.0))
-                .collect();
-            let jobs: Vec<i64> = self.new_devices.iter().map(|device| device.1).collect();
-            let registered: Vec<bool> = self.new_devices.iter().map(|device| device.2).collect();
-            let latest: Vec<Option<i64>> = self
-                .new_devices
-                .iter()
-                .map(|device| self.latest.get(&device.0).map(|latest| latest.0))
-                .collect();
-            let status: Vec<Option<&str>> = self
-                .new_devices
-                .iter()
-                .map(|device| self.latest.get(&device.0).map(|latest| latest.1))
-                .collect();
+        let new_ids: Vec<i64> = self
+            .new_devices
+            .iter()
+            .map(|device| id_of(device.0))
+            .collect();
+        let new_jobs: Vec<i64> = self.new_devices.iter().map(|device| device.1).collect();
+        let new_registered: Vec<bool> = self.new_devices.iter().map(|device| device.2).collect();
+        let new_latest: Vec<Option<i64>> = self
+            .new_devices
+            .iter()
+            .map(|device| self.latest.get(&device.0).map(|latest| latest.0))
+            .collect();
+        let new_status: Vec<Option<&str>> = self
+            .new_devices
+            .iter()
+            .map(|device| self.latest.get(&device.0).map(|latest| latest.1))
+            .collect();
+        let updated: Vec<(i64, i64, &str)> = self
+            .latest
+            .iter()
+            .filter(|(device, _)| **device > 0)
+            .map(|(device, (outcome, status))| (*device, *outcome, *status))
+            .collect();
+        let updated_ids: Vec<i64> = updated.iter().map(|update| update.0).collect();
+        let updated_outcomes: Vec<i64> = updated.iter().map(|update| update.1).collect();
+        let updated_status: Vec<&str> = updated.iter().map(|update| update.2).collect();
+        let identifier_jobs: Vec<i64> = self.new_identifiers.iter().map(|row| row.0).collect();
+        let identifier_kinds: Vec<&str> = self
+            .new_identifiers
+            .iter()
+            .map(|row| row.1.as_str())
+            .collect();
+        let identifier_values: Vec<&str> = self
+            .new_identifiers
+            .iter()
+            .map(|row| row.2.as_str())
+            .collect();
+        let identifier_devices: Vec<i64> = self
+            .new_identifiers
+            .iter()
+            .map(|row| id_of(row.3))
+            .collect();
+
+        let insert_devices = async {
+            if new_ids.is_empty() {
+                return Ok(());
+            }
             let statement = transaction
                 .prepare_cached(
                     "INSERT INTO job_devices (id, job_id, registered, latest_outcome_id, status)
@@ -319,19 +353,23 @@ impl DeviceUpdates {
                 )
                 .await?;
             transaction
-                .execute(&statement, &[&ids, &jobs, &registered, &latest, &status])
-                .await?;
-        }
-        let updated: Vec<(i64, i64, &str)> = self
-            .latest
-            .iter()
-            .filter(|(device, _)| **device > 0)
-            .map(|(device, (outcome, status))| (*device, *outcome, *status))
-            .collect();
-        if !updated.is_empty() {
-            let ids: Vec<i64> = updated.iter().map(|update| update.0).collect();
-            let outcomes: Vec<i64> = updated.iter().map(|update| update.1).collect();
-            let statuses: Vec<&str> = updated.iter().map(|update| update.2).collect();
+                .execute(
+                    &statement,
+                    &[
+                        &new_ids,
+                        &new_jobs,
+                        &new_registered,
+                        &new_latest,
+                        &new_status,
+                    ],
+                )
+                .await
+                .map(drop)
+        };
+        let update_devices = async {
+            if updated_ids.is_empty() {
+                return Ok(());
+            }
             let statement = transaction
                 .prepare_cached(
                     "UPDATE job_devices d SET latest_outcome_id = u.outcome, status = u.status
@@ -340,34 +378,29 @@ impl DeviceUpdates {
                 )
                 .await?;
             transaction
-                .execute(&statement, &[&ids, &outcomes, &statuses])
-                .await?;
-        }
-        if !self.now_registered.is_empty() {
+                .execute(
+                    &statement,
+                    &[&updated_ids, &updated_outcomes, &updated_status],
+                )
+                .await
+                .map(drop)
+        };
+        let mark_registered = async {
+            if self.now_registered.is_empty() {
+                return Ok(());
+            }
             let statement = transaction
                 .prepare_cached("UPDATE job_devices SET registered = TRUE WHERE id = ANY($1)")
                 .await?;
             transaction
                 .execute(&statement, &[&self.now_registered])
-                .await?;
-        }
-        if !self.new_identifiers.is_empty() {
-            let jobs: Vec<i64> = self.new_identifiers.iter().map(|row| row.0).collect();
-            let kinds: Vec<&str> = self
-                .new_identifiers
-                .iter()
-                .map(|row| row.1.as_str())
-                .collect();
-            let identifiers: Vec<&str> = self
-                .new_identifiers
-                .iter()
-                .map(|row| row.2.as_str())
-                .collect();
-            let devices: Vec<i64> = self
-                .new_identifiers
-                .iter()
-                .map(|row| id_of(row.3))
-                .collect();
+                .await
+                .map(drop)
+        };
+        let insert_identifiers = async {
+            if identifier_jobs.is_empty() {
+                return Ok(());
+            }
             let statement = transaction
                 .prepare_cached(
                     "INSERT INTO job_device_identifiers (job_id, kind, identifier, job_device_id)
@@ -376,9 +409,25 @@ impl DeviceUpdates {
                 )
                 .await?;
             transaction
-                .execute(&statement, &[&jobs, &kinds, &identifiers, &devices])
-                .await?;
-        }
+                .execute(
+                    &statement,
+                    &[
+                        &identifier_jobs,
+                        &identifier_kinds,
+                        &identifier_values,
+                        &identifier_devices,
+                    ],
+                )
+                .await
+                .map(drop)
+        };
+        // Sent in this order: device rows before the identifiers referring to them.
+        tokio::try_join!(
+            insert_devices,
+            update_devices,
+            mark_registered,
+            insert_identifiers
+        )?;
         Ok(())
     }
 }
@@ -583,7 +632,8 @@ pub(super) async fn register(
     for device in &registration.devices {
         devices.register(row.id, device);
     }
-    devices.write(transaction).await?;
+    let [_, _, fresh] = reserve_ids(transaction, [0, 0, devices.new_devices.len()]).await?;
+    devices.write(transaction, fresh).await?;
     let (write, completion) = row.recompute(now);
     completions.extend(completion);
     if write {

@@ -3,7 +3,9 @@
 //! The same tables as the SQLite schema, with two differences: a delivery's re-delivery count is
 //! counted at read time (`duplicate_of` is indexed) instead of being kept on the first delivery's
 //! row, so that replicas storing re-deliveries of one message never wait on each other; and there
-//! is no per-batch heartbeat row for them to contend on.
+//! is no per-batch heartbeat row for them to contend on. Foreign keys are checked at commit
+//! (`DEFERRABLE INITIALLY DEFERRED`): a batch sends its inserts pipelined, in one round trip, and
+//! their order on the wire must not matter.
 
 /// Schema versions, applied in order. Never edit an applied migration: add a new one.
 pub(super) const MIGRATIONS: &[&str] = &[r#"
@@ -18,7 +20,7 @@ CREATE TABLE deliveries (
     max_callback_threshold BIGINT,
     dedup_key              BYTEA NOT NULL,
     result                 TEXT NOT NULL CHECK (result IN ('stored', 'duplicate', 'quarantined')),
-    duplicate_of           BIGINT REFERENCES deliveries (id),
+    duplicate_of           BIGINT REFERENCES deliveries (id) DEFERRABLE INITIALLY DEFERRED,
     size                   BIGINT NOT NULL,
     content_type           TEXT,
     source_address         TEXT,
@@ -38,13 +40,13 @@ CREATE INDEX deliveries_unusual_result ON deliveries (result, id) WHERE result <
 CREATE INDEX deliveries_duplicate_of ON deliveries (duplicate_of) WHERE duplicate_of IS NOT NULL;
 
 CREATE TABLE raw_bodies (
-    delivery_id BIGINT PRIMARY KEY REFERENCES deliveries (id),
+    delivery_id BIGINT PRIMARY KEY REFERENCES deliveries (id) DEFERRABLE INITIALLY DEFERRED,
     body        BYTEA NOT NULL
 );
 
 CREATE TABLE device_outcomes (
     id            BIGSERIAL PRIMARY KEY,
-    delivery_id   BIGINT NOT NULL REFERENCES deliveries (id),
+    delivery_id   BIGINT NOT NULL REFERENCES deliveries (id) DEFERRABLE INITIALLY DEFERRED,
     request_id    TEXT,
     operation     TEXT NOT NULL,
     status        TEXT NOT NULL,
@@ -63,13 +65,13 @@ CREATE INDEX device_outcomes_request ON device_outcomes (request_id, id);
 CREATE TABLE outcome_identifiers (
     kind       TEXT NOT NULL,
     identifier TEXT NOT NULL,
-    outcome_id BIGINT NOT NULL REFERENCES device_outcomes (id),
+    outcome_id BIGINT NOT NULL REFERENCES device_outcomes (id) DEFERRABLE INITIALLY DEFERRED,
     PRIMARY KEY (kind, identifier, outcome_id)
 );
 CREATE INDEX outcome_identifiers_outcome ON outcome_identifiers (outcome_id);
 
 CREATE TABLE upload_summaries (
-    delivery_id   BIGINT PRIMARY KEY REFERENCES deliveries (id),
+    delivery_id   BIGINT PRIMARY KEY REFERENCES deliveries (id) DEFERRABLE INITIALLY DEFERRED,
     request_id    TEXT,
     account_name  TEXT,
     device_sku    TEXT,
@@ -125,9 +127,9 @@ CREATE INDEX jobs_open_deadline ON jobs (deadline) WHERE state IN ('pending', 'i
 
 CREATE TABLE job_devices (
     id                BIGSERIAL PRIMARY KEY,
-    job_id            BIGINT NOT NULL REFERENCES jobs (id),
+    job_id            BIGINT NOT NULL REFERENCES jobs (id) DEFERRABLE INITIALLY DEFERRED,
     registered        BOOLEAN NOT NULL DEFAULT FALSE,
-    latest_outcome_id BIGINT REFERENCES device_outcomes (id),
+    latest_outcome_id BIGINT REFERENCES device_outcomes (id) DEFERRABLE INITIALLY DEFERRED,
     status            TEXT
 );
 CREATE INDEX job_devices_job ON job_devices (job_id, id);
@@ -136,7 +138,7 @@ CREATE TABLE job_device_identifiers (
     job_id        BIGINT NOT NULL,
     kind          TEXT NOT NULL,
     identifier    TEXT NOT NULL,
-    job_device_id BIGINT NOT NULL REFERENCES job_devices (id),
+    job_device_id BIGINT NOT NULL REFERENCES job_devices (id) DEFERRABLE INITIALLY DEFERRED,
     PRIMARY KEY (job_id, kind, identifier)
 );
 "#];

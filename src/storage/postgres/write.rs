@@ -36,29 +36,31 @@ pub(super) fn count(value: Option<u64>) -> Option<i64> {
     value.and_then(|value| i64::try_from(value).ok())
 }
 
-/// `count` fresh values of `sequence`, ascending, in one round trip.
-pub(super) async fn next_ids(
+/// Fresh ids of deliveries, device outcomes and job devices (as many of each as asked), ascending,
+/// in one round trip. Ids reserved and not used leave gaps, which nothing minds.
+pub(super) async fn reserve_ids(
     transaction: &Transaction<'_>,
-    sequence: &str,
-    count: usize,
-) -> Result<Vec<i64>, tokio_postgres::Error> {
-    if count == 0 {
-        return Ok(Vec::new());
-    }
+    [deliveries, outcomes, devices]: [usize; 3],
+) -> Result<[Vec<i64>; 3], tokio_postgres::Error> {
     let statement = transaction
-        .prepare_cached(&format!(
-            "SELECT nextval('{sequence}') FROM generate_series(1, $1)"
-        ))
+        .prepare_cached(
+            "SELECT ARRAY(SELECT nextval('deliveries_id_seq') FROM generate_series(1, $1)),
+                    ARRAY(SELECT nextval('device_outcomes_id_seq') FROM generate_series(1, $2)),
+                    ARRAY(SELECT nextval('job_devices_id_seq') FROM generate_series(1, $3))",
+        )
         .await?;
-    let count = i32::try_from(count).unwrap_or(i32::MAX);
-    let mut ids = transaction
-        .query(&statement, &[&count])
-        .await?
-        .iter()
-        .map(|row| row.try_get::<_, i64>(0))
-        .collect::<Result<Vec<_>, _>>()?;
-    ids.sort_unstable();
-    Ok(ids)
+    let count = |value: usize| i32::try_from(value).unwrap_or(i32::MAX);
+    let row = transaction
+        .query_one(
+            &statement,
+            &[&count(deliveries), &count(outcomes), &count(devices)],
+        )
+        .await?;
+    let mut reserved: [Vec<i64>; 3] = [row.try_get(0)?, row.try_get(1)?, row.try_get(2)?];
+    for ids in &mut reserved {
+        ids.sort_unstable();
+    }
+    Ok(reserved)
 }
 
 /// The `deliveries` columns of several rows, one array per column.
@@ -215,7 +217,16 @@ pub(super) async fn write_batch(
     job_timeout: Duration,
 ) -> Result<(Vec<Receipt>, Vec<JobCompletion>), Failure> {
     let transaction = client.transaction().await?;
-    let ids = next_ids(&transaction, "deliveries_id_seq", deliveries.len()).await?;
+    // Enough outcome and job device ids for every outcome of the batch.
+    let outcomes: usize = deliveries
+        .iter()
+        .map(|delivery| match &delivery.content {
+            DeliveryContent::Callback(callback) => callback.outcomes.len(),
+            DeliveryContent::Quarantined(_) => 0,
+        })
+        .sum();
+    let [ids, outcome_ids, device_ids] =
+        reserve_ids(&transaction, [deliveries.len(), outcomes, outcomes]).await?;
 
     // Within the batch, the first delivery of each message is its candidate first delivery;
     // later ones are re-deliveries of it.
@@ -288,8 +299,8 @@ pub(super) async fn write_batch(
     let new_deliveries: Vec<usize> = (0..deliveries.len())
         .filter(|index| matches!(fates[*index], Fate::First))
         .collect();
-    insert_raw_bodies(&transaction, deliveries, &ids, &new_deliveries).await?;
-    let outcome_ids = insert_outcomes(&transaction, deliveries, &ids, &new_deliveries).await?;
+    let outcome_ids =
+        insert_contents(&transaction, deliveries, &ids, &new_deliveries, outcome_ids).await?;
 
     // Jobs: create the missing ones, lock all of them, then apply the batch to them.
     let mut touched: HashMap<String, TouchedJob> = HashMap::new();
@@ -348,8 +359,11 @@ pub(super) async fn write_batch(
                 jobs::record_upload(row, upload);
             }
         }
-        devices.write(&transaction).await?;
-        jobs::finish(&transaction, &mut rows, touched, &mut completions).await?;
+        // Pipelined: the device rows and the job rows are written in one round trip.
+        tokio::try_join!(
+            devices.write(&transaction, device_ids),
+            jobs::finish(&transaction, &mut rows, touched, &mut completions),
+        )?;
     }
     transaction.commit().await?;
 
@@ -381,38 +395,15 @@ fn missing_original() -> Failure {
     Failure::Defect("a stored message could not be found again".to_owned())
 }
 
-async fn insert_raw_bodies(
+/// Inserts the raw bodies, outcomes, identifiers and upload reports of the new deliveries, in one
+/// pipelined round trip, with outcome ids from `fresh`. Returns the outcome ids of each delivery
+/// (in the order of `new_deliveries`, then of its outcomes).
+async fn insert_contents(
     transaction: &Transaction<'_>,
     deliveries: &[&NewDelivery],
     ids: &[i64],
     new_deliveries: &[usize],
-) -> Result<(), tokio_postgres::Error> {
-    if new_deliveries.is_empty() {
-        return Ok(());
-    }
-    let delivery_ids: Vec<i64> = new_deliveries.iter().map(|index| ids[*index]).collect();
-    let bodies: Vec<&[u8]> = new_deliveries
-        .iter()
-        .map(|index| &deliveries[*index].body[..])
-        .collect();
-    let statement = transaction
-        .prepare_cached(
-            "INSERT INTO raw_bodies (delivery_id, body) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
-        )
-        .await?;
-    transaction
-        .execute(&statement, &[&delivery_ids, &bodies])
-        .await?;
-    Ok(())
-}
-
-/// Inserts the outcomes, identifiers and upload reports of the new deliveries. Returns the outcome
-/// ids of each (in the order of `new_deliveries`, then of its outcomes).
-async fn insert_outcomes(
-    transaction: &Transaction<'_>,
-    deliveries: &[&NewDelivery],
-    ids: &[i64],
-    new_deliveries: &[usize],
+    fresh: Vec<i64>,
 ) -> Result<Vec<Vec<i64>>, Failure> {
     let callbacks: Vec<(i64, &NewDelivery, &crate::domain::Callback)> = new_deliveries
         .iter()
@@ -423,13 +414,7 @@ async fn insert_outcomes(
             DeliveryContent::Quarantined(_) => None,
         })
         .collect();
-    let total: usize = callbacks
-        .iter()
-        .map(|(_, _, callback)| callback.outcomes.len())
-        .sum();
-    let mut fresh = next_ids(transaction, "device_outcomes_id_seq", total)
-        .await?
-        .into_iter();
+    let mut fresh = fresh.into_iter();
     let mut outcome_ids = Vec::with_capacity(new_deliveries.len());
     let mut outcomes = OutcomeColumns::default();
     let mut identifiers: [Vec<String>; 2] = Default::default();
@@ -463,8 +448,29 @@ async fn insert_outcomes(
         }
         outcome_ids.push(these);
     }
-    outcomes.insert(transaction).await?;
-    if !identified.is_empty() {
+    let delivery_ids: Vec<i64> = new_deliveries.iter().map(|index| ids[*index]).collect();
+    let bodies: Vec<&[u8]> = new_deliveries
+        .iter()
+        .map(|index| &deliveries[*index].body[..])
+        .collect();
+    let raw_bodies = async {
+        if delivery_ids.is_empty() {
+            return Ok(());
+        }
+        let statement = transaction
+            .prepare_cached(
+                "INSERT INTO raw_bodies (delivery_id, body) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
+            )
+            .await?;
+        transaction
+            .execute(&statement, &[&delivery_ids, &bodies])
+            .await
+            .map(drop)
+    };
+    let identifier_rows = async {
+        if identified.is_empty() {
+            return Ok(());
+        }
         let statement = transaction
             .prepare_cached(
                 "INSERT INTO outcome_identifiers (kind, identifier, outcome_id)
@@ -474,9 +480,16 @@ async fn insert_outcomes(
             .await?;
         transaction
             .execute(&statement, &[&identifiers[0], &identifiers[1], &identified])
-            .await?;
-    }
-    uploads.insert(transaction).await?;
+            .await
+            .map(drop)
+    };
+    // Sent in this order (outcome rows before the identifiers referring to them).
+    tokio::try_join!(
+        raw_bodies,
+        outcomes.insert(transaction),
+        identifier_rows,
+        uploads.insert(transaction),
+    )?;
     Ok(outcome_ids)
 }
 
