@@ -17,6 +17,15 @@ pub const MAX_CREDENTIAL_LENGTH: usize = 40;
 /// Environment variables read by the command line (`--config`, `--api-url`), not settings.
 const COMMAND_LINE_VARIABLES: &[&str] = &["M2M_CONFIG", "M2M_API_URL"];
 
+/// Whether an environment variable is a setting: `M2M_`-prefixed, except the command line's own
+/// variables and the test suite's (`M2M_TEST_POSTGRES_URL`...), which listeners started by the
+/// tests inherit.
+fn is_setting_variable(name: &str) -> bool {
+    name.starts_with("M2M_")
+        && !name.starts_with("M2M_TEST_")
+        && !COMMAND_LINE_VARIABLES.contains(&name)
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct SettingsError(String);
@@ -187,6 +196,11 @@ pub struct StorageSettings {
     pub url: Option<Secret>,
     /// PostgreSQL connections kept by this replica (writers and API reads share them).
     pub pool_size: usize,
+    /// PEM certificates the PostgreSQL server's certificate must chain to (and name the URL's
+    /// host). Without it, TLS (per the URL's `sslmode`: `prefer` by default, `require`,
+    /// `disable`) encrypts but does not check the certificate, as libpq's `require`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for StorageSettings {
@@ -200,6 +214,7 @@ impl Default for StorageSettings {
             prune_interval_s: 3600,
             url: None,
             pool_size: 16,
+            ca_file: None,
         }
     }
 }
@@ -289,9 +304,7 @@ impl Settings {
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
         // The command line's own variables share the prefix but are not settings.
         let environment = std::env::vars()
-            .filter(|(name, _)| {
-                name.starts_with("M2M_") && !COMMAND_LINE_VARIABLES.contains(&name.as_str())
-            })
+            .filter(|(name, _)| is_setting_variable(name))
             .collect();
         Self::load_with_environment(file, Some(environment))
     }

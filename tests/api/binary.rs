@@ -323,3 +323,34 @@ async fn the_jobs_commands_register_list_and_show_through_the_api() {
     assert_eq!(missing.0, Some(1));
     assert!(missing.2.contains("JOB_NOT_FOUND"));
 }
+
+#[test]
+fn the_test_suites_variables_are_not_taken_for_settings_and_a_database_url_is_shown_masked() {
+    let directory = tempfile::tempdir().unwrap();
+
+    let output = listener_command(directory.path())
+        .arg("check-config")
+        // Set by .ci/run for the PostgreSQL half of the suite; listeners it starts inherit it.
+        .env(
+            "M2M_TEST_POSTGRES_URL",
+            "postgres://postgres@127.0.0.1:5432/test",
+        )
+        .env(
+            "M2M_STORAGE__URL",
+            "postgres://m2m:Db-Secret-Password@db.internal:5432/m2m?sslmode=require",
+        )
+        .output()
+        .unwrap();
+
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{shown}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        shown.contains("postgres://m2m:********@db.internal:5432/m2m?sslmode=require"),
+        "{shown}"
+    );
+    assert!(!shown.contains("Db-Secret-Password"), "{shown}");
+}

@@ -481,3 +481,120 @@ fn serving_on_postgres_without_configured_credentials_stops_at_start_naming_the_
         "no pair is generated for one replica only"
     );
 }
+
+/// A PostgreSQL front on loopback that answers the SSLRequest, speaks TLS with `certificate` and
+/// relays the decrypted stream to the real server: the listener's handshake and certificate check
+/// are real, and a client that does not speak TLS gets nowhere.
+async fn tls_front(upstream: String, certificate: &rcgen::CertifiedKey<rcgen::KeyPair>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let key = rustls::pki_types::PrivateKeyDer::try_from(certificate.signing_key.serialize_der())
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![certificate.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
+            tokio::spawn(async move {
+                // SSLRequest: length 8, code 80877103.
+                let mut request = [0u8; 8];
+                if inbound.read_exact(&mut request).await.is_err()
+                    || request != [0, 0, 0, 8, 4, 210, 22, 47]
+                {
+                    return;
+                }
+                if inbound.write_all(b"S").await.is_err() {
+                    return;
+                }
+                let Ok(mut secured) = acceptor.accept(inbound).await else {
+                    return;
+                };
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut secured, &mut outbound).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_is_used_and_the_certificate_checked_against_storage_ca_file() {
+    let schema_url = fresh_postgres_schema(&unique_name());
+    let parsed = reqwest::Url::parse(&schema_url).unwrap();
+    let upstream = format!(
+        "{}:{}",
+        parsed.host_str().unwrap(),
+        parsed.port().unwrap_or(5432)
+    );
+    let server = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let impostor = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let port = tls_front(upstream, &server).await;
+    let mut url = parsed.clone();
+    url.set_host(Some("127.0.0.1")).unwrap();
+    url.set_port(Some(port)).unwrap();
+    url.query_pairs_mut().append_pair("sslmode", "require");
+    let url = url.to_string();
+    let directory = tempfile::tempdir().unwrap();
+    let trusted = directory.path().join("server-ca.pem");
+    std::fs::write(&trusted, server.cert.pem()).unwrap();
+    let untrusted = directory.path().join("other-ca.pem");
+    std::fs::write(&untrusted, impostor.cert.pem()).unwrap();
+
+    let post = async |app: &crate::helpers::TestApp, tag: &str| {
+        let body = payloads::carrier_callback(
+            Envelope {
+                username: "test",
+                password: "test",
+                ..Envelope::default()
+            },
+            &format!("tls-{tag}"),
+            &[("IMEI", "350000000008888")],
+            CarrierResult::Activated { mdn: "5550008888" },
+        );
+        app.client
+            .post(&app.callback_url)
+            .header("Content-Type", "text/xml")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+
+    // The front speaks only TLS, so a 200 means the connection was encrypted; with the server's CA
+    // configured, its certificate was checked too.
+    for (tag, ca_file) in [("verified", Some(trusted)), ("encrypted", None)] {
+        let app = spawn_app_with(|settings| {
+            settings.storage.url = Some(m2m_listener::domain::Secret::new(url.clone()));
+            settings.storage.ca_file = ca_file.clone();
+        })
+        .await;
+        assert_eq!(post(&app, tag).await, 200, "{tag}");
+        assert_eq!(app.get_api("/readyz").await.status(), 200, "{tag}");
+    }
+    // A certificate that does not chain to storage.ca_file is refused: nothing is acknowledged.
+    let app = spawn_app_with(|settings| {
+        settings.storage.url = Some(m2m_listener::domain::Secret::new(url.clone()));
+        settings.storage.ca_file = Some(untrusted.clone());
+        settings.storage.busy_timeout_ms = 1_000;
+    })
+    .await;
+    assert_eq!(post(&app, "impostor").await, 503);
+    assert_eq!(app.get_api("/readyz").await.status(), 503);
+
+    let direct = TestDatabase::Postgres(schema_url);
+    assert_eq!(
+        direct.value("SELECT string_agg(request_id, ',' ORDER BY request_id) FROM deliveries"),
+        Some("tls-encrypted,tls-verified".to_owned())
+    );
+}

@@ -17,6 +17,7 @@
 mod jobs;
 mod queries;
 mod schema;
+mod tls;
 mod write;
 
 use std::sync::{Arc, Mutex};
@@ -26,7 +27,6 @@ use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::NoTls;
 
 use super::rows::JobCompletion;
 use super::{
@@ -185,7 +185,7 @@ impl PostgresStore {
         config.connect_timeout(Duration::from_secs(5));
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls::connector(settings.ca_file.as_deref())?,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
