@@ -452,28 +452,40 @@ fn serialize_masked_url<S: serde::Serializer>(
     serializer.serialize_str(&mask_url_password(url.expose()))
 }
 
-/// `scheme://user:password@host...` with the password replaced by `********`. Anything else after
-/// the scheme is masked whole when it cannot be split safely.
+/// A PostgreSQL URL as it may be shown: rebuilt from its parsed parts (user, hosts, ports,
+/// database, a non-default `sslmode`), never from the text, so that a password however written
+/// (unencoded `/` or `?`, in the query string, in a key=value string) cannot come through.
 pub fn mask_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
         return "********".to_owned();
     };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    // A password in the query string (`?password=`) cannot be masked piecewise: mask the query.
-    let tail = match tail.split_once('?') {
-        Some((path, query)) if query.to_ascii_lowercase().contains("password") => {
-            format!("{path}?********")
-        }
-        _ => tail.to_owned(),
+    let user = config.get_user().unwrap_or("");
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(index, host)| {
+            let name = match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                #[cfg(unix)]
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            match config.get_ports().get(index).or(config.get_ports().first()) {
+                Some(port) => format!("{name}:{port}"),
+                None => name,
+            }
+        })
+        .collect();
+    let sslmode = match config.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => "?sslmode=disable",
+        tokio_postgres::config::SslMode::Require => "?sslmode=require",
+        _ => "",
     };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            format!("{scheme}://{user}:********@{host}{tail}")
-        }
-        None => format!("{scheme}://{authority}{tail}"),
-    }
+    format!(
+        "postgres://{user}:********@{}/{}{sslmode}",
+        hosts.join(","),
+        config.get_dbname().unwrap_or("")
+    )
 }
 
 /// A list from a file (`[[callback.credentials]]`), or from the environment, where the config crate
@@ -642,6 +654,35 @@ mod tests {
         assert!(
             shown.contains("********") && shown.contains("username = \"ops\""),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn database_urls_are_shown_without_their_password_however_it_is_written() {
+        for (url, secret) in [
+            ("postgres://m2m:Plain-Secret@db:5432/m2m", "Plain-Secret"),
+            ("postgres://m2m:ab/cd-Secret@db:5432/m2m", "cd-Secret"),
+            ("postgres://m2m:ab?cd-Secret@db:5432/m2m", "cd-Secret"),
+            (
+                "postgres://m2m@db:5432/m2m?password=Query-Secret",
+                "Query-Secret",
+            ),
+            (
+                "postgres://m2m@db:5432/m2m?%70assword=Encoded-Secret",
+                "Encoded-Secret",
+            ),
+            (
+                "host=db user=m2m password=Kv-Secret://x dbname=m2m",
+                "Kv-Secret",
+            ),
+            ("not a url Secret-Text", "Secret-Text"),
+        ] {
+            let shown = mask_url_password(url);
+            assert!(!shown.contains(secret), "{url} shown as {shown}");
+        }
+        assert_eq!(
+            mask_url_password("postgres://m2m:x@db.internal:5433/fleet?sslmode=require"),
+            "postgres://m2m:********@db.internal:5433/fleet?sslmode=require"
         );
     }
 }

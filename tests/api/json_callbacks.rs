@@ -238,4 +238,10 @@ async fn a_nul_character_in_a_json_value_is_stored_and_the_raw_body_kept_as_sent
         .await;
     assert_eq!(raw.bytes().await.unwrap(), body.as_bytes());
     assert_eq!(app.count("SELECT count(*) FROM device_outcomes"), 1);
+    // A NUL in a looked-up id is an unknown id, not a storage fault.
+    assert_eq!(app.get_api("/api/v1/jobs/unknown%00id").await.status(), 404);
+    assert_eq!(
+        app.get_api("/api/v1/devices/IMEI/35%0000").await.status(),
+        404
+    );
 }

@@ -598,3 +598,91 @@ async fn tls_to_the_database_is_used_and_the_certificate_checked_against_storage
         Some("tls-encrypted,tls-verified".to_owned())
     );
 }
+
+/// A PostgreSQL front that declines TLS ("N" to the SSLRequest) and relays in plain text: what a
+/// man in the middle would do to read the password.
+async fn downgrading_front(upstream: String) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 8];
+                if inbound.read_exact(&mut request).await.is_err() {
+                    return;
+                }
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                if request == [0, 0, 0, 8, 4, 210, 22, 47] {
+                    if inbound.write_all(b"N").await.is_err() {
+                        return;
+                    }
+                } else if outbound.write_all(&request).await.is_err() {
+                    return;
+                }
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_storage_ca_file_a_server_declining_tls_is_refused_not_used_in_plain_text() {
+    let schema_url = fresh_postgres_schema(&unique_name());
+    let parsed = reqwest::Url::parse(&schema_url).unwrap();
+    let upstream = format!(
+        "{}:{}",
+        parsed.host_str().unwrap(),
+        parsed.port().unwrap_or(5432)
+    );
+    let port = downgrading_front(upstream).await;
+    let mut url = parsed.clone();
+    url.set_host(Some("127.0.0.1")).unwrap();
+    url.set_port(Some(port)).unwrap();
+    let url = url.to_string();
+    let directory = tempfile::tempdir().unwrap();
+    let ca = directory.path().join("ca.pem");
+    let certificate = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    std::fs::write(&ca, certificate.cert.pem()).unwrap();
+    let post = async |app: &crate::helpers::TestApp| {
+        let body = payloads::carrier_callback(
+            Envelope {
+                username: "test",
+                password: "test",
+                ..Envelope::default()
+            },
+            "downgrade",
+            &[("IMEI", "350000000007777")],
+            CarrierResult::Activated { mdn: "5550007777" },
+        );
+        app.client
+            .post(&app.callback_url)
+            .header("Content-Type", "text/xml")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+
+    // sslmode=prefer (the default) without a CA accepts the plain connection, as libpq does...
+    let lenient = spawn_app_with(|settings| {
+        settings.storage.url = Some(m2m_listener::domain::Secret::new(url.clone()));
+    })
+    .await;
+    assert_eq!(post(&lenient).await, 200);
+    // ...but with storage.ca_file TLS is required: no plain-text fallback.
+    let strict = spawn_app_with(|settings| {
+        settings.storage.url = Some(m2m_listener::domain::Secret::new(url.clone()));
+        settings.storage.ca_file = Some(ca.clone());
+        settings.storage.busy_timeout_ms = 1_000;
+    })
+    .await;
+    assert_eq!(post(&strict).await, 503);
+    assert_eq!(strict.get_api("/readyz").await.status(), 503);
+}

@@ -141,6 +141,8 @@ pub(super) struct DeviceUpdates {
     devices: HashMap<(i64, String, String), i64>,
     /// The latest status of every device seen (None: registered, not reported).
     status: HashMap<i64, Option<&'static str>>,
+    /// The stored latest outcome of the devices loaded.
+    stored_latest: HashMap<i64, i64>,
     /// Device → its new latest outcome and status.
     latest: HashMap<i64, (i64, &'static str)>,
     /// New devices: placeholder, job, registered.
@@ -166,7 +168,7 @@ impl DeviceUpdates {
         let identifiers: Vec<&str> = wanted.iter().map(|key| key.2.as_str()).collect();
         let statement = transaction
             .prepare_cached(
-                "SELECT i.job_id, i.kind, i.identifier, i.job_device_id, d.status
+                "SELECT i.job_id, i.kind, i.identifier, i.job_device_id, d.status, d.latest_outcome_id
                  FROM job_device_identifiers i JOIN job_devices d ON d.id = i.job_device_id
                  WHERE (i.job_id, i.kind, i.identifier) IN
                      (SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]))",
@@ -178,6 +180,9 @@ impl DeviceUpdates {
         {
             let device: i64 = row.try_get(3)?;
             let status: Option<String> = row.try_get(4)?;
+            if let Some(latest) = row.try_get::<_, Option<i64>>(5)? {
+                self.stored_latest.insert(device, latest);
+            }
             self.devices
                 .insert((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?), device);
             self.status
@@ -256,6 +261,17 @@ impl DeviceUpdates {
             Some(device) => device,
             None => self.add(job_id, false),
         };
+        let current = self
+            .latest
+            .get(&device)
+            .map(|latest| latest.0)
+            .or_else(|| self.stored_latest.get(&device).copied());
+        if current.is_some_and(|current| current > outcome_id) {
+            // Another replica committed a newer outcome of this device (a higher id) first: this
+            // one is history, and the latest stays the newest, as in the device history.
+            self.add_identifiers(job_id, device, identifiers);
+            return;
+        }
         match self.status.get(&device).copied().flatten() {
             None => job.counters[0] += 1,
             Some(previous) => {
@@ -683,4 +699,43 @@ pub(super) async fn sweep_chunk(
     let count = changed.len() as u64;
     write_jobs(transaction, changed.into_iter()).await?;
     Ok((count, if count == 0 { 0 } else { locked }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outcome_older_than_the_stored_latest_is_history_and_does_not_move_the_counters() {
+        let mut devices = DeviceUpdates::default();
+        let imei = DeviceIdentifier::new("IMEI", "350000000000001");
+        devices
+            .devices
+            .insert((1, "IMEI".to_owned(), "350000000000001".to_owned()), 7);
+        devices.status.insert(7, Some("succeeded"));
+        devices.stored_latest.insert(7, 100);
+        let mut job = TouchedJob::new(OffsetDateTime::UNIX_EPOCH);
+
+        // Reserved before, committed after outcome 100 (by another replica): history only.
+        devices.record_outcome(
+            1,
+            90,
+            std::slice::from_ref(&imei),
+            OutcomeStatus::Failed,
+            &mut job,
+        );
+        assert_eq!(job.counters, [0, 0, 0, 0]);
+        assert!(devices.latest.is_empty());
+
+        // Newer: becomes the latest, moving the device from succeeded to failed.
+        devices.record_outcome(
+            1,
+            110,
+            std::slice::from_ref(&imei),
+            OutcomeStatus::Failed,
+            &mut job,
+        );
+        assert_eq!(job.counters, [0, -1, 1, 0]);
+        assert_eq!(devices.latest.get(&7), Some(&(110, "failed")));
+    }
 }

@@ -48,6 +48,10 @@ const WRITE_QUEUE: usize = 4096;
 const FAILURE_MEMORY: Duration = Duration::from_secs(30);
 /// A batch that meets a deadlock or serialization failure is retried this often.
 const RETRIES: usize = 3;
+/// A batch stops growing past this many body bytes or outcomes (besides `storage.max_batch`):
+/// one statement carries all of a batch's bodies, and the protocol caps a message at 1 GiB.
+const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
+const MAX_BATCH_OUTCOMES: usize = 100_000;
 /// Raw bodies deleted per transaction.
 const PRUNE_CHUNK: i64 = 2_000;
 
@@ -125,8 +129,13 @@ pub(super) fn describe(error: &tokio_postgres::Error) -> String {
 /// locked for too long), not of one delivery.
 fn is_storage_wide(error: &tokio_postgres::Error) -> bool {
     let Some(code) = error.code() else {
-        // No SQLSTATE: the connection broke, or the server could not be reached.
-        return true;
+        // No SQLSTATE: the connection broke or the server could not be reached (storage-wide), or
+        // a value did not convert (a defect of this delivery).
+        return error.is_closed()
+            || std::error::Error::source(error)
+                .is_some_and(|source| source.is::<std::io::Error>())
+            || !error.to_string().contains("error serializing")
+                && !error.to_string().contains("error deserializing");
     };
     let code = code.code();
     ["08", "53", "57", "58", "40", "3D", "28"]
@@ -183,6 +192,17 @@ impl PostgresStore {
             config.application_name("m2m-listener");
         }
         config.connect_timeout(Duration::from_secs(5));
+        if settings.ca_file.is_some() {
+            // A checked certificate is worthless if a man in the middle can answer "no TLS".
+            match config.get_ssl_mode() {
+                tokio_postgres::config::SslMode::Disable => anyhow::bail!(
+                    "invalid configuration: storage.ca_file is set but storage.url says sslmode=disable"
+                ),
+                _ => {
+                    config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                }
+            }
+        }
         let manager = Manager::from_config(
             config,
             tls::connector(settings.ca_file.as_deref())?,
@@ -240,13 +260,14 @@ impl PostgresStore {
 impl Shared {
     /// A pooled connection to a migrated database.
     async fn client(&self) -> Result<Object, StoreError> {
-        let client = self.pool.get().await.map_err(pool_error)?;
-        self.migrated
-            .get_or_try_init(|| async {
-                let mut migrating = self.pool.get().await.map_err(pool_error)?;
-                migrate(&mut migrating).await
-            })
-            .await?;
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        // On this same connection: waiting for a second one could exhaust the pool when many
+        // requests arrive while the database has just come back.
+        if self.migrated.get().is_none() {
+            self.migrated
+                .get_or_try_init(|| migrate(&mut client))
+                .await?;
+        }
         Ok(client)
     }
 
@@ -279,10 +300,28 @@ impl Shared {
                 let Some(first) = receiver.recv().await else {
                     break;
                 };
+                let size = |write: &Write| {
+                    let outcomes = match &write.delivery.content {
+                        crate::storage::DeliveryContent::Callback(callback) => {
+                            callback.outcomes.len()
+                        }
+                        crate::storage::DeliveryContent::Quarantined(_) => 0,
+                    };
+                    (write.delivery.body.len(), outcomes)
+                };
+                let (mut bytes, mut outcomes) = size(&first);
                 let mut batch = vec![first];
-                while batch.len() < self.max_batch {
+                while batch.len() < self.max_batch
+                    && bytes < MAX_BATCH_BYTES
+                    && outcomes < MAX_BATCH_OUTCOMES
+                {
                     match receiver.try_recv() {
-                        Ok(write) => batch.push(write),
+                        Ok(write) => {
+                            let (more_bytes, more_outcomes) = size(&write);
+                            bytes += more_bytes;
+                            outcomes += more_outcomes;
+                            batch.push(write);
+                        }
                         Err(_) => break,
                     }
                 }
@@ -310,16 +349,27 @@ impl Shared {
                 // one by one, so that only that one is refused.
                 tracing::warn!(%error, "a delivery failed; writing the batch one delivery at a time");
                 let mut results = Vec::with_capacity(deliveries.len());
+                let mut outage: Option<StoreError> = None;
                 for delivery in &deliveries {
+                    // Once the database is away, the rest are answered 503 at once.
+                    if let Some(error) = &outage {
+                        results.push(Err(clone_error(error)));
+                        continue;
+                    }
                     results.push(match self.write(std::slice::from_ref(delivery)).await {
                         Ok((mut receipts, completions)) => {
                             self.observe_completions(&completions);
+                            self.remember_failure(None);
                             receipts.pop().ok_or_else(|| {
                                 StoreError::Internal("the batch returned no receipt".to_owned())
                             })
                         }
                         Err(error) => {
                             tracing::error!(%error, "delivery could not be stored");
+                            if matches!(error, StoreError::Unavailable(_)) {
+                                self.remember_failure(Some(error.to_string()));
+                                outage = Some(clone_error(&error));
+                            }
                             Err(error)
                         }
                     });
@@ -392,6 +442,10 @@ fn clone_error(error: &StoreError) -> StoreError {
 async fn migrate(client: &mut Object) -> Result<(), StoreError> {
     let migrate = async {
         let transaction = client.transaction().await?;
+        // A migration (or waiting for another replica's) may take longer than a write may.
+        transaction
+            .batch_execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")
+            .await?;
         transaction
             .execute(
                 "SELECT pg_advisory_xact_lock(hashtext('m2m-listener migrations ' || current_schema()))",
