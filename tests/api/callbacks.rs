@@ -536,3 +536,39 @@ async fn concurrent_large_uploads_all_get_through_the_bounded_path() {
         5
     );
 }
+
+#[tokio::test]
+async fn a_callback_with_an_oversized_request_id_is_stored_and_found_by_it() {
+    let app = spawn_app().await;
+    // Far past what a database index entry may hold (PostgreSQL refuses B-tree entries over
+    // about 2,700 bytes): it must not be refused on every retry.
+    // Incompressible, so that the index cannot squeeze it under the limit.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let request_id: String = (0..5_000)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from(b'a' + (state % 26) as u8)
+        })
+        .collect();
+    let body = crate::helpers::carrier_callback(
+        &request_id,
+        &[("IMEI", "350000000006666")],
+        crate::helpers::CarrierResult::Activated { mdn: "5550006666" },
+    );
+
+    let response = app.post_callback(body).await;
+
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        app.count("SELECT count(*) FROM deliveries WHERE result = 'stored'"),
+        1
+    );
+    let job = app.get_json(&format!("/api/v1/jobs/{request_id}")).await;
+    assert_eq!(job["devices_reported"], 1, "{job}");
+    let listing = app
+        .get_json(&format!("/api/v1/deliveries?request_id={request_id}"))
+        .await;
+    assert_eq!(listing["items"].as_array().map(Vec::len), Some(1));
+}

@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use tokio_postgres::Row;
 
 use super::Failure;
-use super::write::{clean, count, reserve_ids};
+use super::write::{clean, clean_key, count, reserve_ids};
 use crate::domain::{DeviceIdentifier, OutcomeStatus, UploadSummary};
 use crate::jobs::{JobState, Registration};
 use crate::storage::rows::{JobCompletion, JobRow, counter_of};
@@ -207,13 +207,17 @@ impl DeviceUpdates {
             let Some(job) = callback
                 .request_id
                 .as_deref()
-                .and_then(|request_id| rows.get(&clean(request_id)))
+                .and_then(|request_id| rows.get(&clean_key(request_id)))
             else {
                 continue;
             };
             for outcome in &callback.outcomes {
                 for identifier in &outcome.identifiers {
-                    wanted.push((job.id, clean(&identifier.kind), clean(&identifier.id)));
+                    wanted.push((
+                        job.id,
+                        clean_key(&identifier.kind),
+                        clean_key(&identifier.id),
+                    ));
                 }
             }
         }
@@ -224,7 +228,11 @@ impl DeviceUpdates {
     fn find(&self, job_id: i64, identifiers: &[DeviceIdentifier]) -> Option<i64> {
         identifiers.iter().find_map(|identifier| {
             self.devices
-                .get(&(job_id, clean(&identifier.kind), clean(&identifier.id)))
+                .get(&(
+                    job_id,
+                    clean_key(&identifier.kind),
+                    clean_key(&identifier.id),
+                ))
                 .copied()
         })
     }
@@ -238,7 +246,11 @@ impl DeviceUpdates {
 
     fn add_identifiers(&mut self, job_id: i64, device: i64, identifiers: &[DeviceIdentifier]) {
         for identifier in identifiers {
-            let key = (job_id, clean(&identifier.kind), clean(&identifier.id));
+            let key = (
+                job_id,
+                clean_key(&identifier.kind),
+                clean_key(&identifier.id),
+            );
             if !self.devices.contains_key(&key) {
                 self.new_identifiers
                     .push((job_id, key.1.clone(), key.2.clone(), device));
@@ -642,7 +654,7 @@ pub(super) async fn register(
     let wanted: Vec<(i64, String, String)> = registration
         .devices
         .iter()
-        .map(|device| (row.id, clean(&device.kind), clean(&device.id)))
+        .map(|device| (row.id, clean_key(&device.kind), clean_key(&device.id)))
         .collect();
     devices.load_identifiers(transaction, &wanted).await?;
     for device in &registration.devices {

@@ -7,7 +7,7 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::jobs::{JOB_COLUMNS, job_row};
-use super::write::clean;
+use super::write::clean_key;
 use crate::domain::{DeliveryResult, DeviceIdentifier};
 use crate::storage::rows::{
     HISTORY_LIMIT, fault_record, identifier_candidates, page, parse_details, unreported_outcome,
@@ -62,7 +62,7 @@ pub(super) async fn list_deliveries(
     let limit = i64::from(query.limit.max(1));
     let mut filter = Filter::default();
     if let Some(request_id) = &query.request_id {
-        filter.add("request_id = {}", clean(request_id));
+        filter.add("request_id = {}", clean_key(request_id));
     }
     if let Some(result) = query.result {
         // The partial index covers only the unusual results, and is used only when the query says so.
@@ -152,7 +152,7 @@ pub(super) async fn job_by_request_id(
         ))
         .await?;
     client
-        .query_opt(&statement, &[&clean(request_id)])
+        .query_opt(&statement, &[&clean_key(request_id)])
         .await?
         .map(|row| job_row(&row).map(|job| job.into_record()))
         .transpose()
@@ -274,8 +274,8 @@ pub(super) async fn device_history(
         )
         .await?;
     let mut outcome_ids: Vec<i64> = Vec::new();
-    let kind = clean(&identifier.kind);
-    for candidate in identifier_candidates(&clean(&identifier.id)) {
+    let kind = clean_key(&identifier.kind);
+    for candidate in identifier_candidates(&clean_key(&identifier.id)) {
         outcome_ids = client
             .query(&statement, &[&kind, &candidate, &HISTORY_LIMIT])
             .await?

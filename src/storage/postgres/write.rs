@@ -31,6 +31,26 @@ pub(super) fn clean_option(value: Option<&str>) -> Option<String> {
     value.map(clean)
 }
 
+/// Longest indexed text (request ids, device identifiers) kept as sent: PostgreSQL's B-tree
+/// refuses entries past about 2,700 bytes, which would refuse such a callback on every retry.
+const MAX_KEY_BYTES: usize = 1024;
+
+/// Text of an indexed column: [`clean`], and past [`MAX_KEY_BYTES`] a prefix and a digest of the
+/// whole (lookups apply the same, so the full value still finds it).
+pub(super) fn clean_key(value: &str) -> String {
+    use sha2::Digest;
+    let cleaned = clean(value);
+    if cleaned.len() <= MAX_KEY_BYTES {
+        return cleaned;
+    }
+    let digest = hex::encode(&sha2::Sha256::digest(cleaned.as_bytes())[..16]);
+    let mut end = MAX_KEY_BYTES - digest.len() - 4;
+    while !cleaned.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…{digest}", &cleaned[..end])
+}
+
 /// A count as a `bigint` (counts past `i64::MAX` do not occur; they read as unknown).
 pub(super) fn count(value: Option<u64>) -> Option<i64> {
     value.and_then(|value| i64::try_from(value).ok())
@@ -111,7 +131,7 @@ impl DeliveryColumns {
         self.operation
             .push(callback.map(|callback| callback.operation.as_str()));
         self.request_id
-            .push(clean_option(delivery.content.request_id()));
+            .push(delivery.content.request_id().map(clean_key));
         self.callback_count
             .push(delivery.content.callback_count().map(i64::from));
         self.max_callback_threshold.push(
@@ -315,7 +335,7 @@ pub(super) async fn write_batch(
             }
             _ => None,
         };
-        let request_id = clean(request_id);
+        let request_id = clean_key(request_id);
         if !touched.contains_key(&request_id) {
             creating.push((request_id.clone(), operation, delivery.received_at));
         }
@@ -339,7 +359,7 @@ pub(super) async fn write_batch(
             let DeliveryContent::Callback(callback) = &deliveries[index].content else {
                 continue;
             };
-            let Some(request_id) = callback.request_id.as_deref().map(clean) else {
+            let Some(request_id) = callback.request_id.as_deref().map(clean_key) else {
                 continue;
             };
             let (Some(row), Some(job)) = (rows.get_mut(&request_id), touched.get_mut(&request_id))
@@ -437,8 +457,8 @@ async fn insert_contents(
             };
             outcomes.push(outcome_id, ids[*index], &received_at, callback, outcome);
             for identifier in &outcome.identifiers {
-                identifiers[0].push(clean(&identifier.kind));
-                identifiers[1].push(clean(&identifier.id));
+                identifiers[0].push(clean_key(&identifier.kind));
+                identifiers[1].push(clean_key(&identifier.id));
                 identified.push(outcome_id);
             }
             these.push(outcome_id);
@@ -523,7 +543,7 @@ impl OutcomeColumns {
         self.id.push(id);
         self.delivery_id.push(delivery_id);
         self.request_id
-            .push(clean_option(callback.request_id.as_deref()));
+            .push(callback.request_id.as_deref().map(clean_key));
         self.operation.push(callback.operation.as_str());
         self.status.push(outcome.status.as_str());
         self.line_status
@@ -608,7 +628,7 @@ impl UploadColumns {
     ) {
         self.delivery_id.push(delivery_id);
         self.request_id
-            .push(clean_option(callback.request_id.as_deref()));
+            .push(callback.request_id.as_deref().map(clean_key));
         self.account_name
             .push(clean_option(upload.account_name.as_deref()));
         self.device_sku
