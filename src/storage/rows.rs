@@ -176,6 +176,44 @@ impl JobRow {
     }
 }
 
+/// What one batch adds to one job.
+#[derive(Clone)]
+pub(crate) struct TouchedJob {
+    pub deliveries: i64,
+    pub duplicates: i64,
+    pub operation: Option<&'static str>,
+    pub first_at: OffsetDateTime,
+    pub last_at: OffsetDateTime,
+    /// Changes to devices_reported, succeeded, failed, accepted.
+    pub counters: [i64; 4],
+}
+
+impl TouchedJob {
+    pub fn new(at: OffsetDateTime) -> Self {
+        Self {
+            deliveries: 0,
+            duplicates: 0,
+            operation: None,
+            first_at: at,
+            last_at: at,
+            counters: [0; 4],
+        }
+    }
+
+    pub fn record_delivery(
+        &mut self,
+        operation: Option<&'static str>,
+        at: OffsetDateTime,
+        duplicate: bool,
+    ) {
+        self.deliveries += 1;
+        self.duplicates += i64::from(duplicate);
+        self.operation = self.operation.or(operation);
+        self.first_at = self.first_at.min(at);
+        self.last_at = self.last_at.max(at);
+    }
+}
+
 /// A page of `limit` rows from `limit + 1` fetched: the extra row only says that more follow.
 pub(crate) fn page<T>(mut items: Vec<T>, limit: i64, id_of: impl Fn(&T) -> i64) -> Page<T> {
     let more = items.len() as i64 > limit;

@@ -84,6 +84,15 @@ pub fn unique_name() -> String {
         .to_string()
 }
 
+/// A connection to the test app's SQLite file that waits for the listener's writer.
+fn open_sqlite(path: &std::path::Path) -> rusqlite::Connection {
+    let connection = rusqlite::Connection::open(path).expect("database opens");
+    connection
+        .busy_timeout(std::time::Duration::from_secs(5))
+        .expect("busy timeout");
+    connection
+}
+
 /// The database a test app writes to, for checks that look at the stored rows themselves.
 #[derive(Clone, Debug)]
 pub enum TestDatabase {
@@ -96,10 +105,7 @@ impl TestDatabase {
     pub fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
         match self {
             TestDatabase::Sqlite(path) => {
-                let connection = rusqlite::Connection::open(path).expect("database opens");
-                connection
-                    .busy_timeout(std::time::Duration::from_secs(5))
-                    .expect("busy timeout");
+                let connection = open_sqlite(path);
                 let mut statement = connection.prepare(sql).expect(sql);
                 let width = statement.column_count();
                 statement
@@ -165,11 +171,7 @@ impl TestDatabase {
     pub fn execute(&self, sql: &str) {
         match self {
             TestDatabase::Sqlite(path) => {
-                let connection = rusqlite::Connection::open(path).expect("database opens");
-                connection
-                    .busy_timeout(std::time::Duration::from_secs(5))
-                    .expect("busy timeout");
-                connection.execute_batch(sql).expect(sql);
+                open_sqlite(path).execute_batch(sql).expect(sql);
             }
             TestDatabase::Postgres(url) => {
                 let sql = sql.to_owned();

@@ -339,6 +339,30 @@ async fn the_deadline_sweep_runs_on_every_replica_at_once_and_closes_each_job_on
     );
 }
 
+/// Posts an activation for `request_id` with the `test` pair a test app accepts; the status.
+async fn post_as_test(app: &crate::helpers::TestApp, request_id: &str, count: u32) -> u16 {
+    let body = payloads::carrier_callback(
+        Envelope {
+            username: "test",
+            password: "test",
+            callback_count: count,
+            ..Envelope::default()
+        },
+        request_id,
+        &[("IMEI", "350000000009999")],
+        CarrierResult::Activated { mdn: "5550009999" },
+    );
+    app.client
+        .post(&app.callback_url)
+        .header("Content-Type", "text/xml")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 /// A TCP relay to PostgreSQL that the test can cut (dropping every connection) and restore.
 struct Relay {
     port: u16,
@@ -396,25 +420,7 @@ async fn an_unreachable_database_gets_503_and_not_ready_and_the_listener_recover
     })
     .await;
     // The test app accepts the `test` pair.
-    let post_test = |index: u32| {
-        let body = payloads::carrier_callback(
-            Envelope {
-                username: "test",
-                password: "test",
-                callback_count: index,
-                ..Envelope::default()
-            },
-            &format!("outage-{index}"),
-            &[("IMEI", "350000000009999")],
-            CarrierResult::Activated { mdn: "5550009999" },
-        );
-        let request = app
-            .client
-            .post(&app.callback_url)
-            .header("Content-Type", "text/xml")
-            .body(body);
-        async move { request.send().await.unwrap().status().as_u16() }
-    };
+    let post_test = async |index: u32| post_as_test(&app, &format!("outage-{index}"), index).await;
 
     // Down from the start: the listener runs, refuses with 503 (the platform retries), not ready.
     assert_eq!(post_test(1).await, 503);
@@ -550,25 +556,7 @@ async fn tls_to_the_database_is_used_and_the_certificate_checked_against_storage
     std::fs::write(&untrusted, impostor.cert.pem()).unwrap();
 
     let post = async |app: &crate::helpers::TestApp, tag: &str| {
-        let body = payloads::carrier_callback(
-            Envelope {
-                username: "test",
-                password: "test",
-                ..Envelope::default()
-            },
-            &format!("tls-{tag}"),
-            &[("IMEI", "350000000008888")],
-            CarrierResult::Activated { mdn: "5550008888" },
-        );
-        app.client
-            .post(&app.callback_url)
-            .header("Content-Type", "text/xml")
-            .body(body)
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
+        post_as_test(app, &format!("tls-{tag}"), 1).await
     };
 
     // The front speaks only TLS, so a 200 means the connection was encrypted; with the server's CA
@@ -648,27 +636,7 @@ async fn with_storage_ca_file_a_server_declining_tls_is_refused_not_used_in_plai
     let ca = directory.path().join("ca.pem");
     let certificate = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
     std::fs::write(&ca, certificate.cert.pem()).unwrap();
-    let post = async |app: &crate::helpers::TestApp| {
-        let body = payloads::carrier_callback(
-            Envelope {
-                username: "test",
-                password: "test",
-                ..Envelope::default()
-            },
-            "downgrade",
-            &[("IMEI", "350000000007777")],
-            CarrierResult::Activated { mdn: "5550007777" },
-        );
-        app.client
-            .post(&app.callback_url)
-            .header("Content-Type", "text/xml")
-            .body(body)
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
-    };
+    let post = async |app: &crate::helpers::TestApp| post_as_test(app, "downgrade", 1).await;
 
     // sslmode=prefer (the default) without a CA accepts the plain connection, as libpq does...
     let lenient = spawn_app_with(|settings| {

@@ -13,7 +13,7 @@ use super::Failure;
 use super::write::{clean, clean_key, count, reserve_ids};
 use crate::domain::{DeviceIdentifier, OutcomeStatus, UploadSummary};
 use crate::jobs::{JobState, Registration};
-use crate::storage::rows::{JobCompletion, JobRow, counter_of};
+use crate::storage::rows::{JobCompletion, JobRow, TouchedJob, counter_of};
 use crate::storage::{DeliveryContent, NewDelivery, Registered, timestamp};
 
 pub(super) const JOB_COLUMNS: &str = "id, request_id, registered, operation, account, label, state, expected_devices,
@@ -52,43 +52,6 @@ pub(super) fn job_row(row: &Row) -> Result<JobRow, tokio_postgres::Error> {
         completed_at: row.try_get(25)?,
         deadline: row.try_get(26)?,
     })
-}
-
-/// What one batch adds to one job.
-pub(super) struct TouchedJob {
-    deliveries: i64,
-    duplicates: i64,
-    operation: Option<&'static str>,
-    first_at: OffsetDateTime,
-    last_at: OffsetDateTime,
-    /// Changes to devices_reported, succeeded, failed, accepted.
-    counters: [i64; 4],
-}
-
-impl TouchedJob {
-    pub fn new(at: OffsetDateTime) -> Self {
-        Self {
-            deliveries: 0,
-            duplicates: 0,
-            operation: None,
-            first_at: at,
-            last_at: at,
-            counters: [0; 4],
-        }
-    }
-
-    pub fn record_delivery(
-        &mut self,
-        operation: Option<&'static str>,
-        at: OffsetDateTime,
-        duplicate: bool,
-    ) {
-        self.deliveries += 1;
-        self.duplicates += i64::from(duplicate);
-        self.operation = self.operation.or(operation);
-        self.first_at = self.first_at.min(at);
-        self.last_at = self.last_at.max(at);
-    }
 }
 
 /// Creates the jobs not stored yet and locks all of them, in `request_id` order. Returns the

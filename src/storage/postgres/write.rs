@@ -12,9 +12,9 @@ use deadpool_postgres::{Object, Transaction};
 use time::OffsetDateTime;
 
 use super::Failure;
-use super::jobs::{self, DeviceUpdates, TouchedJob};
+use super::jobs::{self, DeviceUpdates};
 use crate::domain::{DeliveryResult, Operation};
-use crate::storage::rows::JobCompletion;
+use crate::storage::rows::{JobCompletion, TouchedJob};
 use crate::storage::{DeliveryContent, NewDelivery, Receipt, timestamp};
 
 /// Text as PostgreSQL stores it: `text` cannot hold NUL, which a JSON callback can carry

@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use super::{insert_rows, queries, sql_count};
 use crate::domain::{DeviceIdentifier, OutcomeStatus, UploadSummary};
 use crate::jobs::{JobFacts, JobState, Registration, UploadCounts};
-use crate::storage::rows::{JobCompletion, counter_of, seconds_between, transition};
+use crate::storage::rows::{JobCompletion, TouchedJob, counter_of, seconds_between, transition};
 use crate::storage::{Registered, timestamp};
 
 /// What one write batch does to the jobs it touches. Deliveries, re-deliveries, callback times
@@ -22,17 +22,6 @@ use crate::storage::{Registered, timestamp};
 pub(super) struct JobBatch {
     job_ids: HashMap<String, i64>,
     touched: HashMap<i64, TouchedJob>,
-}
-
-#[derive(Clone)]
-struct TouchedJob {
-    deliveries: i64,
-    duplicates: i64,
-    operation: Option<&'static str>,
-    first_at: OffsetDateTime,
-    last_at: OffsetDateTime,
-    /// Changes to devices_reported, succeeded, failed, accepted.
-    counters: [i64; 4],
 }
 
 /// Positions in [`TouchedJob::counters`].
@@ -63,19 +52,10 @@ impl JobBatch {
                 job_id
             }
         };
-        let touched = self.touched.entry(job_id).or_insert(TouchedJob {
-            deliveries: 0,
-            duplicates: 0,
-            operation: None,
-            first_at: received_at,
-            last_at: received_at,
-            counters: [0; 4],
-        });
-        touched.deliveries += 1;
-        touched.duplicates += i64::from(duplicate);
-        touched.operation = touched.operation.or(operation);
-        touched.first_at = touched.first_at.min(received_at);
-        touched.last_at = touched.last_at.max(received_at);
+        self.touched
+            .entry(job_id)
+            .or_insert_with(|| TouchedJob::new(received_at))
+            .record_delivery(operation, received_at, duplicate);
         Ok(job_id)
     }
 
