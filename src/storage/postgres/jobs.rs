@@ -131,10 +131,16 @@ impl DeviceUpdates {
         let identifiers: Vec<&str> = wanted.iter().map(|key| key.2.as_str()).collect();
         let statement = transaction
             .prepare_cached(
-                "SELECT i.job_id, i.kind, i.identifier, i.job_device_id, d.status, d.latest_outcome_id
-                 FROM job_device_identifiers i JOIN job_devices d ON d.id = i.job_device_id
-                 WHERE (i.job_id, i.kind, i.identifier) IN
-                     (SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[]))",
+                // One primary-key probe per wanted identifier, whatever the planner thinks of the
+                // table's size (LIMIT keeps the subquery from being flattened into a hash join,
+                // which profiling showed scanning the whole table once per batch).
+                "SELECT w.job_id, w.kind, w.identifier, i.job_device_id, d.status, d.latest_outcome_id
+                 FROM unnest($1::bigint[], $2::text[], $3::text[]) AS w (job_id, kind, identifier)
+                 CROSS JOIN LATERAL (
+                     SELECT job_device_id FROM job_device_identifiers
+                     WHERE job_id = w.job_id AND kind = w.kind AND identifier = w.identifier
+                     LIMIT 1) i
+                 JOIN job_devices d ON d.id = i.job_device_id",
             )
             .await?;
         for row in transaction

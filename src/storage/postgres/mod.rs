@@ -181,8 +181,11 @@ impl PostgresStore {
             .map_err(|error| anyhow::anyhow!("storage.url is not a PostgreSQL URL: {error}"))?;
         // A lock held by another replica is waited for as long as a SQLite lock would be; a
         // transaction a stalled replica left open is ended by the server.
+        // Custom plans, made with each batch's array sizes and the tables' current statistics: a
+        // generic plan made while a table was small kept scanning it whole once it was not
+        // (profiled: one sequential scan of job_device_identifiers per batch).
         let options = format!(
-            "{} -c lock_timeout={} -c statement_timeout={} -c idle_in_transaction_session_timeout=60000",
+            "{} -c lock_timeout={} -c statement_timeout={} -c idle_in_transaction_session_timeout=60000 -c plan_cache_mode=force_custom_plan",
             config.get_options().unwrap_or(""),
             settings.busy_timeout_ms,
             settings.busy_timeout_ms.max(30_000),
