@@ -654,3 +654,86 @@ async fn with_storage_ca_file_a_server_declining_tls_is_refused_not_used_in_plai
     assert_eq!(post(&strict).await, 503);
     assert_eq!(strict.get_api("/readyz").await.status(), 503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_registration_sent_to_three_replicas_at_once_creates_one_job() {
+    let (replicas, database) = three_replicas(&[]).await;
+    let client = reqwest::Client::new();
+    for round in 0..20 {
+        let registration = json!({
+            "request_id": format!("register-{round}"),
+            "operation": "activate",
+            "expected_devices": 2,
+        })
+        .to_string();
+        let register = |replica: &Replica| {
+            client
+                .post(replica.api("/api/v1/jobs"))
+                .header("Content-Type", "application/json")
+                .body(registration.clone())
+                .send()
+        };
+        let answers = tokio::join!(
+            register(&replicas[0]),
+            register(&replicas[1]),
+            register(&replicas[2]),
+        );
+        let mut statuses: Vec<u16> = [answers.0, answers.1, answers.2]
+            .into_iter()
+            .map(|answer| answer.unwrap().status().as_u16())
+            .collect();
+        statuses.sort();
+        // One creates it; the others find the same registration already there.
+        assert_eq!(statuses, [200, 200, 201], "round {round}");
+    }
+    assert_eq!(
+        database.count("SELECT count(*) FROM jobs WHERE registered"),
+        20
+    );
+    // A different registration for a registered request id conflicts, on any replica.
+    let conflicting = client
+        .post(replicas[2].api("/api/v1/jobs"))
+        .header("Content-Type", "application/json")
+        .body(json!({"request_id": "register-0", "operation": "deactivate"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(conflicting.status(), 409);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_row_held_by_another_transaction_gets_503_without_taking_the_replica_out() {
+    let app = spawn_app_with(|settings| settings.storage.busy_timeout_ms = 500).await;
+    assert_eq!(post_as_test(&app, "held-job", 1).await, 200);
+    let crate::helpers::TestDatabase::Postgres(url) = app.database.clone() else {
+        unreachable!("the PostgreSQL suite")
+    };
+    // Another session (another replica, an operator's shell) holds the job's row.
+    let (locked, held) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let mut transaction = client.transaction().unwrap();
+        transaction
+            .execute(
+                "SELECT id FROM jobs WHERE request_id = 'held-job' FOR UPDATE",
+                &[],
+            )
+            .unwrap();
+        locked.send(()).unwrap();
+        let _ = released.recv();
+        transaction.rollback().unwrap();
+    });
+    held.recv().unwrap();
+
+    assert_eq!(post_as_test(&app, "held-job", 2).await, 503);
+    assert_eq!(
+        app.get_api("/readyz").await.status(),
+        200,
+        "one busy row is not a database fault"
+    );
+
+    release.send(()).unwrap();
+    holder.join().unwrap();
+    assert_eq!(post_as_test(&app, "held-job", 3).await, 200);
+}

@@ -151,6 +151,14 @@ fn is_retryable(error: &tokio_postgres::Error) -> bool {
         .is_some_and(|code| matches!(code.code(), "40001" | "40P01"))
 }
 
+/// A lock timeout (55P03): rows of this batch were held by another replica's transaction for
+/// longer than `lock_timeout`. The batch is answered 503 (the platform retries), but the database
+/// is fine: it does not make this replica not ready, which would take it out of the load balancer
+/// for a busy job's sake.
+fn is_row_contention(error: &StoreError) -> bool {
+    matches!(error, StoreError::Unavailable(message) if message.ends_with("(SQLSTATE 55P03)"))
+}
+
 fn store_error(error: &tokio_postgres::Error) -> StoreError {
     if is_storage_wide(error) {
         StoreError::Unavailable(describe(error))
@@ -381,7 +389,7 @@ impl Shared {
             }
             Err(error) => {
                 tracing::error!(%error, deliveries = batch.len(), "commit failed; answering 503");
-                if matches!(error, StoreError::Unavailable(_)) {
+                if matches!(error, StoreError::Unavailable(_)) && !is_row_contention(&error) {
                     self.remember_failure(Some(error.to_string()));
                 }
                 batch.iter().map(|_| Err(clone_error(&error))).collect()
@@ -652,5 +660,22 @@ impl Store for PostgresStore {
             }
             self.shared.pool.close();
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lock_timeout_is_row_contention_and_other_faults_are_not() {
+        let contention = StoreError::Unavailable(
+            "canceling statement due to lock timeout (SQLSTATE 55P03)".to_owned(),
+        );
+        let outage = StoreError::Unavailable("connection closed".to_owned());
+        let full = StoreError::Unavailable("could not extend file (SQLSTATE 53100)".to_owned());
+        assert!(is_row_contention(&contention));
+        assert!(!is_row_contention(&outage));
+        assert!(!is_row_contention(&full));
     }
 }
