@@ -435,14 +435,18 @@ fn promtool_accepts_the_rules_and_the_deploy_prometheus_config() {
         String::from_utf8_lossy(&rules.stdout)
     );
 
-    // The compose config names the rules where the container mounts them; check it against the file here.
+    promtool_check_deploy_config("deploy/prometheus.yml");
+}
+
+/// `promtool check config` on a Prometheus config of `deploy/`. The config names the rules where
+/// the container mounts them; they are checked against the file here. Returns the config's text.
+fn promtool_check_deploy_config(file: &str) -> String {
     let directory = tempfile::tempdir().unwrap();
-    let config = std::fs::read_to_string(repository("deploy/prometheus.yml"))
-        .unwrap()
-        .replace(
-            "/etc/prometheus/alerts.yml",
-            &repository("dashboards/alerts.yml").display().to_string(),
-        );
+    let text = std::fs::read_to_string(repository(file)).unwrap();
+    let config = text.replace(
+        "/etc/prometheus/alerts.yml",
+        &repository("dashboards/alerts.yml").display().to_string(),
+    );
     let path = directory.path().join("prometheus.yml");
     std::fs::write(&path, config).unwrap();
     let checked = tool("promtool")
@@ -452,10 +456,11 @@ fn promtool_accepts_the_rules_and_the_deploy_prometheus_config() {
         .unwrap();
     assert!(
         checked.status.success(),
-        "{}{}",
+        "{file}: {}{}",
         String::from_utf8_lossy(&checked.stdout),
         String::from_utf8_lossy(&checked.stderr)
     );
+    text
 }
 
 #[test]
@@ -557,29 +562,10 @@ fn the_postgres_compose_file_is_valid() {
 
 #[test]
 fn promtool_accepts_the_replicas_prometheus_config() {
-    // As for deploy/prometheus.yml: the rules are named where the container mounts them.
-    let directory = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string(repository("deploy/prometheus-replicas.yml")).unwrap();
+    let text = promtool_check_deploy_config("deploy/prometheus-replicas.yml");
     for listener in ["listener-1:9090", "listener-2:9090", "listener-3:9090"] {
         assert!(text.contains(listener), "{listener} is not scraped");
     }
-    let config = text.replace(
-        "/etc/prometheus/alerts.yml",
-        &repository("dashboards/alerts.yml").display().to_string(),
-    );
-    let path = directory.path().join("prometheus.yml");
-    std::fs::write(&path, config).unwrap();
-    let checked = tool("promtool")
-        .args(["check", "config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        checked.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
 }
 
 #[test]

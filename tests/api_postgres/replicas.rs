@@ -488,22 +488,26 @@ fn serving_on_postgres_without_configured_credentials_stops_at_start_naming_the_
     );
 }
 
-/// A PostgreSQL front on loopback that answers the SSLRequest, speaks TLS with `certificate` and
-/// relays the decrypted stream to the real server: the listener's handshake and certificate check
-/// are real, and a client that does not speak TLS gets nowhere.
-async fn tls_front(upstream: String, certificate: &rcgen::CertifiedKey<rcgen::KeyPair>) -> u16 {
+/// A PostgreSQL front on loopback relaying to the real server. With a certificate it answers the
+/// SSLRequest "S", speaks TLS with it and relays the decrypted stream: the listener's handshake and
+/// certificate check are real, and a client that does not speak TLS gets nowhere. Without one it
+/// answers "N" and relays in plain text: what a man in the middle would do to read the password.
+async fn front(upstream: String, certificate: Option<&rcgen::CertifiedKey<rcgen::KeyPair>>) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let key = rustls::pki_types::PrivateKeyDer::try_from(certificate.signing_key.serialize_der())
+    let acceptor = certificate.map(|certificate| {
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(certificate.signing_key.serialize_der())
+                .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![certificate.cert.der().clone()], key)
         .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![certificate.cert.der().clone()], key)
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -517,14 +521,23 @@ async fn tls_front(upstream: String, certificate: &rcgen::CertifiedKey<rcgen::Ke
                 {
                     return;
                 }
-                if inbound.write_all(b"S").await.is_err() {
+                let answer: &[u8] = if acceptor.is_some() { b"S" } else { b"N" };
+                if inbound.write_all(answer).await.is_err() {
                     return;
                 }
-                let Ok(mut secured) = acceptor.accept(inbound).await else {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
                     return;
                 };
-                if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
-                    let _ = tokio::io::copy_bidirectional(&mut secured, &mut outbound).await;
+                match acceptor {
+                    Some(acceptor) => {
+                        if let Ok(mut secured) = acceptor.accept(inbound).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut secured, &mut outbound).await;
+                        }
+                    }
+                    None => {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
                 }
             });
         }
@@ -532,8 +545,10 @@ async fn tls_front(upstream: String, certificate: &rcgen::CertifiedKey<rcgen::Ke
     port
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_to_the_database_is_used_and_the_certificate_checked_against_storage_ca_file() {
+/// A fresh schema's URL pointed at a [`front`] with `certificate`, and the schema's direct URL.
+async fn through_front(
+    certificate: Option<&rcgen::CertifiedKey<rcgen::KeyPair>>,
+) -> (reqwest::Url, String) {
     let schema_url = fresh_postgres_schema(&unique_name());
     let parsed = reqwest::Url::parse(&schema_url).unwrap();
     let upstream = format!(
@@ -541,12 +556,18 @@ async fn tls_to_the_database_is_used_and_the_certificate_checked_against_storage
         parsed.host_str().unwrap(),
         parsed.port().unwrap_or(5432)
     );
-    let server = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let impostor = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let port = tls_front(upstream, &server).await;
-    let mut url = parsed.clone();
+    let port = front(upstream, certificate).await;
+    let mut url = parsed;
     url.set_host(Some("127.0.0.1")).unwrap();
     url.set_port(Some(port)).unwrap();
+    (url, schema_url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_is_used_and_the_certificate_checked_against_storage_ca_file() {
+    let server = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let impostor = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (mut url, schema_url) = through_front(Some(&server)).await;
     url.query_pairs_mut().append_pair("sslmode", "require");
     let url = url.to_string();
     let directory = tempfile::tempdir().unwrap();
@@ -587,50 +608,9 @@ async fn tls_to_the_database_is_used_and_the_certificate_checked_against_storage
     );
 }
 
-/// A PostgreSQL front that declines TLS ("N" to the SSLRequest) and relays in plain text: what a
-/// man in the middle would do to read the password.
-async fn downgrading_front(upstream: String) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            let upstream = upstream.clone();
-            tokio::spawn(async move {
-                let mut request = [0u8; 8];
-                if inbound.read_exact(&mut request).await.is_err() {
-                    return;
-                }
-                let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
-                    return;
-                };
-                if request == [0, 0, 0, 8, 4, 210, 22, 47] {
-                    if inbound.write_all(b"N").await.is_err() {
-                        return;
-                    }
-                } else if outbound.write_all(&request).await.is_err() {
-                    return;
-                }
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-            });
-        }
-    });
-    port
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_storage_ca_file_a_server_declining_tls_is_refused_not_used_in_plain_text() {
-    let schema_url = fresh_postgres_schema(&unique_name());
-    let parsed = reqwest::Url::parse(&schema_url).unwrap();
-    let upstream = format!(
-        "{}:{}",
-        parsed.host_str().unwrap(),
-        parsed.port().unwrap_or(5432)
-    );
-    let port = downgrading_front(upstream).await;
-    let mut url = parsed.clone();
-    url.set_host(Some("127.0.0.1")).unwrap();
-    url.set_port(Some(port)).unwrap();
+    let (url, _) = through_front(None).await;
     let url = url.to_string();
     let directory = tempfile::tempdir().unwrap();
     let ca = directory.path().join("ca.pem");
