@@ -74,11 +74,15 @@ pub struct Receipt {
     pub duplicate_of: Option<i64>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The store cannot commit now (locked, read-only, disk full, I/O error); it may recover.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// Rows this write needs were held by another writer (another replica) for longer than the
+    /// lock timeout. The store itself is fine: the caller retries, readiness is not affected.
+    #[error("storage busy: {0}")]
+    Busy(String),
     /// The store is shutting down and takes no more writes.
     #[error("storage is shutting down")]
     Closed,

@@ -129,19 +129,17 @@ pub(super) fn describe(error: &tokio_postgres::Error) -> String {
 /// locked for too long), not of one delivery.
 fn is_storage_wide(error: &tokio_postgres::Error) -> bool {
     let Some(code) = error.code() else {
-        // No SQLSTATE: the connection broke or the server could not be reached (storage-wide), or
-        // a value did not convert (a defect of this delivery).
-        return error.is_closed()
-            || std::error::Error::source(error)
-                .is_some_and(|source| source.is::<std::io::Error>())
-            || !error.to_string().contains("error serializing")
-                && !error.to_string().contains("error deserializing");
+        // No SQLSTATE: the connection broke, or could not be made or secured; unless a value did
+        // not convert, which is a defect of this delivery.
+        let message = error.to_string();
+        return !(message.starts_with("error serializing")
+            || message.starts_with("error deserializing"));
     };
     let code = code.code();
     ["08", "53", "57", "58", "40", "3D", "28"]
         .iter()
         .any(|class| code.starts_with(class))
-        || matches!(code, "25006" | "55P03" | "55006" | "25P03")
+        || matches!(code, "25006" | "55006" | "25P03")
 }
 
 /// A deadlock or serialization failure: the transaction can simply be run again.
@@ -151,16 +149,12 @@ fn is_retryable(error: &tokio_postgres::Error) -> bool {
         .is_some_and(|code| matches!(code.code(), "40001" | "40P01"))
 }
 
-/// A lock timeout (55P03): rows of this batch were held by another replica's transaction for
-/// longer than `lock_timeout`. The batch is answered 503 (the platform retries), but the database
-/// is fine: it does not make this replica not ready, which would take it out of the load balancer
-/// for a busy job's sake.
-fn is_row_contention(error: &StoreError) -> bool {
-    matches!(error, StoreError::Unavailable(message) if message.ends_with("(SQLSTATE 55P03)"))
-}
-
 fn store_error(error: &tokio_postgres::Error) -> StoreError {
-    if is_storage_wide(error) {
+    // A lock timeout: rows of this write were held by another replica's transaction (a busy job,
+    // an operator's open transaction), not a fault of the database.
+    if error.code().is_some_and(|code| code.code() == "55P03") {
+        StoreError::Busy(describe(error))
+    } else if is_storage_wide(error) {
         StoreError::Unavailable(describe(error))
     } else {
         StoreError::Internal(describe(error))
@@ -364,7 +358,7 @@ impl Shared {
                 for delivery in &deliveries {
                     // Once the database is away, the rest are answered 503 at once.
                     if let Some(error) = &outage {
-                        results.push(Err(clone_error(error)));
+                        results.push(Err(error.clone()));
                         continue;
                     }
                     results.push(match self.write(std::slice::from_ref(delivery)).await {
@@ -379,7 +373,7 @@ impl Shared {
                             tracing::error!(%error, "delivery could not be stored");
                             if matches!(error, StoreError::Unavailable(_)) {
                                 self.remember_failure(Some(error.to_string()));
-                                outage = Some(clone_error(&error));
+                                outage = Some(error.clone());
                             }
                             Err(error)
                         }
@@ -389,10 +383,10 @@ impl Shared {
             }
             Err(error) => {
                 tracing::error!(%error, deliveries = batch.len(), "commit failed; answering 503");
-                if matches!(error, StoreError::Unavailable(_)) && !is_row_contention(&error) {
+                if matches!(error, StoreError::Unavailable(_)) {
                     self.remember_failure(Some(error.to_string()));
                 }
-                batch.iter().map(|_| Err(clone_error(&error))).collect()
+                batch.iter().map(|_| Err(error.clone())).collect()
             }
         };
         for (write, result) in batch.into_iter().zip(results) {
@@ -437,14 +431,6 @@ impl Failure {
 impl From<tokio_postgres::Error> for Failure {
     fn from(error: tokio_postgres::Error) -> Self {
         Failure::Db(error)
-    }
-}
-
-fn clone_error(error: &StoreError) -> StoreError {
-    match error {
-        StoreError::Unavailable(message) => StoreError::Unavailable(message.clone()),
-        StoreError::Closed => StoreError::Closed,
-        StoreError::Internal(message) => StoreError::Internal(message.clone()),
     }
 }
 
@@ -660,22 +646,5 @@ impl Store for PostgresStore {
             }
             self.shared.pool.close();
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_lock_timeout_is_row_contention_and_other_faults_are_not() {
-        let contention = StoreError::Unavailable(
-            "canceling statement due to lock timeout (SQLSTATE 55P03)".to_owned(),
-        );
-        let outage = StoreError::Unavailable("connection closed".to_owned());
-        let full = StoreError::Unavailable("could not extend file (SQLSTATE 53100)".to_owned());
-        assert!(is_row_contention(&contention));
-        assert!(!is_row_contention(&outage));
-        assert!(!is_row_contention(&full));
     }
 }
