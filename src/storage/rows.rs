@@ -3,7 +3,8 @@
 
 use time::OffsetDateTime;
 
-use super::{FaultRecord, JobRecord, OutcomeRecord, Page, UploadRecord};
+use super::{DeliveryQuery, FaultRecord, JobQuery, JobRecord, OutcomeRecord, Page, UploadRecord};
+use crate::domain::DeliveryResult;
 use crate::jobs::{self, JobFacts, JobState, UploadCounts};
 
 /// A job as stored (the `jobs` table of either backend).
@@ -211,6 +212,85 @@ impl TouchedJob {
         self.operation = self.operation.or(operation);
         self.first_at = self.first_at.min(at);
         self.last_at = self.last_at.max(at);
+    }
+}
+
+/// A value a listing filters on.
+#[derive(Clone, Debug)]
+pub(crate) enum FilterValue {
+    Text(String),
+    Integer(i64),
+    Boolean(bool),
+}
+
+/// The WHERE clause of a listing: only the filters given, so that an index serves each (neither
+/// database uses one for `$1 IS NULL OR column = $1`). Each condition holds `{}` where its
+/// placeholder goes; each backend writes placeholders its own way.
+#[derive(Default)]
+pub(crate) struct Conditions {
+    conditions: Vec<&'static str>,
+    pub values: Vec<FilterValue>,
+}
+
+impl Conditions {
+    fn add(&mut self, condition: &'static str, value: FilterValue) {
+        self.conditions.push(condition);
+        self.values.push(value);
+    }
+
+    pub fn deliveries(query: &DeliveryQuery) -> Self {
+        let mut conditions = Self::default();
+        if let Some(request_id) = &query.request_id {
+            conditions.add("request_id = {}", FilterValue::Text(request_id.clone()));
+        }
+        if let Some(result) = query.result {
+            // The partial index covers only the unusual results, and is used only when the query
+            // says so.
+            let condition = if result == DeliveryResult::Stored {
+                "result = {}"
+            } else {
+                "result = {} AND result <> 'stored'"
+            };
+            conditions.add(condition, FilterValue::Text(result.as_str().to_owned()));
+        }
+        if let Some(kind) = &query.kind {
+            conditions.add("kind = {}", FilterValue::Text(kind.clone()));
+        }
+        if let Some(before_id) = query.before_id {
+            conditions.add("id < {}", FilterValue::Integer(before_id));
+        }
+        conditions
+    }
+
+    pub fn jobs(query: &JobQuery) -> Self {
+        let mut conditions = Self::default();
+        if let Some(state) = query.state {
+            conditions.add("state = {}", FilterValue::Text(state.as_str().to_owned()));
+        }
+        if let Some(operation) = &query.operation {
+            conditions.add("operation = {}", FilterValue::Text(operation.clone()));
+        }
+        if let Some(registered) = query.registered {
+            conditions.add("registered = {}", FilterValue::Boolean(registered));
+        }
+        if let Some(before_id) = query.before_id {
+            conditions.add("id < {}", FilterValue::Integer(before_id));
+        }
+        conditions
+    }
+
+    /// `WHERE ...` (or nothing) with `placeholder(n)` for the n-th value, counting from 1.
+    pub fn clause(&self, placeholder: impl Fn(usize) -> String) -> String {
+        if self.conditions.is_empty() {
+            return String::new();
+        }
+        let conditions: Vec<String> = self
+            .conditions
+            .iter()
+            .enumerate()
+            .map(|(index, condition)| condition.replace("{}", &placeholder(index + 1)))
+            .collect();
+        format!("WHERE {}", conditions.join(" AND "))
     }
 }
 

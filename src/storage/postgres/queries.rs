@@ -4,13 +4,14 @@ use std::collections::HashMap;
 
 use deadpool_postgres::{GenericClient, Object, Transaction};
 use tokio_postgres::Row;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{IsNull, ToSql, Type};
 
 use super::jobs::{JOB_COLUMNS, job_row};
 use super::write::clean_key;
-use crate::domain::{DeliveryResult, DeviceIdentifier};
+use crate::domain::DeviceIdentifier;
 use crate::storage::rows::{
-    HISTORY_LIMIT, fault_record, identifier_candidates, page, parse_details, unreported_outcome,
+    Conditions, FilterValue, HISTORY_LIMIT, fault_record, identifier_candidates, page,
+    parse_details, unreported_outcome,
 };
 use crate::storage::{
     DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord, OutcomeRecord, Page, RawBody,
@@ -18,41 +19,49 @@ use crate::storage::{
 
 type Error = tokio_postgres::Error;
 
-/// A WHERE clause of only the filters given, numbered `$1`, `$2`... in order.
-#[derive(Default)]
-struct Filter {
-    conditions: Vec<String>,
-    values: Vec<Box<dyn ToSql + Sync + Send>>,
-}
-
-impl Filter {
-    /// `condition` holds one `{}` where the placeholder goes.
-    fn add(&mut self, condition: &str, value: impl ToSql + Sync + Send + 'static) {
-        self.values.push(Box::new(value));
-        self.conditions
-            .push(condition.replace("{}", &format!("${}", self.values.len())));
-    }
-
-    fn clause(&self) -> String {
-        if self.conditions.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", self.conditions.join(" AND "))
+impl ToSql for FilterValue {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            FilterValue::Text(text) => text.to_sql(ty, out),
+            FilterValue::Integer(integer) => integer.to_sql(ty, out),
+            FilterValue::Boolean(boolean) => boolean.to_sql(ty, out),
         }
     }
 
-    /// Adds the LIMIT value; returns its placeholder.
-    fn limit(&mut self, limit: i64) -> String {
-        self.values.push(Box::new(limit));
-        format!("${}", self.values.len())
+    fn accepts(ty: &Type) -> bool {
+        <String as ToSql>::accepts(ty)
+            || <i64 as ToSql>::accepts(ty)
+            || <bool as ToSql>::accepts(ty)
     }
 
-    fn parameters(&self) -> Vec<&(dyn ToSql + Sync)> {
-        self.values
-            .iter()
-            .map(|value| value.as_ref() as &(dyn ToSql + Sync))
-            .collect()
-    }
+    tokio_postgres::types::to_sql_checked!();
+}
+
+/// The conditions' clause with `$1`, `$2`..., the LIMIT's placeholder, and the values (text as
+/// stored: see [`clean_key`]) followed by the LIMIT.
+fn filtered(conditions: Conditions, limit: i64) -> (String, String, Vec<FilterValue>) {
+    let clause = conditions.clause(|index| format!("${index}"));
+    let mut values: Vec<FilterValue> = conditions
+        .values
+        .into_iter()
+        .map(|value| match value {
+            FilterValue::Text(text) => FilterValue::Text(clean_key(&text)),
+            other => other,
+        })
+        .collect();
+    values.push(FilterValue::Integer(limit + 1));
+    (clause, format!("${}", values.len()), values)
+}
+
+fn parameters(values: &[FilterValue]) -> Vec<&(dyn ToSql + Sync)> {
+    values
+        .iter()
+        .map(|value| value as &(dyn ToSql + Sync))
+        .collect()
 }
 
 pub(super) async fn list_deliveries(
@@ -60,27 +69,7 @@ pub(super) async fn list_deliveries(
     query: &DeliveryQuery,
 ) -> Result<Page<DeliveryRecord>, Error> {
     let limit = i64::from(query.limit.max(1));
-    let mut filter = Filter::default();
-    if let Some(request_id) = &query.request_id {
-        filter.add("request_id = {}", clean_key(request_id));
-    }
-    if let Some(result) = query.result {
-        // The partial index covers only the unusual results, and is used only when the query says so.
-        let condition = if result == DeliveryResult::Stored {
-            "result = {}"
-        } else {
-            "result = {} AND result <> 'stored'"
-        };
-        filter.add(condition, result.as_str());
-    }
-    if let Some(kind) = &query.kind {
-        filter.add("kind = {}", kind.clone());
-    }
-    if let Some(before_id) = query.before_id {
-        filter.add("id < {}", before_id);
-    }
-    let clause = filter.clause();
-    let limit_placeholder = filter.limit(limit + 1);
+    let (clause, limit_placeholder, values) = filtered(Conditions::deliveries(query), limit);
     let statement = client
         .prepare_cached(&format!(
             "SELECT id, received_at, form, kind, operation, request_id, callback_count, max_callback_threshold,
@@ -93,7 +82,7 @@ pub(super) async fn list_deliveries(
         ))
         .await?;
     let items = client
-        .query(&statement, &filter.parameters())
+        .query(&statement, &parameters(&values))
         .await?
         .iter()
         .map(|row| {
@@ -160,28 +149,14 @@ pub(super) async fn job_by_request_id(
 
 pub(super) async fn list_jobs(client: &Object, query: &JobQuery) -> Result<Page<JobRecord>, Error> {
     let limit = i64::from(query.limit.max(1));
-    let mut filter = Filter::default();
-    if let Some(state) = query.state {
-        filter.add("state = {}", state.as_str());
-    }
-    if let Some(operation) = &query.operation {
-        filter.add("operation = {}", operation.clone());
-    }
-    if let Some(registered) = query.registered {
-        filter.add("registered = {}", registered);
-    }
-    if let Some(before_id) = query.before_id {
-        filter.add("id < {}", before_id);
-    }
-    let clause = filter.clause();
-    let limit_placeholder = filter.limit(limit + 1);
+    let (clause, limit_placeholder, values) = filtered(Conditions::jobs(query), limit);
     let statement = client
         .prepare_cached(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT {limit_placeholder}"
         ))
         .await?;
     let items = client
-        .query(&statement, &filter.parameters())
+        .query(&statement, &parameters(&values))
         .await?
         .iter()
         .map(|row| job_row(row).map(|job| job.into_record()))

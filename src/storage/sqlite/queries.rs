@@ -4,36 +4,31 @@ use std::collections::HashMap;
 
 use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 
-use crate::domain::{DeliveryResult, DeviceIdentifier};
+use crate::domain::DeviceIdentifier;
 use crate::storage::rows::{
-    HISTORY_LIMIT, JobRow, fault_record, identifier_candidates, page, parse_details,
-    unreported_outcome,
+    Conditions, FilterValue, HISTORY_LIMIT, JobRow, fault_record, identifier_candidates, page,
+    parse_details, unreported_outcome,
 };
 use crate::storage::{
     DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord, OutcomeRecord, Page, RawBody,
 };
 
-/// A WHERE clause of only the filters given, so that SQLite can use an index for each (it cannot
-/// for `?1 IS NULL OR column = ?1`).
-#[derive(Default)]
-struct Filter {
-    conditions: Vec<&'static str>,
-    values: Vec<Box<dyn ToSql>>,
-}
-
-impl Filter {
-    fn add(&mut self, condition: &'static str, value: impl ToSql + 'static) {
-        self.conditions.push(condition);
-        self.values.push(Box::new(value));
-    }
-
-    fn clause(&self) -> String {
-        if self.conditions.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE {}", self.conditions.join(" AND "))
+impl ToSql for FilterValue {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            FilterValue::Text(text) => text.to_sql(),
+            FilterValue::Integer(integer) => integer.to_sql(),
+            FilterValue::Boolean(boolean) => boolean.to_sql(),
         }
     }
+}
+
+/// The conditions' clause, and their values followed by the LIMIT.
+fn filtered(conditions: Conditions, limit: i64) -> (String, Vec<FilterValue>) {
+    let clause = conditions.clause(|_| "?".to_owned());
+    let mut values = conditions.values;
+    values.push(FilterValue::Integer(limit + 1));
+    (clause, values)
 }
 
 pub(super) fn list_deliveries(
@@ -41,27 +36,7 @@ pub(super) fn list_deliveries(
     query: &DeliveryQuery,
 ) -> rusqlite::Result<Page<DeliveryRecord>> {
     let limit = i64::from(query.limit.max(1));
-    let mut filter = Filter::default();
-    if let Some(request_id) = &query.request_id {
-        filter.add("request_id = ?", request_id.clone());
-    }
-    if let Some(result) = query.result {
-        // The partial index covers only the unusual results, and is used only when the query says so.
-        let condition = if result == DeliveryResult::Stored {
-            "result = ?"
-        } else {
-            "result = ? AND result <> 'stored'"
-        };
-        filter.add(condition, result.as_str());
-    }
-    if let Some(kind) = &query.kind {
-        filter.add("kind = ?", kind.clone());
-    }
-    if let Some(before_id) = query.before_id {
-        filter.add("id < ?", before_id);
-    }
-    let clause = filter.clause();
-    filter.values.push(Box::new(limit + 1));
+    let (clause, values) = filtered(Conditions::deliveries(query), limit);
     let mut statement = connection.prepare_cached(&format!(
         "SELECT id, received_at, form, kind, operation, request_id, callback_count, max_callback_threshold,
                 result, duplicate_of, duplicates, size, content_type, account, status, fault_code, parse_error
@@ -70,30 +45,27 @@ pub(super) fn list_deliveries(
          LIMIT ?"
     ))?;
     let items = statement
-        .query_map(
-            params_from_iter(filter.values.iter().map(|value| value.as_ref())),
-            |row| {
-                Ok(DeliveryRecord {
-                    id: row.get(0)?,
-                    received_at: row.get(1)?,
-                    form: row.get(2)?,
-                    kind: row.get(3)?,
-                    operation: row.get(4)?,
-                    request_id: row.get(5)?,
-                    callback_count: row.get(6)?,
-                    max_callback_threshold: row.get(7)?,
-                    result: row.get(8)?,
-                    duplicate_of: row.get(9)?,
-                    duplicates: row.get(10)?,
-                    size: row.get(11)?,
-                    content_type: row.get(12)?,
-                    account: row.get(13)?,
-                    status: row.get(14)?,
-                    fault_code: row.get(15)?,
-                    parse_error: row.get(16)?,
-                })
-            },
-        )?
+        .query_map(params_from_iter(values.iter()), |row| {
+            Ok(DeliveryRecord {
+                id: row.get(0)?,
+                received_at: row.get(1)?,
+                form: row.get(2)?,
+                kind: row.get(3)?,
+                operation: row.get(4)?,
+                request_id: row.get(5)?,
+                callback_count: row.get(6)?,
+                max_callback_threshold: row.get(7)?,
+                result: row.get(8)?,
+                duplicate_of: row.get(9)?,
+                duplicates: row.get(10)?,
+                size: row.get(11)?,
+                content_type: row.get(12)?,
+                account: row.get(13)?,
+                status: row.get(14)?,
+                fault_code: row.get(15)?,
+                parse_error: row.get(16)?,
+            })
+        })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(page(items, limit, |delivery| delivery.id))
 }
@@ -178,29 +150,12 @@ pub(super) fn list_jobs(
     query: &JobQuery,
 ) -> rusqlite::Result<Page<JobRecord>> {
     let limit = i64::from(query.limit.max(1));
-    let mut filter = Filter::default();
-    if let Some(state) = query.state {
-        filter.add("state = ?", state.as_str());
-    }
-    if let Some(operation) = &query.operation {
-        filter.add("operation = ?", operation.clone());
-    }
-    if let Some(registered) = query.registered {
-        filter.add("registered = ?", registered);
-    }
-    if let Some(before_id) = query.before_id {
-        filter.add("id < ?", before_id);
-    }
-    let clause = filter.clause();
-    filter.values.push(Box::new(limit + 1));
+    let (clause, values) = filtered(Conditions::jobs(query), limit);
     let items = connection
         .prepare_cached(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ?"
         ))?
-        .query_map(
-            params_from_iter(filter.values.iter().map(|value| value.as_ref())),
-            job_from_row,
-        )?
+        .query_map(params_from_iter(values.iter()), job_from_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(page(items, limit, |job| job.id))
 }
