@@ -572,3 +572,45 @@ async fn a_callback_with_an_oversized_request_id_is_stored_and_found_by_it() {
         .await;
     assert_eq!(listing["items"].as_array().map(Vec::len), Some(1));
 }
+
+/// The value of an unlabelled series in a `/metrics` text.
+fn series(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callbacks_are_committed_several_per_transaction() {
+    let app = std::sync::Arc::new(spawn_app().await);
+    let mut requests = tokio::task::JoinSet::new();
+    for worker in 0..32 {
+        let app = std::sync::Arc::clone(&app);
+        requests.spawn(async move {
+            let mut statuses = Vec::new();
+            for index in 0..8 {
+                let body = crate::helpers::carrier_callback(
+                    &format!("group-{worker}-{index}"),
+                    &[("IMEI", &format!("35{worker:05}{index:08}"))],
+                    crate::helpers::CarrierResult::Activated {
+                        mdn: &format!("5{worker:04}{index:05}"),
+                    },
+                );
+                statuses.push(app.post_callback(body).await.status().as_u16());
+            }
+            statuses
+        });
+    }
+    let statuses: Vec<u16> = requests.join_all().await.into_iter().flatten().collect();
+    assert!(statuses.iter().all(|status| *status == 200), "{statuses:?}");
+
+    let metrics = app.get_api("/metrics").await.text().await.unwrap();
+    let deliveries = series(&metrics, "m2m_store_batch_size_sum");
+    let commits = series(&metrics, "m2m_store_batch_size_count");
+    assert_eq!(deliveries, 256.0, "every delivery committed once");
+    assert!(
+        commits < deliveries,
+        "group commit: {deliveries} deliveries in {commits} transactions"
+    );
+}
