@@ -11,6 +11,16 @@ use tokio_postgres::Row;
 
 use super::Failure;
 use super::write::{clean, clean_key, count, reserve_ids};
+
+/// [`clean_key`] owned: map keys of the job bookkeeping.
+fn key_text(value: &str) -> String {
+    clean_key(value).into_owned()
+}
+
+/// [`clean`] owned: fields of a job row.
+fn owned_text(value: &str) -> String {
+    clean(value).into_owned()
+}
 use crate::domain::{DeviceIdentifier, OutcomeStatus, UploadSummary};
 use crate::jobs::{JobState, Registration};
 use crate::storage::rows::{JobCompletion, JobRow, TouchedJob, counter_of};
@@ -176,17 +186,13 @@ impl DeviceUpdates {
             let Some(job) = callback
                 .request_id
                 .as_deref()
-                .and_then(|request_id| rows.get(&clean_key(request_id)))
+                .and_then(|request_id| rows.get(&key_text(request_id)))
             else {
                 continue;
             };
             for outcome in &callback.outcomes {
                 for identifier in &outcome.identifiers {
-                    wanted.push((
-                        job.id,
-                        clean_key(&identifier.kind),
-                        clean_key(&identifier.id),
-                    ));
+                    wanted.push((job.id, key_text(&identifier.kind), key_text(&identifier.id)));
                 }
             }
         }
@@ -197,11 +203,7 @@ impl DeviceUpdates {
     fn find(&self, job_id: i64, identifiers: &[DeviceIdentifier]) -> Option<i64> {
         identifiers.iter().find_map(|identifier| {
             self.devices
-                .get(&(
-                    job_id,
-                    clean_key(&identifier.kind),
-                    clean_key(&identifier.id),
-                ))
+                .get(&(job_id, key_text(&identifier.kind), key_text(&identifier.id)))
                 .copied()
         })
     }
@@ -215,11 +217,7 @@ impl DeviceUpdates {
 
     fn add_identifiers(&mut self, job_id: i64, device: i64, identifiers: &[DeviceIdentifier]) {
         for identifier in identifiers {
-            let key = (
-                job_id,
-                clean_key(&identifier.kind),
-                clean_key(&identifier.id),
-            );
+            let key = (job_id, key_text(&identifier.kind), key_text(&identifier.id));
             if !self.devices.contains_key(&key) {
                 self.new_identifiers
                     .push((job_id, key.1.clone(), key.2.clone(), device));
@@ -442,7 +440,7 @@ pub(super) fn record_upload(row: &mut JobRow, upload: &UploadSummary) {
     row.success_lines = count(upload.success_lines).or(row.success_lines);
     row.failed_lines = count(upload.failed_lines).or(row.failed_lines);
     if row.package_error.is_none() {
-        row.package_error = upload.package_error.as_deref().map(clean);
+        row.package_error = upload.package_error.as_deref().map(owned_text);
     }
 }
 
@@ -591,8 +589,8 @@ pub(super) async fn register(
     }
     row.registered = true;
     row.operation = Some(operation.to_owned());
-    row.account = registration.account.as_deref().map(clean);
-    row.label = registration.label.as_deref().map(clean);
+    row.account = registration.account.as_deref().map(owned_text);
+    row.label = registration.label.as_deref().map(owned_text);
     row.expected_devices = registration
         .expected()
         .and_then(|expected| i64::try_from(expected).ok());
@@ -623,7 +621,7 @@ pub(super) async fn register(
     let wanted: Vec<(i64, String, String)> = registration
         .devices
         .iter()
-        .map(|device| (row.id, clean_key(&device.kind), clean_key(&device.id)))
+        .map(|device| (row.id, key_text(&device.kind), key_text(&device.id)))
         .collect();
     devices.load_identifiers(transaction, &wanted).await?;
     for device in &registration.devices {

@@ -49,7 +49,7 @@ fn filtered(conditions: Conditions, limit: i64) -> (String, String, Vec<FilterVa
         .values
         .into_iter()
         .map(|value| match value {
-            FilterValue::Text(text) => FilterValue::Text(clean_key(&text)),
+            FilterValue::Text(text) => FilterValue::Text(clean_key(&text).into_owned()),
             other => other,
         })
         .collect();

@@ -5,6 +5,7 @@
 //! then job rows (`request_id` order). Everything else a batch writes hangs off a job row it has
 //! locked, or is new.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -19,16 +20,25 @@ use crate::storage::{DeliveryContent, NewDelivery, Receipt, timestamp};
 
 /// Text as PostgreSQL stores it: `text` cannot hold NUL, which a JSON callback can carry
 /// (`\u0000`); it becomes U+FFFD. The raw body keeps the original bytes.
-pub(super) fn clean(value: &str) -> String {
+/// Borrowed unless there was a NUL to replace: nothing is copied in the usual case.
+pub(super) fn clean(value: &str) -> Cow<'_, str> {
     if value.contains('\0') {
-        value.replace('\0', "\u{FFFD}")
+        Cow::Owned(value.replace('\0', "\u{FFFD}"))
     } else {
-        value.to_owned()
+        Cow::Borrowed(value)
     }
 }
 
-pub(super) fn clean_option(value: Option<&str>) -> Option<String> {
+pub(super) fn clean_option(value: Option<&str>) -> Option<Cow<'_, str>> {
     value.map(clean)
+}
+
+/// [`clean`] for text made here (a JSON rendering), without copying it again.
+fn clean_owned(value: String) -> Cow<'static, str> {
+    match clean(&value) {
+        Cow::Borrowed(_) => Cow::Owned(value),
+        Cow::Owned(cleaned) => Cow::Owned(cleaned),
+    }
 }
 
 /// Longest indexed text (request ids, device identifiers) kept as sent: PostgreSQL's B-tree
@@ -37,7 +47,7 @@ const MAX_KEY_BYTES: usize = 1024;
 
 /// Text of an indexed column: [`clean`], and past [`MAX_KEY_BYTES`] a prefix and a digest of the
 /// whole (lookups apply the same, so the full value still finds it).
-pub(super) fn clean_key(value: &str) -> String {
+pub(super) fn clean_key(value: &str) -> Cow<'_, str> {
     use sha2::Digest;
     let cleaned = clean(value);
     if cleaned.len() <= MAX_KEY_BYTES {
@@ -48,7 +58,7 @@ pub(super) fn clean_key(value: &str) -> String {
     while !cleaned.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}…{digest}", &cleaned[..end])
+    Cow::Owned(format!("{}…{digest}", &cleaned[..end]))
 }
 
 /// A count as a `bigint` (counts past `i64::MAX` do not occur; they read as unknown).
@@ -85,35 +95,35 @@ pub(super) async fn reserve_ids(
 
 /// The `deliveries` columns of several rows, one array per column.
 #[derive(Default)]
-struct DeliveryColumns {
+struct DeliveryColumns<'a> {
     id: Vec<i64>,
     received_at: Vec<String>,
     form: Vec<Option<&'static str>>,
     kind: Vec<Option<&'static str>>,
     operation: Vec<Option<&'static str>>,
-    request_id: Vec<Option<String>>,
+    request_id: Vec<Option<Cow<'a, str>>>,
     callback_count: Vec<Option<i64>>,
     max_callback_threshold: Vec<Option<i64>>,
     dedup_key: Vec<Vec<u8>>,
     result: Vec<&'static str>,
     duplicate_of: Vec<Option<i64>>,
     size: Vec<i64>,
-    content_type: Vec<Option<String>>,
-    source_address: Vec<Option<String>>,
-    account: Vec<Option<String>>,
-    status: Vec<Option<String>>,
-    fault_code: Vec<Option<String>>,
-    fault_message: Vec<Option<String>>,
-    comment: Vec<Option<String>>,
-    details: Vec<Option<String>>,
-    parse_error: Vec<Option<String>>,
+    content_type: Vec<Option<Cow<'a, str>>>,
+    source_address: Vec<Option<Cow<'a, str>>>,
+    account: Vec<Option<Cow<'a, str>>>,
+    status: Vec<Option<Cow<'a, str>>>,
+    fault_code: Vec<Option<Cow<'a, str>>>,
+    fault_message: Vec<Option<Cow<'a, str>>>,
+    comment: Vec<Option<Cow<'a, str>>>,
+    details: Vec<Option<Cow<'a, str>>>,
+    parse_error: Vec<Option<Cow<'a, str>>>,
 }
 
-impl DeliveryColumns {
+impl<'a> DeliveryColumns<'a> {
     fn push(
         &mut self,
         id: i64,
-        delivery: &NewDelivery,
+        delivery: &'a NewDelivery,
         result: DeliveryResult,
         duplicate_of: Option<i64>,
     ) {
@@ -162,7 +172,7 @@ impl DeliveryColumns {
         self.details.push(
             callback
                 .and_then(|callback| callback.details.as_ref())
-                .map(|details| clean(&details.to_string())),
+                .map(|details| clean_owned(details.to_string())),
         );
         self.parse_error.push(clean_option(parse_error));
     }
@@ -335,7 +345,7 @@ pub(super) async fn write_batch(
             }
             _ => None,
         };
-        let request_id = clean_key(request_id);
+        let request_id = clean_key(request_id).into_owned();
         if !touched.contains_key(&request_id) {
             creating.push((request_id.clone(), operation, delivery.received_at));
         }
@@ -362,8 +372,10 @@ pub(super) async fn write_batch(
             let Some(request_id) = callback.request_id.as_deref().map(clean_key) else {
                 continue;
             };
-            let (Some(row), Some(job)) = (rows.get_mut(&request_id), touched.get_mut(&request_id))
-            else {
+            let (Some(row), Some(job)) = (
+                rows.get_mut(request_id.as_ref()),
+                touched.get_mut(request_id.as_ref()),
+            ) else {
                 continue;
             };
             for (outcome, outcome_id) in callback.outcomes.iter().zip(&outcome_ids[position]) {
@@ -434,20 +446,23 @@ async fn insert_contents(
             DeliveryContent::Quarantined(_) => None,
         })
         .collect();
+    // Formatted once per delivery; every outcome row borrows it.
+    let received: Vec<String> = new_deliveries
+        .iter()
+        .map(|index| timestamp(deliveries[*index].received_at))
+        .collect();
     let mut fresh = fresh.into_iter();
     let mut outcome_ids = Vec::with_capacity(new_deliveries.len());
     let mut outcomes = OutcomeColumns::default();
-    let mut identifiers: [Vec<String>; 2] = Default::default();
+    let mut identifiers: [Vec<Cow<'_, str>>; 2] = Default::default();
     let mut identified: Vec<i64> = Vec::new();
     let mut uploads = UploadColumns::default();
     let mut callbacks = callbacks.into_iter().peekable();
-    for index in new_deliveries {
+    for (index, received_at) in new_deliveries.iter().zip(&received) {
         let Some((_, _, callback)) = callbacks.next_if(|(id, _, _)| *id == ids[*index]) else {
             outcome_ids.push(Vec::new());
             continue;
         };
-        let delivery = deliveries[*index];
-        let received_at = timestamp(delivery.received_at);
         let mut these = Vec::with_capacity(callback.outcomes.len());
         for outcome in &callback.outcomes {
             let Some(outcome_id) = fresh.next() else {
@@ -455,7 +470,7 @@ async fn insert_contents(
                     "fewer outcome ids than outcomes".to_owned(),
                 ));
             };
-            outcomes.push(outcome_id, ids[*index], &received_at, callback, outcome);
+            outcomes.push(outcome_id, ids[*index], received_at, callback, outcome);
             for identifier in &outcome.identifiers {
                 identifiers[0].push(clean_key(&identifier.kind));
                 identifiers[1].push(clean_key(&identifier.id));
@@ -514,31 +529,31 @@ async fn insert_contents(
 }
 
 #[derive(Default)]
-struct OutcomeColumns {
+struct OutcomeColumns<'a> {
     id: Vec<i64>,
     delivery_id: Vec<i64>,
-    request_id: Vec<Option<String>>,
+    request_id: Vec<Option<Cow<'a, str>>>,
     operation: Vec<&'static str>,
     status: Vec<&'static str>,
-    line_status: Vec<Option<String>>,
-    fault_code: Vec<Option<String>>,
-    fault_message: Vec<Option<String>>,
-    state: Vec<Option<String>>,
-    service_plan: Vec<Option<String>>,
-    ip_address: Vec<Option<String>>,
-    mdn: Vec<Option<String>>,
-    details: Vec<Option<String>>,
-    received_at: Vec<String>,
+    line_status: Vec<Option<Cow<'a, str>>>,
+    fault_code: Vec<Option<Cow<'a, str>>>,
+    fault_message: Vec<Option<Cow<'a, str>>>,
+    state: Vec<Option<Cow<'a, str>>>,
+    service_plan: Vec<Option<Cow<'a, str>>>,
+    ip_address: Vec<Option<Cow<'a, str>>>,
+    mdn: Vec<Option<Cow<'a, str>>>,
+    details: Vec<Option<Cow<'a, str>>>,
+    received_at: Vec<&'a str>,
 }
 
-impl OutcomeColumns {
+impl<'a> OutcomeColumns<'a> {
     fn push(
         &mut self,
         id: i64,
         delivery_id: i64,
-        received_at: &str,
-        callback: &crate::domain::Callback,
-        outcome: &crate::domain::DeviceOutcome,
+        received_at: &'a str,
+        callback: &'a crate::domain::Callback,
+        outcome: &'a crate::domain::DeviceOutcome,
     ) {
         self.id.push(id);
         self.delivery_id.push(delivery_id);
@@ -564,9 +579,9 @@ impl OutcomeColumns {
             outcome
                 .details
                 .as_ref()
-                .map(|details| clean(&details.to_string())),
+                .map(|details| clean_owned(details.to_string())),
         );
-        self.received_at.push(received_at.to_owned());
+        self.received_at.push(received_at);
     }
 
     async fn insert(&self, transaction: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
@@ -607,24 +622,24 @@ impl OutcomeColumns {
 }
 
 #[derive(Default)]
-struct UploadColumns {
+struct UploadColumns<'a> {
     delivery_id: Vec<i64>,
-    request_id: Vec<Option<String>>,
-    account_name: Vec<Option<String>>,
-    device_sku: Vec<Option<String>>,
+    request_id: Vec<Option<Cow<'a, str>>>,
+    account_name: Vec<Option<Cow<'a, str>>>,
+    device_sku: Vec<Option<Cow<'a, str>>>,
     total_lines: Vec<Option<i64>>,
     pending_lines: Vec<Option<i64>>,
     success_lines: Vec<Option<i64>>,
     failed_lines: Vec<Option<i64>>,
-    package_error: Vec<Option<String>>,
+    package_error: Vec<Option<Cow<'a, str>>>,
 }
 
-impl UploadColumns {
+impl<'a> UploadColumns<'a> {
     fn push(
         &mut self,
         delivery_id: i64,
-        callback: &crate::domain::Callback,
-        upload: &crate::domain::UploadSummary,
+        callback: &'a crate::domain::Callback,
+        upload: &'a crate::domain::UploadSummary,
     ) {
         self.delivery_id.push(delivery_id);
         self.request_id
