@@ -48,6 +48,12 @@ pub struct CallbackSettings {
     pub listen: SocketAddr,
     /// Larger bodies are refused with 413. A 10,000-device upload callback is about 3 MB.
     pub max_body_bytes: u64,
+    /// Memory for callback bodies in flight (read, checked, parsed, waiting for their commit),
+    /// all connections together. Past it a new body waits up to `inflight_wait_ms`, then is
+    /// answered 503 (the platform retries) instead of being read.
+    pub max_inflight_bytes: u64,
+    /// How long a body waits for room under `max_inflight_bytes` before its 503.
+    pub inflight_wait_ms: u64,
     /// A client must send its request headers within this; also how long a kept-alive
     /// connection may wait idle for its next request.
     pub header_read_timeout_ms: u64,
@@ -101,6 +107,8 @@ impl Default for CallbackSettings {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 9001)),
             max_body_bytes: 16 * 1024 * 1024,
+            max_inflight_bytes: 256 * 1024 * 1024,
+            inflight_wait_ms: 2_000,
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 60_000,
             max_connections: 1024,
@@ -386,6 +394,25 @@ impl Settings {
             return fail(
                 "callback.max_body_bytes",
                 "must be at least 1024".to_owned(),
+            );
+        }
+        if self.callback.max_inflight_bytes < self.callback.max_body_bytes {
+            return fail(
+                "callback.max_inflight_bytes",
+                format!(
+                    "must be at least callback.max_body_bytes ({}), or no body of the largest \
+                     accepted size could ever be read (got {})",
+                    self.callback.max_body_bytes, self.callback.max_inflight_bytes
+                ),
+            );
+        }
+        if self.callback.inflight_wait_ms > 60_000 {
+            return fail(
+                "callback.inflight_wait_ms",
+                format!(
+                    "must be at most 60000 (the platform waits only seconds for an answer), got {}",
+                    self.callback.inflight_wait_ms
+                ),
             );
         }
         if self.storage.path.as_os_str().is_empty() {
