@@ -219,10 +219,10 @@ pub struct UploadSummary {
 
 /// A fully parsed callback.
 #[derive(Clone, Debug)]
+/// The callback's credentials are not here: they are read and checked before the parse
+/// (`parser::credentials`), and go no further than the authentication step.
 pub struct Callback {
     pub form: CallbackForm,
-    pub username: String,
-    pub password: Secret,
     pub request_id: Option<String>,
     /// The top-level `Device` identifiers.
     pub devices: Vec<DeviceIdentifier>,
@@ -243,15 +243,13 @@ pub struct Callback {
     pub dedup_key: [u8; 32],
 }
 
-/// A body that could not be parsed fully. It is kept (quarantined) when its credentials could be
-/// recovered and are valid.
+/// A body that could not be parsed fully. It is kept (quarantined) when the credentials it presents
+/// (found by the lenient scan of `parser::credentials`) are valid.
 #[derive(Clone, Debug)]
 pub struct UnreadableBody {
     pub reason: String,
     /// The body looks like JSON (a REST API callback): answer in JSON.
     pub json: bool,
-    /// Credentials found by a lenient scan, if any.
-    pub credentials: Option<(String, Secret)>,
     /// The `RequestId`, if a lenient scan found one.
     pub request_id: Option<String>,
     pub callback_count: Option<u32>,

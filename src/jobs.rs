@@ -11,6 +11,12 @@ use crate::domain::{DeviceIdentifier, Operation};
 pub const MAX_DEVICES: usize = 10_000;
 /// Longest accepted per-job timeout: a week. The platform gives up on a callback within a day.
 pub const MAX_TIMEOUT_S: u64 = 7 * 24 * 3600;
+/// The longest RequestId a job is registered under (the platform's are 36-character GUIDs). The
+/// one rule for longer ones: the registration API refuses them; the callback port still stores
+/// and correlates such a callback under its id as sent (refusing it would lose it, the platform
+/// retries only a few times), and its log lines show the id cut to this many characters with its
+/// full length (`telemetry::Wire`).
+pub const MAX_REQUEST_ID_CHARS: usize = 128;
 /// Device identifier kinds the platform uses.
 pub const DEVICE_KINDS: &[&str] = &[
     "ESN", "ICCID", "IMEI", "MDN", "MEID", "MIN", "MSISDN", "IMSI", "EID",
@@ -173,10 +179,14 @@ impl RegistrationRequest {
                 "request_id must not be empty",
             ));
         }
-        if request_id.len() > 128 || !request_id.bytes().all(|byte| byte.is_ascii_graphic()) {
+        if request_id.len() > MAX_REQUEST_ID_CHARS
+            || !request_id.bytes().all(|byte| byte.is_ascii_graphic())
+        {
             return Err(invalid(
                 "INVALID_REQUEST_ID",
-                "request_id must be 1 to 128 printable ASCII characters without spaces (the platform's are GUIDs)",
+                format!(
+                    "request_id must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters without spaces (the platform's are GUIDs)"
+                ),
             ));
         }
         let operation = Operation::from_label(self.operation.trim())

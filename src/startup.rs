@@ -79,8 +79,7 @@ impl Application {
             Arc::clone(&metrics),
             Authenticator::new(&credentials),
             settings.callback.source_policy()?,
-            settings.callback.max_body_bytes,
-            Duration::from_millis(settings.callback.body_read_timeout_ms),
+            &settings.callback,
         ));
         let readiness_timeout =
             Duration::from_millis(settings.storage.busy_timeout_ms) + Duration::from_secs(2);

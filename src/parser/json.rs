@@ -4,9 +4,10 @@
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use super::UniqueIdentifiers;
 use crate::domain::{
     Callback, CallbackForm, CallbackKind, DeviceIdentifier, DeviceOutcome, Fault, Operation,
-    OutcomeStatus, Secret,
+    OutcomeStatus,
 };
 
 /// Top-level keys that change between re-deliveries or rotations and so are left out of the digest.
@@ -43,8 +44,6 @@ pub(crate) fn interpret(root: &Value) -> Result<Callback, String> {
     };
     let mut callback = Callback {
         form: CallbackForm::Json,
-        username: text("username").unwrap_or_default(),
-        password: Secret::new(text("password").unwrap_or_default()),
         request_id: text("requestId"),
         devices,
         kind,
@@ -99,27 +98,29 @@ fn count_of(value: &Value) -> Option<u32> {
 
 /// Every `{id, kind}` object under `value`, in order, without duplicates.
 fn identifiers_in(value: &Value) -> Vec<DeviceIdentifier> {
-    fn walk(value: &Value, found: &mut Vec<DeviceIdentifier>) {
-        match value {
-            Value::Object(object) => {
-                let id = field(object, "id").and_then(text_of);
-                let kind = field(object, "kind").and_then(text_of);
-                if let (Some(id), Some(kind)) = (id, kind) {
-                    let identifier = DeviceIdentifier::new(&kind, &id);
-                    if !found.contains(&identifier) {
-                        found.push(identifier);
-                    }
-                    return;
-                }
-                object.values().for_each(|child| walk(child, found));
+    let mut found = UniqueIdentifiers::default();
+    collect_identifiers(value, &mut found);
+    found.into_vec()
+}
+
+fn collect_identifiers(value: &Value, found: &mut UniqueIdentifiers) {
+    match value {
+        Value::Object(object) => {
+            let id = field(object, "id").and_then(text_of);
+            let kind = field(object, "kind").and_then(text_of);
+            if let (Some(id), Some(kind)) = (id, kind) {
+                found.push(DeviceIdentifier::new(&kind, &id));
+                return;
             }
-            Value::Array(values) => values.iter().for_each(|child| walk(child, found)),
-            _ => {}
+            object
+                .values()
+                .for_each(|child| collect_identifiers(child, found));
         }
+        Value::Array(values) => values
+            .iter()
+            .for_each(|child| collect_identifiers(child, found)),
+        _ => {}
     }
-    let mut found = Vec::new();
-    walk(value, &mut found);
-    found
 }
 
 fn fault_of(value: &Value) -> Option<Fault> {
@@ -196,12 +197,11 @@ fn device_outcome(callback: &Callback, response: Option<&Value>) -> Option<Devic
     } else {
         return None;
     };
-    let mut identifiers = callback.devices.clone();
-    for identifier in response.map(identifiers_in).unwrap_or_default() {
-        if !identifiers.contains(&identifier) {
-            identifiers.push(identifier);
-        }
+    let mut identifiers = UniqueIdentifiers::from_list(callback.devices.clone());
+    if let Some(response) = response {
+        collect_identifiers(response, &mut identifiers);
     }
+    let identifiers = identifiers.into_vec();
     if identifiers.is_empty() {
         return None;
     }

@@ -2,10 +2,11 @@
 
 use sha2::{Digest, Sha256};
 
+use super::UniqueIdentifiers;
 use super::tree::Element;
 use crate::domain::{
     Callback, CallbackForm, CallbackKind, DeviceIdentifier, DeviceOutcome, Fault, Operation,
-    OutcomeStatus, Secret, UploadSummary,
+    OutcomeStatus, UploadSummary,
 };
 
 /// Elements of `Data` that describe the callback itself rather than the service result.
@@ -42,8 +43,6 @@ pub(crate) fn find_callback(root: &Element) -> Option<(CallbackForm, &Element)> 
 }
 
 pub(crate) fn interpret(form: CallbackForm, callback: &Element) -> Callback {
-    let username = callback.child_value("Username").unwrap_or_default();
-    let password = Secret::new(callback.child_value("Password").unwrap_or_default());
     let request_id = callback.child_value("RequestId");
     let devices: Vec<DeviceIdentifier> = callback
         .children_named("Device")
@@ -71,8 +70,6 @@ pub(crate) fn interpret(form: CallbackForm, callback: &Element) -> Callback {
 
     let mut parsed = Callback {
         form,
-        username,
-        password,
         request_id,
         devices,
         kind: CallbackKind::Other,
@@ -239,14 +236,11 @@ fn device_outcome(callback: &Callback, result: Option<&Element>) -> Option<Devic
     } else {
         return None;
     };
-    let mut identifiers = callback.devices.clone();
+    let mut identifiers = UniqueIdentifiers::from_list(callback.devices.clone());
     if let Some(result) = result {
-        for identifier in identifiers_in(result) {
-            if !identifiers.contains(&identifier) {
-                identifiers.push(identifier);
-            }
-        }
+        collect_identifiers(result, &mut identifiers);
     }
+    let identifiers = identifiers.into_vec();
     if identifiers.is_empty() {
         return None;
     }
@@ -389,24 +383,22 @@ fn service_prefix(code: &str) -> &str {
 
 /// Every (Kind, Identifier) pair under `element`, in document order, without duplicates.
 pub(crate) fn identifiers_in(element: &Element) -> Vec<DeviceIdentifier> {
-    fn walk(element: &Element, found: &mut Vec<DeviceIdentifier>) {
-        if let (Some(kind), Some(id)) = (
-            element.child_value("Kind"),
-            element.child_value("Identifier"),
-        ) {
-            let identifier = DeviceIdentifier::new(&kind, &id);
-            if !found.contains(&identifier) {
-                found.push(identifier);
-            }
-            return;
-        }
-        for child in &element.children {
-            walk(child, found);
-        }
+    let mut found = UniqueIdentifiers::default();
+    collect_identifiers(element, &mut found);
+    found.into_vec()
+}
+
+fn collect_identifiers(element: &Element, found: &mut UniqueIdentifiers) {
+    if let (Some(kind), Some(id)) = (
+        element.child_value("Kind"),
+        element.child_value("Identifier"),
+    ) {
+        found.push(DeviceIdentifier::new(&kind, &id));
+        return;
     }
-    let mut found = Vec::new();
-    walk(element, &mut found);
-    found
+    for child in &element.children {
+        collect_identifiers(child, found);
+    }
 }
 
 fn collect_named<'a>(element: &'a Element, name: &str, found: &mut Vec<&'a Element>) {

@@ -9,7 +9,7 @@ use quick_xml::Reader;
 use quick_xml::events::{BytesStart, Event};
 
 /// Deeper than any real callback (the upload callback nests 8 levels); bounds the stack.
-const MAX_DEPTH: usize = 64;
+pub(crate) const MAX_DEPTH: usize = 64;
 /// About five times the elements of a 10,000-line upload; bounds memory on hostile input.
 const MAX_ELEMENTS: usize = 500_000;
 

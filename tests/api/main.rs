@@ -10,6 +10,7 @@ mod crash;
 mod deliveries;
 mod hardening;
 mod helpers;
+mod hostile;
 mod jobs;
 mod json_callbacks;
 mod observability;

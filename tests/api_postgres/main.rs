@@ -15,6 +15,8 @@ mod callbacks;
 mod deliveries;
 #[path = "../api/hardening.rs"]
 mod hardening;
+#[path = "../api/hostile.rs"]
+mod hostile;
 #[path = "../api/jobs.rs"]
 mod jobs;
 #[path = "../api/json_callbacks.rs"]
