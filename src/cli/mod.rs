@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 mod jobs;
 
 use crate::auth::CredentialSource;
-use crate::configuration::Settings;
+use crate::configuration::{Settings, SettingsError};
 use crate::startup::{Application, shutdown_signal};
 use crate::telemetry;
 
@@ -68,6 +68,11 @@ pub fn run() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
+            // Everything serve checks before it opens storage and binds its ports.
+            if let Err(error) = settings.validate_files() {
+                eprintln!("m2m-listener: {error}");
+                return ExitCode::from(2);
+            }
             print!("{}", settings.to_masked_toml());
             if settings.callback.credentials.is_empty() {
                 println!(
@@ -167,7 +172,11 @@ fn serve(settings: &Settings) -> ExitCode {
         Err(error) => {
             tracing::error!("{error:#}");
             eprintln!("m2m-listener: {error:#}");
-            ExitCode::FAILURE
+            if error.downcast_ref::<SettingsError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
