@@ -3,8 +3,8 @@
 //! and the command line's behaviour on an empty argument, a closed pipe, refused callbacks and
 //! JSON logs.
 //!
-//! None of these reach storage (they are answered before it, or are about the command line), so
-//! they run on SQLite only.
+//! They are about settings, routing and the command line, not about storage (the API answers
+//! here come before any storage call), so they run on SQLite only.
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};
