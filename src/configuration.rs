@@ -382,8 +382,8 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Every value and every combination of values; no IO. `load` calls it, so every command
-    /// refuses what `serve` would refuse ([`Self::validate_files`] adds the files it reads).
+    /// Every value and every combination of values that matters to any command; no IO. `load`
+    /// calls it; [`Self::validate_for_serving`] adds what only the listener itself needs.
     pub fn validate(&self) -> Result<(), SettingsError> {
         let fail = |key: &str, message: String| {
             Err(SettingsError(format!(
@@ -508,14 +508,6 @@ impl Settings {
                     return fail("storage.url", format!("is not a PostgreSQL URL: {error}"));
                 }
             };
-            if self.callback.credentials.is_empty() {
-                return fail(
-                    "callback.credentials",
-                    "must be configured when storage.url is set: every replica must accept the \
-                     same pair (a generated pair is kept beside a SQLite file only)"
-                        .to_owned(),
-                );
-            }
             // A checked certificate is worthless if a man in the middle can answer "no TLS".
             if self.storage.ca_file.is_some()
                 && config.get_ssl_mode() == tokio_postgres::config::SslMode::Disable
@@ -556,11 +548,22 @@ impl Settings {
         Ok(())
     }
 
-    /// The files the settings name can be read and used: the callback port's TLS certificate
-    /// and key, the PostgreSQL CA. `serve` (through [`crate::startup::Application::build`])
-    /// and `check-config` call it; the other commands do not, because they never open these
-    /// files and an operator running `jobs` may rightly be unable to read the TLS key.
-    pub fn validate_files(&self) -> Result<(), SettingsError> {
+    /// What serving needs beyond [`Self::validate`]: callback credentials configured when
+    /// storage.url is set (a generated pair would differ per replica), and the files the settings
+    /// name readable and usable (the callback port's TLS certificate and key, the PostgreSQL CA).
+    /// [`crate::startup::Application::build`] and `check-config` call it, so `check-config`
+    /// refuses exactly what `serve` refuses. The other commands do not: `prune` or `backup` need
+    /// no callback credentials, and an operator running `jobs` may rightly be unable to read the
+    /// TLS key.
+    pub fn validate_for_serving(&self) -> Result<(), SettingsError> {
+        if self.storage.postgres_url().is_some() && self.callback.credentials.is_empty() {
+            return Err(SettingsError(
+                "invalid configuration: callback.credentials: must be configured when \
+                 storage.url is set: every replica must accept the same pair (a generated pair \
+                 is kept beside a SQLite file only)"
+                    .to_owned(),
+            ));
+        }
         if let Some(tls) = &self.callback.tls {
             crate::tls::acceptor(tls).map_err(|error| {
                 SettingsError(format!("invalid configuration: callback.tls: {error:#}"))
@@ -1030,16 +1033,24 @@ mod tests {
     }
 
     #[test]
-    fn postgres_needs_configured_credentials_and_tls_when_a_ca_is_given() {
+    fn serving_on_postgres_needs_configured_credentials_and_other_commands_do_not() {
         let mut settings = Settings::default();
-        settings.storage.url = Some(Secret::new("postgres://m2m@db/m2m?sslmode=disable"));
-        let error = settings.validate().unwrap_err().to_string();
+        settings.storage.url = Some(Secret::new("postgres://m2m@db/m2m"));
+        settings.validate().unwrap();
+        let error = settings.validate_for_serving().unwrap_err().to_string();
         assert!(error.contains("callback.credentials"), "{error}");
         settings.callback.credentials.push(CredentialSettings {
             username: "ops".to_owned(),
             password: Secret::new("pass"),
             account: None,
         });
+        settings.validate_for_serving().unwrap();
+    }
+
+    #[test]
+    fn a_ca_file_is_refused_with_sslmode_disable() {
+        let mut settings = Settings::default();
+        settings.storage.url = Some(Secret::new("postgres://m2m@db/m2m?sslmode=disable"));
         settings.validate().unwrap();
         settings.storage.ca_file = Some(PathBuf::from("/etc/ssl/db-ca.pem"));
         let error = settings.validate().unwrap_err().to_string();

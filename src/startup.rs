@@ -50,7 +50,7 @@ impl Application {
     /// the chain is a configuration error: exit 2), then opens storage and binds both ports.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         settings.validate()?;
-        settings.validate_files()?;
+        settings.validate_for_serving()?;
         let metrics = Arc::new(Metrics::new().context("failed to set up metrics")?);
         let (store, database_path) = crate::storage::open(
             &settings.storage,

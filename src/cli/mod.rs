@@ -73,7 +73,7 @@ pub fn run() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
             // Everything serve checks before it opens storage and binds its ports.
-            if let Err(error) = settings.validate_files() {
+            if let Err(error) = settings.validate_for_serving() {
                 report(error);
                 return ExitCode::from(2);
             }
