@@ -45,6 +45,7 @@ pub struct Settings {
 #[serde(default, deny_unknown_fields)]
 pub struct CallbackSettings {
     /// Where the platform posts callbacks. 9001 is one of the ports it accepts.
+    #[serde(deserialize_with = "socket_address")]
     pub listen: SocketAddr,
     /// Larger bodies are refused with 413. A 10,000-device upload callback is about 3 MB.
     pub max_body_bytes: u64,
@@ -64,10 +65,11 @@ pub struct CallbackSettings {
     /// Requests with more header fields are refused.
     pub max_headers: usize,
     /// Source addresses (CIDRs or single addresses) allowed to post callbacks; empty: any.
-    #[serde(deserialize_with = "list_or_indexed_map")]
+    /// From the environment also as one comma-separated string.
+    #[serde(deserialize_with = "string_list")]
     pub allowed_sources: Vec<String>,
     /// Proxies whose `X-Forwarded-For` names the client; from anyone else it is ignored.
-    #[serde(deserialize_with = "list_or_indexed_map")]
+    #[serde(deserialize_with = "string_list")]
     pub trusted_proxies: Vec<String>,
     /// Serve callbacks over TLS with this certificate and key (optional; a TLS proxy in front is
     /// the usual setup).
@@ -133,8 +135,12 @@ pub struct TlsSettings {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialSettings {
-    /// As registered with `RegisterCallback`; empty only if registered empty.
+    /// As registered with `RegisterCallback`. Left out, it is empty: what the platform sends for
+    /// a registration without a username (`M2M_CALLBACK__CREDENTIALS__0__PASSWORD` alone).
+    #[serde(default)]
     pub username: String,
+    /// Always given, even when empty (`password = ""`): an empty pair is accepted only when it
+    /// is configured on purpose.
     pub password: Secret,
     /// A label for the billing account this pair belongs to, kept on each delivery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,6 +151,7 @@ pub struct CredentialSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct ApiSettings {
     /// The query API, `/readyz` and `/metrics`. Loopback by default: it is for operators.
+    #[serde(deserialize_with = "socket_address")]
     pub listen: SocketAddr,
     /// Bearer token for the API; required when `listen` is not a loopback address.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -160,23 +167,40 @@ impl Default for ApiSettings {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+/// SQLite's `synchronous` levels, all four of them (its own names, any case).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Synchronous {
+    /// No fsync at all: survives a process crash, but power loss or an OS crash can lose
+    /// acknowledged callbacks and even damage the file. For throwaway test databases only.
+    Off,
+    /// Durable across process crashes, not power loss, in WAL mode.
+    Normal,
     /// Durable across power loss: the default, because an acknowledged callback is never re-sent.
     #[default]
     Full,
-    /// Durable across process crashes, not power loss, in WAL mode.
-    Normal,
+    /// As `full`, with the additional directory syncs of SQLite's `EXTRA`.
+    Extra,
 }
 
 impl Synchronous {
     pub fn pragma_value(self) -> &'static str {
         match self {
-            Synchronous::Full => "FULL",
+            Synchronous::Off => "OFF",
             Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+            Synchronous::Extra => "EXTRA",
         }
     }
+}
+
+impl Choice for Synchronous {
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("off", Synchronous::Off),
+        ("normal", Synchronous::Normal),
+        ("full", Synchronous::Full),
+        ("extra", Synchronous::Extra),
+    ];
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -248,19 +272,27 @@ impl StorageSettings {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// Lines for people; the start-up banner shares stdout with them.
     #[default]
     Pretty,
+    /// JSON lines for log pipelines; stdout holds nothing else (the banner goes to stderr).
     Json,
+}
+
+impl Choice for LogFormat {
+    const CHOICES: &'static [(&'static str, Self)] =
+        &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)];
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetrySettings {
     pub format: LogFormat,
-    /// A tracing filter (`info`, `m2m_listener=debug`...); `RUST_LOG` wins when set.
+    /// A tracing filter (`info`, `m2m_listener=debug`...); `RUST_LOG` wins when set (and valid).
+    /// Checked with the other settings, so `check-config` refuses what `serve` would.
     pub level: String,
 }
 
@@ -340,11 +372,18 @@ impl Settings {
             .add_source(environment_source)
             .build()
             .and_then(|merged| merged.try_deserialize())
-            .map_err(|error| SettingsError(format!("invalid configuration: {error}")))?;
+            .map_err(|error| {
+                SettingsError(format!(
+                    "invalid configuration: {}",
+                    describe_config_error(error)
+                ))
+            })?;
         settings.validate()?;
         Ok(settings)
     }
 
+    /// Every value and every combination of values that matters to any command; no IO. `load`
+    /// calls it; [`Self::validate_for_serving`] adds what only the listener itself needs.
     pub fn validate(&self) -> Result<(), SettingsError> {
         let fail = |key: &str, message: String| {
             Err(SettingsError(format!(
@@ -377,23 +416,32 @@ impl Settings {
             ),
         ] {
             if value == 0 {
-                return fail(key, "must be at least 1".to_owned());
+                return fail(key, format!("must be at least 1, got {value}"));
             }
         }
         if !(1..=100_000).contains(&self.callback.max_connections) {
             return fail(
                 "callback.max_connections",
-                "must be from 1 to 100000".to_owned(),
+                format!(
+                    "must be from 1 to 100000, got {}",
+                    self.callback.max_connections
+                ),
             );
         }
         if !(8..=1_000).contains(&self.callback.max_headers) {
-            return fail("callback.max_headers", "must be from 8 to 1000".to_owned());
+            return fail(
+                "callback.max_headers",
+                format!("must be from 8 to 1000, got {}", self.callback.max_headers),
+            );
         }
         self.callback.source_policy()?;
         if self.callback.max_body_bytes < 1024 {
             return fail(
                 "callback.max_body_bytes",
-                "must be at least 1024".to_owned(),
+                format!(
+                    "must be at least 1024, got {}",
+                    self.callback.max_body_bytes
+                ),
             );
         }
         if self.callback.max_inflight_bytes < self.callback.max_body_bytes {
@@ -421,32 +469,62 @@ impl Settings {
         if !(1..=crate::jobs::MAX_TIMEOUT_S).contains(&self.jobs.default_timeout_s) {
             return fail(
                 "jobs.default_timeout_s",
-                format!("must be from 1 to {}", crate::jobs::MAX_TIMEOUT_S),
+                format!(
+                    "must be from 1 to {}, got {}",
+                    crate::jobs::MAX_TIMEOUT_S,
+                    self.jobs.default_timeout_s
+                ),
             );
         }
         if self.jobs.sweep_interval_ms < 10 {
-            return fail("jobs.sweep_interval_ms", "must be at least 10".to_owned());
+            return fail(
+                "jobs.sweep_interval_ms",
+                format!("must be at least 10, got {}", self.jobs.sweep_interval_ms),
+            );
         }
         if self.storage.retention_days == 0 {
-            return fail("storage.retention_days", "must be at least 1".to_owned());
+            return fail(
+                "storage.retention_days",
+                "must be at least 1, got 0".to_owned(),
+            );
         }
         if self.storage.prune_interval_s == 0 {
-            return fail("storage.prune_interval_s", "must be at least 1".to_owned());
+            return fail(
+                "storage.prune_interval_s",
+                "must be at least 1, got 0".to_owned(),
+            );
         }
         if !(1..=10_000).contains(&self.storage.max_batch) {
             return fail(
                 "storage.max_batch",
-                "must be between 1 and 10000".to_owned(),
+                format!("must be from 1 to 10000, got {}", self.storage.max_batch),
             );
         }
         if let Some(url) = self.storage.postgres_url() {
             // The parser's message never repeats the URL (and with it the password).
-            if let Err(error) = url.parse::<tokio_postgres::Config>() {
-                return fail("storage.url", format!("is not a PostgreSQL URL: {error}"));
+            let config = match url.parse::<tokio_postgres::Config>() {
+                Ok(config) => config,
+                Err(error) => {
+                    return fail("storage.url", format!("is not a PostgreSQL URL: {error}"));
+                }
+            };
+            // A checked certificate is worthless if a man in the middle can answer "no TLS".
+            if self.storage.ca_file.is_some()
+                && config.get_ssl_mode() == tokio_postgres::config::SslMode::Disable
+            {
+                return fail(
+                    "storage.ca_file",
+                    "is set, but storage.url says sslmode=disable: with a CA to check the \
+                     server against, TLS is required (remove one of the two)"
+                        .to_owned(),
+                );
             }
         }
         if !(2..=1_000).contains(&self.storage.pool_size) {
-            return fail("storage.pool_size", "must be from 2 to 1000".to_owned());
+            return fail(
+                "storage.pool_size",
+                format!("must be from 2 to 1000, got {}", self.storage.pool_size),
+            );
         }
         let token_missing = self.api.token.as_ref().is_none_or(Secret::is_empty);
         if !self.api.listen.ip().is_loopback() && token_missing {
@@ -457,6 +535,44 @@ impl Settings {
                     self.api.listen
                 ),
             );
+        }
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.level) {
+            return fail(
+                "telemetry.level",
+                format!(
+                    "{:?} is not a log filter (such as info, warn or m2m_listener=debug): {error}",
+                    self.telemetry.level
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// What serving needs beyond [`Self::validate`]: callback credentials configured when
+    /// storage.url is set (a generated pair would differ per replica), and the files the settings
+    /// name readable and usable (the callback port's TLS certificate and key, the PostgreSQL CA).
+    /// [`crate::startup::Application::build`] and `check-config` call it, so `check-config`
+    /// refuses exactly what `serve` refuses. The other commands do not: `prune` or `backup` need
+    /// no callback credentials, and an operator running `jobs` may rightly be unable to read the
+    /// TLS key.
+    pub fn validate_for_serving(&self) -> Result<(), SettingsError> {
+        if self.storage.postgres_url().is_some() && self.callback.credentials.is_empty() {
+            return Err(SettingsError(
+                "invalid configuration: callback.credentials: must be configured when \
+                 storage.url is set: every replica must accept the same pair (a generated pair \
+                 is kept beside a SQLite file only)"
+                    .to_owned(),
+            ));
+        }
+        if let Some(tls) = &self.callback.tls {
+            crate::tls::acceptor(tls).map_err(|error| {
+                SettingsError(format!("invalid configuration: callback.tls: {error:#}"))
+            })?;
+        }
+        if let (Some(path), Some(_)) = (&self.storage.ca_file, self.storage.postgres_url()) {
+            certificates_in(path).map_err(|message| {
+                SettingsError(format!("invalid configuration: storage.ca_file: {message}"))
+            })?;
         }
         Ok(())
     }
@@ -515,33 +631,206 @@ pub fn mask_url_password(url: &str) -> String {
     )
 }
 
-/// A list from a file (`[[callback.credentials]]`), or from the environment, where the config crate
-/// turns `M2M_CALLBACK__CREDENTIALS__0__USERNAME` into a map keyed by the index.
+/// A setting with a fixed set of values, read from its name in any case and refused with the
+/// bad value and every valid one (`"whenever" is not one of off|normal|full|extra`).
+trait Choice: Copy + 'static {
+    /// Each value's name, in the order the error message lists them.
+    const CHOICES: &'static [(&'static str, Self)];
+}
+
+fn choice<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Choice,
+{
+    let text = String::deserialize(deserializer)?;
+    T::CHOICES
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(text.trim()))
+        .map(|(_, value)| *value)
+        .ok_or_else(|| {
+            let names: Vec<&str> = T::CHOICES.iter().map(|(name, _)| *name).collect();
+            serde::de::Error::custom(format!("{text:?} is not one of {}", names.join("|")))
+        })
+}
+
+impl<'de> Deserialize<'de> for Synchronous {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        choice(deserializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for LogFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        choice(deserializer)
+    }
+}
+
+/// A listen address, refused with the text that is not one (serde's own message names neither).
+fn socket_address<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.trim().parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not an address and port such as 0.0.0.0:9001 or [::]:9001"
+        ))
+    })
+}
+
+/// A list of entries: a list in a file (`[[callback.credentials]]`), or from the environment,
+/// where the config crate turns `M2M_CALLBACK__CREDENTIALS__0__USERNAME` into a map keyed by
+/// the index.
 fn list_or_indexed_map<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: Deserialize<'de>,
 {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum ListOrMap<T> {
-        List(Vec<T>),
-        Map(std::collections::BTreeMap<String, T>),
+    deserializer.deserialize_any(Entries { from_text: None })
+}
+
+/// A list of strings, as [`list_or_indexed_map`] or as one string of comma-separated values
+/// (`M2M_CALLBACK__ALLOWED_SOURCES=10.0.0.0/8,192.0.2.1`; empty: none).
+fn string_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    deserializer.deserialize_any(Entries {
+        from_text: Some(|text: &str| {
+            text.split(',')
+                .map(str::trim)
+                .filter(|entry| !entry.is_empty())
+                .map(str::to_owned)
+                .collect()
+        }),
+    })
+}
+
+/// Visits the forms a list setting takes. Each entry is deserialized on its own, so an error
+/// names the entry and the field (`callback.credentials[0]: missing field `password``) rather
+/// than the form that did not match.
+struct Entries<T> {
+    /// How a single string becomes entries, for lists that have a text form.
+    from_text: Option<fn(&str) -> Vec<T>>,
+}
+
+impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Entries<T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(if self.from_text.is_some() {
+            "a list, entries by index (..._0, ..._1), or comma-separated values"
+        } else {
+            "a list, or entries by index (..._0_..., ..._1_...)"
+        })
     }
-    match ListOrMap::deserialize(deserializer)? {
-        ListOrMap::List(list) => Ok(list),
-        ListOrMap::Map(map) => {
-            let mut indexed = Vec::with_capacity(map.len());
-            for (key, value) in map {
-                let index: usize = key.parse().map_err(|_| {
-                    serde::de::Error::custom(format!("expected a list index, found key {key:?}"))
-                })?;
-                indexed.push((index, value));
-            }
-            indexed.sort_by_key(|(index, _)| *index);
-            Ok(indexed.into_iter().map(|(_, value)| value).collect())
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut entries: A) -> Result<Vec<T>, A::Error> {
+        let mut list = Vec::with_capacity(entries.size_hint().unwrap_or(0).min(1024));
+        while let Some(entry) = entries.next_element()? {
+            list.push(entry);
+        }
+        Ok(list)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut entries: A) -> Result<Vec<T>, A::Error> {
+        let mut indexed = Vec::new();
+        while let Some(key) = entries.next_key::<String>()? {
+            let index: usize = key.parse().map_err(|_| {
+                serde::de::Error::custom(format!("expected a list index, found key {key:?}"))
+            })?;
+            indexed.push((index, entries.next_value::<T>()?));
+        }
+        indexed.sort_by_key(|(index, _)| *index);
+        if let Some(pair) = indexed.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+            return Err(serde::de::Error::custom(format!(
+                "list index {} is given twice",
+                pair[0].0
+            )));
+        }
+        Ok(indexed.into_iter().map(|(_, value)| value).collect())
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Vec<T>, E> {
+        match self.from_text {
+            Some(parse) => Ok(parse(text)),
+            // Not echoed: a string given for the credentials may well hold a password.
+            None => Err(E::custom(
+                "expected a list, or entries by index (..._0_..., ..._1_...), not a string",
+            )),
         }
     }
+}
+
+/// A config crate error in this module's form, `key: what is wrong (in where it came from)`,
+/// with list indices in brackets (`callback.credentials[0].password`).
+fn describe_config_error(error: config::ConfigError) -> String {
+    let origin = |origin: Option<String>| {
+        origin
+            .map(|origin| format!(" (in {origin})"))
+            .unwrap_or_default()
+    };
+    match error {
+        config::ConfigError::At {
+            error,
+            origin: from,
+            key: Some(key),
+        } => format!("{}: {error}{}", display_key(&key), origin(from)),
+        config::ConfigError::Type {
+            origin: from,
+            unexpected,
+            expected,
+            key: Some(key),
+        } => format!(
+            "{}: expected {expected}, got {unexpected}{}",
+            display_key(&key),
+            origin(from)
+        ),
+        config::ConfigError::NotFound(key) => format!("{}: is required", display_key(&key)),
+        other => other.to_string(),
+    }
+}
+
+/// `callback.credentials.0.password` (an index from the environment) and
+/// `callback.credentials[0]password` (an index from a file, as the config crate writes it) both
+/// as `callback.credentials[0].password`.
+fn display_key(key: &str) -> String {
+    let mut shown = String::with_capacity(key.len() + 4);
+    for segment in key.split('.') {
+        if !segment.is_empty() && segment.bytes().all(|byte| byte.is_ascii_digit()) {
+            shown.push_str(&format!("[{segment}]"));
+            continue;
+        }
+        if !shown.is_empty() {
+            shown.push('.');
+        }
+        shown.push_str(segment);
+    }
+    let mut separated = String::with_capacity(shown.len() + 4);
+    let mut characters = shown.chars().peekable();
+    while let Some(character) = characters.next() {
+        separated.push(character);
+        if character == ']'
+            && characters
+                .peek()
+                .is_some_and(|next| !matches!(next, '[' | '.'))
+        {
+            separated.push('.');
+        }
+    }
+    separated
+}
+
+/// The certificates of a PEM file (at least one), or why not.
+fn certificates_in(path: &Path) -> Result<usize, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let pem =
+        std::fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| format!("{} is not PEM: {error}", path.display()))?;
+    if certificates.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(certificates.len())
 }
 
 impl Serialize for Secret {
@@ -641,6 +930,151 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(error.contains("api.token"), "{error}");
+    }
+
+    #[test]
+    fn a_password_alone_from_the_environment_is_a_pair_with_an_empty_username() {
+        let settings = Settings::load_with_environment(
+            None,
+            environment(&[("M2M_CALLBACK__CREDENTIALS__0__PASSWORD", "x")]),
+        )
+        .unwrap();
+        let pairs: Vec<(&str, &str)> = settings
+            .callback
+            .credentials
+            .iter()
+            .map(|pair| (pair.username.as_str(), pair.password.expose()))
+            .collect();
+        assert_eq!(pairs, [("", "x")]);
+    }
+
+    #[test]
+    fn a_username_alone_is_refused_naming_the_missing_password() {
+        let error = Settings::load_with_environment(
+            None,
+            environment(&[("M2M_CALLBACK__CREDENTIALS__0__USERNAME", "ops")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("callback.credentials[0].password: is required"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn source_lists_come_from_one_string_of_comma_separated_values_or_by_index() {
+        let settings = Settings::load_with_environment(
+            None,
+            environment(&[
+                ("M2M_CALLBACK__ALLOWED_SOURCES", " 10.0.0.0/8 ,192.0.2.1,"),
+                ("M2M_CALLBACK__TRUSTED_PROXIES__1", "127.0.0.2"),
+                ("M2M_CALLBACK__TRUSTED_PROXIES__0", "127.0.0.1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            settings.callback.allowed_sources,
+            ["10.0.0.0/8", "192.0.2.1"]
+        );
+        assert_eq!(
+            settings.callback.trusted_proxies,
+            ["127.0.0.1", "127.0.0.2"]
+        );
+        let settings = Settings::load_with_environment(
+            None,
+            environment(&[("M2M_CALLBACK__ALLOWED_SOURCES", "")]),
+        )
+        .unwrap();
+        assert!(settings.callback.allowed_sources.is_empty());
+    }
+
+    #[test]
+    fn credentials_given_as_one_string_are_refused_without_echoing_it() {
+        let error = Settings::load_with_environment(
+            None,
+            environment(&[("M2M_CALLBACK__CREDENTIALS", "ops:Secret-In-A-String")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("callback.credentials"), "{error}");
+        assert!(!error.contains("Secret-In-A-String"), "{error}");
+    }
+
+    #[test]
+    fn every_synchronous_level_of_sqlite_is_accepted_in_any_case() {
+        for (text, level, pragma) in [
+            ("off", Synchronous::Off, "OFF"),
+            ("Normal", Synchronous::Normal, "NORMAL"),
+            ("FULL", Synchronous::Full, "FULL"),
+            ("extra", Synchronous::Extra, "EXTRA"),
+        ] {
+            let settings = Settings::load_with_environment(
+                None,
+                environment(&[("M2M_STORAGE__SYNCHRONOUS", text)]),
+            )
+            .unwrap();
+            assert_eq!(settings.storage.synchronous, level);
+            assert_eq!(level.pragma_value(), pragma);
+        }
+    }
+
+    #[test]
+    fn an_invalid_log_filter_is_refused_by_validation_with_the_value() {
+        let mut settings = Settings::default();
+        settings.telemetry.level = "bogus[[[".to_owned();
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("telemetry.level") && error.contains("\"bogus[[[\""),
+            "{error}"
+        );
+        settings.telemetry.level = "warn,m2m_listener=debug".to_owned();
+        settings.validate().unwrap();
+    }
+
+    #[test]
+    fn serving_on_postgres_needs_configured_credentials_and_other_commands_do_not() {
+        let mut settings = Settings::default();
+        settings.storage.url = Some(Secret::new("postgres://m2m@db/m2m"));
+        settings.validate().unwrap();
+        let error = settings.validate_for_serving().unwrap_err().to_string();
+        assert!(error.contains("callback.credentials"), "{error}");
+        settings.callback.credentials.push(CredentialSettings {
+            username: "ops".to_owned(),
+            password: Secret::new("pass"),
+            account: None,
+        });
+        settings.validate_for_serving().unwrap();
+    }
+
+    #[test]
+    fn a_ca_file_is_refused_with_sslmode_disable() {
+        let mut settings = Settings::default();
+        settings.storage.url = Some(Secret::new("postgres://m2m@db/m2m?sslmode=disable"));
+        settings.validate().unwrap();
+        settings.storage.ca_file = Some(PathBuf::from("/etc/ssl/db-ca.pem"));
+        let error = settings.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("storage.ca_file") && error.contains("sslmode=disable"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn keys_are_shown_with_list_indices_in_brackets() {
+        assert_eq!(
+            display_key("callback.credentials.0.password"),
+            "callback.credentials[0].password"
+        );
+        assert_eq!(
+            display_key("callback.credentials[0]password"),
+            "callback.credentials[0].password"
+        );
+        assert_eq!(
+            display_key("callback.allowed_sources[2]"),
+            "callback.allowed_sources[2]"
+        );
+        assert_eq!(display_key("storage.path"), "storage.path");
     }
 
     #[test]

@@ -46,11 +46,11 @@ pub struct Application {
 }
 
 impl Application {
+    /// Checks the settings as `check-config` does (a [`crate::configuration::SettingsError`] in
+    /// the chain is a configuration error: exit 2), then opens storage and binds both ports.
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            settings.storage.postgres_url().is_none() || !settings.callback.credentials.is_empty(),
-            "invalid configuration: callback.credentials: must be configured when storage.url is set: every replica must accept the same pair (a generated pair is kept beside a SQLite file only)"
-        );
+        settings.validate()?;
+        settings.validate_for_serving()?;
         let metrics = Arc::new(Metrics::new().context("failed to set up metrics")?);
         let (store, database_path) = crate::storage::open(
             &settings.storage,

@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
 
+use super::{emit, report};
 use crate::client::ApiClient;
 use crate::configuration::Settings;
 
@@ -25,6 +26,7 @@ pub struct JobsArgs {
 enum JobsCommand {
     /// Register a job: the RequestId the platform returned, and what it was for.
     Add {
+        #[arg(value_parser = request_id)]
         request_id: String,
         /// activate, deactivate, suspend, restore, upload_devices, ...
         #[arg(long)]
@@ -45,6 +47,7 @@ enum JobsCommand {
     },
     /// Show one job, and with --devices its devices.
     Show {
+        #[arg(value_parser = request_id)]
         request_id: String,
         #[arg(long)]
         devices: bool,
@@ -64,6 +67,15 @@ enum JobsCommand {
     },
 }
 
+/// A request id argument: not blank. `jobs show ''` would otherwise ask for `/api/v1/jobs/`, the
+/// listing, and print it as if it were one job.
+fn request_id(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err("a request id is required (the RequestId the platform returned)".to_owned());
+    }
+    Ok(text.to_owned())
+}
+
 pub fn run(settings: &Settings, arguments: JobsArgs) -> ExitCode {
     let runtime = match super::runtime() {
         Ok(runtime) => runtime,
@@ -72,14 +84,14 @@ pub fn run(settings: &Settings, arguments: JobsArgs) -> ExitCode {
     let client = match ApiClient::new(settings, arguments.api_url.as_deref()) {
         Ok(client) => client,
         Err(error) => {
-            eprintln!("m2m-listener: {error:#}");
+            report(format_args!("{error:#}"));
             return ExitCode::from(2);
         }
     };
     match runtime.block_on(execute(&client, arguments.command, arguments.json)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("m2m-listener: {error:#}");
+            report(format_args!("{error:#}"));
             ExitCode::FAILURE
         }
     }
@@ -103,9 +115,9 @@ async fn execute(
             let mut parsed = Vec::with_capacity(devices.len());
             for device in devices {
                 let Some((kind, id)) = device.split_once(':') else {
-                    eprintln!(
-                        "m2m-listener: --device {device}: expected KIND:ID, e.g. IMEI:990000862471854"
-                    );
+                    report(format_args!(
+                        "--device {device}: expected KIND:ID, e.g. IMEI:990000862471854"
+                    ));
                     return Ok(ExitCode::from(2));
                 };
                 parsed.push(json!({"kind": kind, "id": id}));
@@ -178,7 +190,7 @@ async fn execute(
             .as_str()
             .map(str::to_owned)
             .unwrap_or_else(|| value.to_string());
-        eprintln!("m2m-listener: {} {code}: {message}", status.as_u16());
+        report(format_args!("{} {code}: {message}", status.as_u16()));
         return Ok(
             if status == StatusCode::BAD_REQUEST || status == StatusCode::CONFLICT {
                 ExitCode::from(2)
@@ -187,28 +199,28 @@ async fn execute(
             },
         );
     }
-    if as_json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    match command {
-        JobsCommand::Add { .. } => {
-            let verb = if status == StatusCode::CREATED {
-                "registered"
-            } else {
-                "already registered"
-            };
-            println!(
-                "{verb}: {}",
-                value["request_id"].as_str().unwrap_or_default()
-            );
-            print_job(&value);
+    let shown = if as_json {
+        format!("{}\n", serde_json::to_string_pretty(&value)?)
+    } else {
+        match command {
+            JobsCommand::Add { .. } => {
+                let verb = if status == StatusCode::CREATED {
+                    "registered"
+                } else {
+                    "already registered"
+                };
+                format!(
+                    "{verb}: {}\n{}",
+                    value["request_id"].as_str().unwrap_or_default(),
+                    job_text(&value)
+                )
+            }
+            JobsCommand::Show { devices: false, .. } => job_text(&value),
+            JobsCommand::Show { devices: true, .. } => devices_text(&value),
+            JobsCommand::List { .. } => job_list_text(&value),
         }
-        JobsCommand::Show { devices: false, .. } => print_job(&value),
-        JobsCommand::Show { devices: true, .. } => print_devices(&value),
-        JobsCommand::List { .. } => print_job_list(&value),
-    }
-    Ok(ExitCode::SUCCESS)
+    };
+    Ok(emit(&shown).err().unwrap_or(ExitCode::SUCCESS))
 }
 
 fn encode(segment: &str) -> String {
@@ -226,7 +238,7 @@ fn cell(value: &Value) -> String {
     }
 }
 
-fn print_job(job: &Value) {
+fn job_text(job: &Value) -> String {
     let rows = [
         "request_id",
         "registered",
@@ -247,12 +259,13 @@ fn print_job(job: &Value) {
         "completed_at",
         "deadline",
     ];
+    let mut text = String::new();
     for key in rows {
-        println!("{key:<18} {}", cell(&job[key]));
+        text.push_str(&format!("{key:<18} {}\n", cell(&job[key])));
     }
     if let Some(upload) = job["upload"].as_object() {
-        println!(
-            "{:<18} total {} / pending {} / success {} / failed {}{}",
+        text.push_str(&format!(
+            "{:<18} total {} / pending {} / success {} / failed {}{}\n",
             "upload",
             cell(&upload["total_lines"]),
             cell(&upload["pending_lines"]),
@@ -262,11 +275,12 @@ fn print_job(job: &Value) {
                 .as_str()
                 .map(|error| format!(" / package error: {error}"))
                 .unwrap_or_default()
-        );
+        ));
     }
+    text
 }
 
-fn print_job_list(page: &Value) {
+fn job_list_text(page: &Value) -> String {
     let rows: Vec<Vec<String>> = page["items"]
         .as_array()
         .map(|items| {
@@ -290,7 +304,7 @@ fn print_job_list(page: &Value) {
                 .collect()
         })
         .unwrap_or_default();
-    print_table(
+    let mut text = table(
         &[
             "REQUEST_ID",
             "OPERATION",
@@ -303,11 +317,12 @@ fn print_job_list(page: &Value) {
         &rows,
     );
     if let Some(cursor) = page["next_cursor"].as_str() {
-        println!("more: --cursor {cursor}");
+        text.push_str(&format!("more: --cursor {cursor}\n"));
     }
+    text
 }
 
-fn print_devices(page: &Value) {
+fn devices_text(page: &Value) -> String {
     let rows: Vec<Vec<String>> = page["items"]
         .as_array()
         .map(|items| {
@@ -337,10 +352,10 @@ fn print_devices(page: &Value) {
                 .collect()
         })
         .unwrap_or_default();
-    print_table(&["DEVICE", "STATUS", "FAULT", "RESOLUTION"], &rows);
+    table(&["DEVICE", "STATUS", "FAULT", "RESOLUTION"], &rows)
 }
 
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|title| title.len()).collect();
     for row in rows {
         for (width, value) in widths.iter_mut().zip(row) {
@@ -359,10 +374,11 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
                 )
             })
             .collect();
-        println!("{}", cells.join("  ").trim_end());
+        format!("{}\n", cells.join("  ").trim_end())
     };
-    line(header.iter().map(|title| title.to_string()).collect());
+    let mut text = line(header.iter().map(|title| title.to_string()).collect());
     for row in rows {
-        line(row.clone());
+        text.push_str(&line(row.clone()));
     }
+    text
 }

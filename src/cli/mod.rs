@@ -1,6 +1,10 @@
 //! Command line: `serve` (default), `check-config` and `jobs`. Exit codes: 0 ok, 2 usage or configuration
 //! error, 1 runtime failure.
+//!
+//! Commands print through [`emit`] and [`report`]: `println!` and `eprintln!` panic when the
+//! reader has gone (`m2m-listener jobs list --json | head -c1`).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -10,7 +14,7 @@ use clap::{Parser, Subcommand};
 mod jobs;
 
 use crate::auth::CredentialSource;
-use crate::configuration::Settings;
+use crate::configuration::{LogFormat, Settings, SettingsError};
 use crate::startup::{Application, shutdown_signal};
 use crate::telemetry;
 
@@ -62,20 +66,25 @@ pub fn run() -> ExitCode {
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(error) => {
-            eprintln!("m2m-listener: {error}");
+            report(error);
             return ExitCode::from(2);
         }
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
-            print!("{}", settings.to_masked_toml());
-            if settings.callback.credentials.is_empty() {
-                println!(
-                    "# no [[callback.credentials]]: the listener uses the generated pair in {}",
-                    settings.storage.generated_credentials_path().display()
-                );
+            // Everything serve checks before it opens storage and binds its ports.
+            if let Err(error) = settings.validate_for_serving() {
+                report(error);
+                return ExitCode::from(2);
             }
-            ExitCode::SUCCESS
+            let mut shown = settings.to_masked_toml();
+            if settings.callback.credentials.is_empty() {
+                shown.push_str(&format!(
+                    "# no [[callback.credentials]]: the listener uses the generated pair in {}\n",
+                    settings.storage.generated_credentials_path().display()
+                ));
+            }
+            emit(&shown).err().unwrap_or(ExitCode::SUCCESS)
         }
         Command::Serve => serve(&settings),
         Command::Jobs(arguments) => jobs::run(&settings, arguments),
@@ -89,15 +98,14 @@ pub fn run() -> ExitCode {
                 crate::storage::sqlite::prune_database(&settings.storage.path, cutoff)
             };
             match pruned {
-                Ok(pruned) => {
-                    println!(
-                        "pruned {pruned} raw bodies older than {} days",
-                        settings.storage.retention_days
-                    );
-                    ExitCode::SUCCESS
-                }
+                Ok(pruned) => emit(&format!(
+                    "pruned {pruned} raw bodies older than {} days\n",
+                    settings.storage.retention_days
+                ))
+                .err()
+                .unwrap_or(ExitCode::SUCCESS),
                 Err(error) => {
-                    eprintln!("m2m-listener: {error:#}");
+                    report(format_args!("{error:#}"));
                     ExitCode::FAILURE
                 }
             }
@@ -149,7 +157,7 @@ fn prune_postgres(settings: &Settings, cutoff: time::OffsetDateTime) -> anyhow::
 
 fn serve(settings: &Settings) -> ExitCode {
     if let Err(error) = telemetry::init(&settings.telemetry) {
-        eprintln!("m2m-listener: {error:#}");
+        report(format_args!("{error:#}"));
         return ExitCode::from(2);
     }
     let runtime = match runtime() {
@@ -166,8 +174,12 @@ fn serve(settings: &Settings) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");
-            eprintln!("m2m-listener: {error:#}");
-            ExitCode::FAILURE
+            report(format_args!("{error:#}"));
+            if error.downcast_ref::<SettingsError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -193,7 +205,7 @@ fn simulate(settings: &Settings, arguments: SimulateArgs) -> ExitCode {
     let api = match crate::client::ApiClient::new(settings, arguments.api_url.as_deref()) {
         Ok(api) => Some(api),
         Err(error) => {
-            eprintln!("m2m-listener: {error:#}");
+            report(format_args!("{error:#}"));
             return ExitCode::from(2);
         }
     };
@@ -204,51 +216,111 @@ fn simulate(settings: &Settings, arguments: SimulateArgs) -> ExitCode {
         password.unwrap_or_default(),
         api,
     ));
-    match summary {
-        Ok(summary) => {
-            if as_json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&summary).unwrap_or_default()
-                );
-            } else {
-                println!(
-                    "callbacks {}  attempts {}  acknowledged {}  re-sent {}  early re-deliveries {}  given up {}  lost {}",
-                    summary.callbacks,
-                    summary.attempts,
-                    summary.acknowledged,
-                    summary.resent,
-                    summary.early_redeliveries,
-                    summary.given_up,
-                    summary
-                        .lost
-                        .map(|lost| lost.to_string())
-                        .unwrap_or_else(|| "not verified".to_owned()),
-                );
-                println!(
-                    "{:.1} s, {:.0} acknowledged/s, latency p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
-                    summary.seconds,
-                    summary.acknowledged_per_second,
-                    summary.latency_ms.p50,
-                    summary.latency_ms.p90,
-                    summary.latency_ms.p99,
-                    summary.latency_ms.max,
-                );
-            }
-            if summary.lost.unwrap_or(0) > 0 {
-                eprintln!(
-                    "m2m-listener: {} acknowledged callbacks are not in the listener",
-                    summary.lost.unwrap_or(0)
-                );
-                return ExitCode::FAILURE;
-            }
-            ExitCode::SUCCESS
-        }
+    let summary = match summary {
+        Ok(summary) => summary,
         Err(error) => {
-            eprintln!("m2m-listener: {error:#}");
-            ExitCode::FAILURE
+            report(format_args!("{error:#}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    let shown = if as_json {
+        format!(
+            "{}\n",
+            serde_json::to_string_pretty(&summary).unwrap_or_default()
+        )
+    } else {
+        format!(
+            "callbacks {}  attempts {}  acknowledged {}  re-sent {}  early re-deliveries {}  given up {}  refused {}  lost {}\n\
+             {:.1} s, {:.0} acknowledged/s, latency p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms\n",
+            summary.callbacks,
+            summary.attempts,
+            summary.acknowledged,
+            summary.resent,
+            summary.early_redeliveries,
+            summary.given_up,
+            summary.refused,
+            summary
+                .lost
+                .map(|lost| lost.to_string())
+                .unwrap_or_else(|| "not verified".to_owned()),
+            summary.seconds,
+            summary.acknowledged_per_second,
+            summary.latency_ms.p50,
+            summary.latency_ms.p90,
+            summary.latency_ms.p99,
+            summary.latency_ms.max,
+        )
+    };
+    if let Err(code) = emit(&shown) {
+        return code;
+    }
+    simulation_verdict(&summary)
+}
+
+/// Exit code 1, with the reason on stderr, unless every callback was acknowledged and stored.
+fn simulation_verdict(summary: &crate::simulate::Summary) -> ExitCode {
+    let mut failed = false;
+    if summary.refused > 0 {
+        let statuses: Vec<String> = summary
+            .refused_by_status
+            .iter()
+            .map(|(status, count)| format!("{count} with {status}"))
+            .collect();
+        let hint = if summary.refused_by_status.contains_key(&403) {
+            " (403: the credentials or the source address were refused; check --username and \
+             --password against the listener's callback.credentials, and callback.allowed_sources)"
+        } else {
+            ""
+        };
+        report(format_args!(
+            "{} callbacks were refused and not re-sent: {}{hint}",
+            summary.refused,
+            statuses.join(", ")
+        ));
+        failed = true;
+    }
+    if summary.given_up > 0 {
+        report(format_args!(
+            "{} callbacks were never acknowledged in {} attempts (timeouts, connection failures or 5xx answers)",
+            summary.given_up, summary.attempts
+        ));
+        failed = true;
+    }
+    if let Some(lost) = summary.lost.filter(|lost| *lost > 0) {
+        report(format_args!(
+            "{lost} acknowledged callbacks are not in the listener"
+        ));
+        failed = true;
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Prints `text` on stdout. A reader that has gone (`| head -1`) ends the output quietly, where
+/// `print!` would panic: Rust ignores SIGPIPE, so the write fails with EPIPE instead of ending
+/// the process. Any other failure (a full disk behind a redirection) is reported: exit code 1.
+fn emit(text: &str) -> Result<(), ExitCode> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(error) => {
+            report(format_args!("cannot write the output: {error}"));
+            Err(ExitCode::FAILURE)
         }
     }
+}
+
+/// A message on stderr, prefixed with the program's name. Never panics: `eprintln!` would, on a
+/// closed pipe (`2>&1 | head -1`), and there is nowhere left to say anything anyway.
+fn report(message: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stderr().lock(), "m2m-listener: {message}");
 }
 
 /// The async runtime of a command, or the exit code when it cannot start.
@@ -257,13 +329,16 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         .enable_all()
         .build()
         .map_err(|error| {
-            eprintln!("m2m-listener: cannot start the async runtime: {error}");
+            report(format_args!("cannot start the async runtime: {error}"));
             ExitCode::FAILURE
         })
 }
 
 /// Tells the operator where things are. Generated credentials are printed here, once, on the
-/// terminal: they never go through the log.
+/// terminal: they never go through the log. With JSON logs the banner goes to stderr, so that
+/// stdout holds nothing but JSON lines (and a log pipeline reading it never sees the password);
+/// with pretty logs it stays on stdout, before them. A banner that cannot be written (the
+/// reader has gone) does not stop the listener: the generated pair is also in its file.
 fn announce(application: &Application, settings: &Settings) -> anyhow::Result<()> {
     let database = match application.database_path() {
         Some(path) => std::path::absolute(path)?.display().to_string(),
@@ -276,36 +351,48 @@ fn announce(application: &Application, settings: &Settings) -> anyhow::Result<()
                 .unwrap_or_default()
         ),
     };
-    println!("m2m-listener {}", env!("CARGO_PKG_VERSION"));
-    println!(
-        "  callbacks: http://{}/ (POST)",
-        application.callback_address()?
+    let mut banner = format!(
+        "m2m-listener {}\n  callbacks: http://{}/ (POST)\n  API:       http://{}/api/v1/\n  database:  {database}\n",
+        env!("CARGO_PKG_VERSION"),
+        application.callback_address()?,
+        application.api_address()?,
     );
-    println!("  API:       http://{}/api/v1/", application.api_address()?);
-    println!("  database:  {database}");
     match &application.credential_source {
-        CredentialSource::Configured(count) => {
-            println!("  callback credentials: {count} configured pair(s)")
-        }
-        CredentialSource::Stored(path) => println!(
-            "  callback credentials: generated earlier, in {}",
+        CredentialSource::Configured(count) => banner.push_str(&format!(
+            "  callback credentials: {count} configured pair(s)\n"
+        )),
+        CredentialSource::Stored(path) => banner.push_str(&format!(
+            "  callback credentials: generated earlier, in {}\n",
             path.display()
-        ),
+        )),
         CredentialSource::Generated {
             path,
             username,
             password,
-        } => {
-            println!(
-                "  No callback credentials were configured, so a pair was generated (saved in {}):",
-                path.display()
-            );
-            println!("    username: {username}");
-            println!("    password: {}", password.expose());
-            println!(
-                "  Use them as Username and Password in RegisterCallback. They are shown only this once."
-            );
+        } => banner.push_str(&format!(
+            "  No callback credentials were configured, so a pair was generated (saved in {}):\n    \
+             username: {username}\n    password: {}\n  \
+             Use them as Username and Password in RegisterCallback. They are shown only this once.\n",
+            path.display(),
+            password.expose()
+        )),
+    }
+    let written = match settings.telemetry.format {
+        LogFormat::Json => {
+            let mut stderr = std::io::stderr().lock();
+            stderr
+                .write_all(banner.as_bytes())
+                .and_then(|()| stderr.flush())
         }
+        LogFormat::Pretty => {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(banner.as_bytes())
+                .and_then(|()| stdout.flush())
+        }
+    };
+    if let Err(error) = written {
+        tracing::warn!(%error, "the start-up banner could not be written");
     }
     tracing::info!(
         callback = %application.callback_address()?, api = %application.api_address()?,

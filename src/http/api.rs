@@ -61,11 +61,21 @@ impl ApiState {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or_default();
-        let presented: [u8; 32] = Sha256::digest(presented.trim().as_bytes()).into();
+        let presented: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         bool::from(presented.ct_eq(expected))
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme is matched without regard
+/// to case and may be followed by several spaces (RFC 7235 §2.1: `bearer`, `BEARER` are the same
+/// scheme).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
 }
 
 /// An API error with a stable upper-case code.
@@ -146,57 +156,85 @@ pub async fn handle(
         );
         return refused;
     }
-    match (segments.as_slice(), reading) {
-        (["healthz"], true) => json_response(StatusCode::OK, &json!({ "status": "ok" })),
-        (["readyz"], true) => readiness(&state).await,
-        (["metrics"], true) => metrics(&state).await,
-        (["api", "v1", "jobs"], false) if method == Method::POST => {
-            register_job(&state, request).await
-        }
-        (["api", "v1", "jobs"], true) => list_jobs(&state, &query).await,
-        (["api", "v1", "jobs", request_id], true) => get_job(&state, request_id).await,
-        (["api", "v1", "jobs", request_id, "devices"], true) => {
-            match reveal_secrets(&state, &query) {
-                Ok(reveal) => job_devices(&state, request_id, &query, reveal).await,
-                Err(refused) => refused.into_response(),
-            }
-        }
-        (["api", "v1", "devices", kind, identifier], true) => {
-            match reveal_secrets(&state, &query) {
-                Ok(reveal) => device_history(&state, kind, identifier, reveal).await,
-                Err(refused) => refused.into_response(),
-            }
-        }
-        (["api", "v1", "errors", code], true) => catalog_entry(code),
-        (["api", "v1", "deliveries"], true) => list_deliveries(&state, &query).await,
-        (["api", "v1", "deliveries", id, "raw"], true) => raw_body(&state, id).await,
-        (
-            ["healthz" | "readyz" | "metrics"]
-            | ["api", "v1", "jobs" | "deliveries", ..]
-            | ["api", "v1", "devices", _, _]
-            | ["api", "v1", "errors", _],
-            _,
-        ) => {
-            let allowed = if segments.as_slice() == ["api", "v1", "jobs"] {
-                "GET, HEAD, POST"
-            } else {
-                "GET, HEAD"
-            };
+    let Some(endpoint) = Endpoint::of(&segments) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            &format!("no endpoint at {path}"),
+        );
+    };
+    match (endpoint, reading) {
+        (Endpoint::Health, true) => json_response(StatusCode::OK, &json!({ "status": "ok" })),
+        (Endpoint::Readiness, true) => readiness(&state).await,
+        (Endpoint::Metrics, true) => metrics(&state).await,
+        (Endpoint::Jobs, false) if method == Method::POST => register_job(&state, request).await,
+        (Endpoint::Jobs, true) => list_jobs(&state, &query).await,
+        (Endpoint::Job(request_id), true) => get_job(&state, request_id).await,
+        (Endpoint::JobDevices(request_id), true) => match reveal_secrets(&state, &query) {
+            Ok(reveal) => job_devices(&state, request_id, &query, reveal).await,
+            Err(refused) => refused.into_response(),
+        },
+        (Endpoint::Device(kind, identifier), true) => match reveal_secrets(&state, &query) {
+            Ok(reveal) => device_history(&state, kind, identifier, reveal).await,
+            Err(refused) => refused.into_response(),
+        },
+        (Endpoint::CatalogEntry(code), true) => catalog_entry(code),
+        (Endpoint::Deliveries, true) => list_deliveries(&state, &query).await,
+        (Endpoint::RawBody(id), true) => raw_body(&state, id).await,
+        (endpoint, _) => {
             let mut refused = error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "METHOD_NOT_ALLOWED",
                 &format!("{method} is not allowed on {path}"),
             );
-            refused
-                .headers_mut()
-                .insert(header::ALLOW, header::HeaderValue::from_static(allowed));
+            refused.headers_mut().insert(
+                header::ALLOW,
+                header::HeaderValue::from_static(endpoint.allowed_methods()),
+            );
             refused
         }
-        _ => error(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            &format!("no endpoint at {path}"),
-        ),
+    }
+}
+
+/// What a path names, whatever the method: a path that names none is 404, a method the
+/// endpoint does not serve 405 (with `Allow`). Kept beside `tests/api/openapi.rs`'s `SERVED`.
+#[derive(Clone, Copy)]
+enum Endpoint<'a> {
+    Health,
+    Readiness,
+    Metrics,
+    Jobs,
+    Job(&'a str),
+    JobDevices(&'a str),
+    Device(&'a str, &'a str),
+    CatalogEntry(&'a str),
+    Deliveries,
+    /// The id as it appears in the path; checked by [`delivery_id`].
+    RawBody(&'a str),
+}
+
+impl<'a> Endpoint<'a> {
+    fn of(segments: &[&'a str]) -> Option<Self> {
+        Some(match segments {
+            ["healthz"] => Endpoint::Health,
+            ["readyz"] => Endpoint::Readiness,
+            ["metrics"] => Endpoint::Metrics,
+            ["api", "v1", "jobs"] => Endpoint::Jobs,
+            ["api", "v1", "jobs", request_id] => Endpoint::Job(request_id),
+            ["api", "v1", "jobs", request_id, "devices"] => Endpoint::JobDevices(request_id),
+            ["api", "v1", "devices", kind, identifier] => Endpoint::Device(kind, identifier),
+            ["api", "v1", "errors", code] => Endpoint::CatalogEntry(code),
+            ["api", "v1", "deliveries"] => Endpoint::Deliveries,
+            ["api", "v1", "deliveries", id, "raw"] => Endpoint::RawBody(id),
+            _ => return None,
+        })
+    }
+
+    fn allowed_methods(self) -> &'static str {
+        match self {
+            Endpoint::Jobs => "GET, HEAD, POST",
+            _ => "GET, HEAD",
+        }
     }
 }
 
@@ -305,17 +343,17 @@ fn paging(query: &HashMap<String, String>) -> Result<(u32, Option<i64>), Invalid
             ));
         }
     };
-    let before_id = match query
-        .get("cursor")
-        .filter(|cursor| !cursor.is_empty())
-        .map(|cursor| cursor.parse::<i64>())
-    {
+    let before_id = match query.get("cursor").filter(|cursor| !cursor.is_empty()) {
         None => None,
-        Some(Ok(cursor)) => Some(cursor),
-        Some(Err(_)) => {
+        // A next_cursor is a row id: at most 18 digits (always an i64), nothing else; no sign,
+        // so a negative cursor cannot silently answer an empty page.
+        Some(cursor) if cursor.len() <= 18 && cursor.bytes().all(|byte| byte.is_ascii_digit()) => {
+            cursor.parse::<i64>().ok()
+        }
+        Some(_) => {
             return Err(InvalidParameter::new(
                 "INVALID_CURSOR",
-                "cursor must be a next_cursor value from a previous page",
+                "cursor must be a next_cursor value from a previous page (up to 18 digits)",
             ));
         }
     };
@@ -672,13 +710,25 @@ async fn list_deliveries(state: &ApiState, query: &HashMap<String, String>) -> H
     }
 }
 
+/// A delivery id from a path: a whole number from 1 to `i64::MAX`, digits only.
+fn delivery_id(id: &str) -> Result<i64, InvalidParameter> {
+    id.bytes()
+        .all(|byte| byte.is_ascii_digit())
+        .then(|| id.parse::<i64>().ok())
+        .flatten()
+        .filter(|id| *id >= 1)
+        .ok_or_else(|| {
+            InvalidParameter::new(
+                "INVALID_DELIVERY_ID",
+                "a delivery id is a whole number from 1 to 9223372036854775807",
+            )
+        })
+}
+
 async fn raw_body(state: &ApiState, id: &str) -> HttpResponse {
-    let Ok(delivery_id) = id.parse::<i64>() else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "DELIVERY_NOT_FOUND",
-            &format!("no delivery with id {id}"),
-        );
+    let delivery_id = match delivery_id(id) {
+        Ok(delivery_id) => delivery_id,
+        Err(refused) => return refused.into_response(),
     };
     match state.store.raw_body(delivery_id).await {
         Ok(RawBody::Found { content_type, body }) => {
@@ -709,5 +759,44 @@ async fn raw_body(state: &ApiState, id: &str) -> HttpResponse {
             &format!("no delivery with id {delivery_id}"),
         ),
         Err(failure) => storage_error(&failure),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case_and_the_token_kept_whole() {
+        for value in [
+            "Bearer abc",
+            "bearer abc",
+            "BEARER abc",
+            "Bearer   abc",
+            " Bearer abc ",
+        ] {
+            assert_eq!(bearer_token(value), Some("abc"), "{value:?}");
+        }
+        for value in ["Basic abc", "Bearerabc", "abc", "Bearer", ""] {
+            assert_ne!(bearer_token(value), Some("abc"), "{value:?}");
+        }
+    }
+
+    #[test]
+    fn a_delivery_id_is_a_whole_number_from_one_to_the_largest_i64() {
+        assert_eq!(delivery_id("1").ok(), Some(1));
+        assert_eq!(delivery_id("9223372036854775807").ok(), Some(i64::MAX));
+        for id in [
+            "",
+            "0",
+            "-1",
+            "+1",
+            " 1",
+            "1.0",
+            "abc",
+            "9223372036854775808",
+        ] {
+            assert!(delivery_id(id).is_err(), "{id:?}");
+        }
     }
 }

@@ -4,11 +4,15 @@
 //! fault codes, uploads split over several callbacks, MO SMS), optionally registers them, and posts
 //! their callbacks the way the platform does: a callback not answered 2xx in time is re-sent with
 //! `CallbackCount` incremented after the retry interval, until `MaxCallbackThreshold` attempts.
+//! One departure: a callback refused with a 4xx (wrong credentials, a source not allowed, not a
+//! callback, too large; not 408 or 429) is not re-sent, because against this listener it can only
+//! be refused again, and a wrong `--password` should fail the run at once, not after 15 minutes.
 //! At the end it checks through the API that every acknowledged callback was stored.
 
 pub mod payloads;
 
 use std::collections::{HashMap, HashSet};
+use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -285,6 +289,25 @@ struct Counters {
     resent: AtomicU64,
     early_redeliveries: AtomicU64,
     given_up: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    /// Answered 2xx in time.
+    Acknowledged,
+    /// Answered with a status that re-sending cannot change (see the module's documentation).
+    Refused(hyper::StatusCode),
+    /// Not answered in time, not reachable, or answered with a status worth retrying (5xx, 408,
+    /// 429): re-sent, as the platform does.
+    Failed,
+}
+
+/// Whether the platform's re-send could get a different answer than `status`.
+fn is_final_refusal(status: hyper::StatusCode) -> bool {
+    status.is_client_error()
+        && status != hyper::StatusCode::REQUEST_TIMEOUT
+        && status != hyper::StatusCode::TOO_MANY_REQUESTS
 }
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -320,13 +343,15 @@ struct Driver {
     pace: Pace,
     counters: Counters,
     latencies: std::sync::Mutex<Vec<f64>>,
+    /// Callbacks refused for good, by status code.
+    refusals: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
 }
 
 impl Driver {
-    /// One attempt; `true` if answered 2xx in time.
-    async fn attempt(&self, payload: &Payload, callback_count: u32) -> bool {
+    /// One attempt.
+    async fn attempt(&self, payload: &Payload, callback_count: u32) -> Attempt {
         let Ok(_slot) = self.slots.acquire().await else {
-            return false;
+            return Attempt::Failed;
         };
         self.pace.wait().await;
         let body = payload.render(Envelope {
@@ -345,7 +370,9 @@ impl Driver {
             .uri(self.url.clone())
             .header(header::CONTENT_TYPE, content_type)
             .body(Full::new(Bytes::from(body)));
-        let Ok(request) = request else { return false };
+        let Ok(request) = request else {
+            return Attempt::Failed;
+        };
         self.counters.attempts.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let answered =
@@ -357,13 +384,16 @@ impl Driver {
                 Some(status)
             })
             .await;
-        let acknowledged = matches!(answered, Ok(Some(status)) if status.is_success());
-        if acknowledged {
-            if let Ok(mut latencies) = self.latencies.lock() {
-                latencies.push(started.elapsed().as_secs_f64());
+        match answered {
+            Ok(Some(status)) if status.is_success() => {
+                if let Ok(mut latencies) = self.latencies.lock() {
+                    latencies.push(started.elapsed().as_secs_f64());
+                }
+                Attempt::Acknowledged
             }
+            Ok(Some(status)) if is_final_refusal(status) => Attempt::Refused(status),
+            _ => Attempt::Failed,
         }
-        acknowledged
     }
 
     /// Sends one callback like the platform: re-sent until acknowledged or out of attempts.
@@ -379,13 +409,24 @@ impl Driver {
                     .counters
                     .early_redeliveries
                     .fetch_add(1, Ordering::Relaxed);
-                driver.attempt(&payload, 2).await
+                // Its answer does not decide the callback's fate: the first attempt's does.
+                driver.attempt(&payload, 2).await;
             });
         }
         for attempt in 1..=self.options.max_attempts.max(1) {
-            if self.attempt(&payload, attempt).await {
-                self.counters.acknowledged.fetch_add(1, Ordering::Relaxed);
-                return true;
+            match self.attempt(&payload, attempt).await {
+                Attempt::Acknowledged => {
+                    self.counters.acknowledged.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                Attempt::Refused(status) => {
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut refusals) = self.refusals.lock() {
+                        *refusals.entry(status.as_u16()).or_default() += 1;
+                    }
+                    return false;
+                }
+                Attempt::Failed => {}
             }
             if attempt == self.options.max_attempts {
                 break;
@@ -406,7 +447,12 @@ pub struct Summary {
     pub acknowledged: u64,
     pub resent: u64,
     pub early_redeliveries: u64,
+    /// Callbacks never acknowledged after `--max-attempts` attempts.
     pub given_up: u64,
+    /// Callbacks refused for good (a 4xx other than 408 and 429), not re-sent.
+    pub refused: u64,
+    /// The refusals by status code (`{"403": 4}`).
+    pub refused_by_status: std::collections::BTreeMap<u16, u64>,
     /// Acknowledged callbacks that the API does not show (`null` when not verified).
     pub lost: Option<u64>,
     pub seconds: f64,
@@ -490,6 +536,7 @@ pub async fn run(
         },
         counters: Counters::default(),
         latencies: std::sync::Mutex::new(Vec::with_capacity(plan.callbacks.len())),
+        refusals: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         options: options.clone(),
     });
     let started = Instant::now();
@@ -511,7 +558,8 @@ pub async fn run(
     progress.abort();
     let seconds = started.elapsed().as_secs_f64();
     print_progress(&driver, total);
-    eprintln!();
+    // Not eprintln!: a closed stderr (`2>&1 | head -1`) must not end the run with a panic.
+    let _ = writeln!(std::io::stderr());
 
     let acknowledged: Vec<&Payload> = payloads
         .iter()
@@ -536,6 +584,12 @@ pub async fn run(
         resent: counters.resent.load(Ordering::Relaxed),
         early_redeliveries: counters.early_redeliveries.load(Ordering::Relaxed),
         given_up: counters.given_up.load(Ordering::Relaxed),
+        refused: counters.refused.load(Ordering::Relaxed),
+        refused_by_status: driver
+            .refusals
+            .lock()
+            .map(|refusals| refusals.clone())
+            .unwrap_or_default(),
         lost,
         seconds,
         acknowledged_per_second: counters.acknowledged.load(Ordering::Relaxed) as f64
@@ -555,12 +609,15 @@ async fn report_progress(driver: Arc<Driver>, total: u64) {
 /// One progress line, rewritten in place on a terminal.
 fn print_progress(driver: &Driver, total: u64) {
     let counters = &driver.counters;
-    eprint!(
-        "\rcallbacks {total}  attempts {}  acknowledged {}  re-sent {}  given up {}   ",
+    // A failed write (stderr closed) only loses the progress line.
+    let _ = write!(
+        std::io::stderr(),
+        "\rcallbacks {total}  attempts {}  acknowledged {}  re-sent {}  given up {}  refused {}   ",
         counters.attempts.load(Ordering::Relaxed),
         counters.acknowledged.load(Ordering::Relaxed),
         counters.resent.load(Ordering::Relaxed),
         counters.given_up.load(Ordering::Relaxed),
+        counters.refused.load(Ordering::Relaxed),
     );
 }
 

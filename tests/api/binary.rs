@@ -339,6 +339,9 @@ fn the_test_suites_variables_are_not_taken_for_settings_and_a_database_url_is_sh
             "M2M_STORAGE__URL",
             "postgres://m2m:Db-Secret-Password@db.internal:5432/m2m?sslmode=require",
         )
+        // Required with storage.url, by check-config as by serve.
+        .env("M2M_CALLBACK__CREDENTIALS__0__USERNAME", "ops")
+        .env("M2M_CALLBACK__CREDENTIALS__0__PASSWORD", "pass")
         .output()
         .unwrap();
 

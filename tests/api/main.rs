@@ -8,6 +8,7 @@ mod binary;
 mod callbacks;
 mod crash;
 mod deliveries;
+mod edges;
 mod hardening;
 mod helpers;
 mod hostile;

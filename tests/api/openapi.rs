@@ -20,7 +20,7 @@ fn documented_paths() -> Vec<String> {
     paths
 }
 
-/// The routes the API serves (kept beside `http::api::handle`'s match).
+/// The routes the API serves (kept beside `http::api::Endpoint::of`).
 const SERVED: &[&str] = &[
     "/healthz",
     "/readyz",
