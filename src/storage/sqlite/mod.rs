@@ -7,6 +7,7 @@
 //! connections on the blocking pool and never wait for the writer.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -114,9 +115,15 @@ impl SqliteStore {
                 return Err(error.context(format!("failed to open database at {}", path.display())));
             }
         };
+        let readers = Arc::new(Readers {
+            path: path.clone(),
+            idle: Mutex::new(Vec::new()),
+            generation: Arc::new(AtomicU64::new(0)),
+        });
         let (commands, receiver) = mpsc::channel(WRITE_QUEUE);
         let writer = Writer {
             connection,
+            readers: Arc::clone(&readers),
             path: path.clone(),
             settings: settings.clone(),
             last_failure: None,
@@ -129,18 +136,16 @@ impl SqliteStore {
             .context("failed to start the SQLite writer thread")?;
         let (stop_checkpoints, stopped) = std::sync::mpsc::channel();
         let checkpoint_path = path.clone();
+        let generation = Arc::clone(&readers.generation);
         std::thread::Builder::new()
             .name("sqlite-checkpoint".to_owned())
-            .spawn(move || run_checkpoints(&checkpoint_path, &stopped))
+            .spawn(move || run_checkpoints(&checkpoint_path, &generation, &stopped))
             .context("failed to start the SQLite checkpoint thread")?;
         Ok(Self {
             commands,
             writer_thread: Mutex::new(Some(writer_thread)),
             stop_checkpoints: Mutex::new(Some(stop_checkpoints)),
-            readers: Arc::new(Readers {
-                path: path.clone(),
-                idle: Mutex::new(Vec::new()),
-            }),
+            readers,
             path,
         })
     }
@@ -307,11 +312,22 @@ const WRITER_AUTOCHECKPOINT_PAGES: i64 = 10_000;
 /// Checkpoints the WAL from a connection of its own, so that copying pages into the database
 /// file does not hold up the writer thread (and with it every acknowledgement). PASSIVE never
 /// blocks the writer. Stops when `stop` is dropped.
-fn run_checkpoints(path: &Path, stop: &std::sync::mpsc::Receiver<()>) {
-    let mut connection: Option<Connection> = None;
+///
+/// A connection of an older [`Readers::generation`] is closed, and so is one whose checkpoint
+/// failed: opened while the volume was read-only, it would keep a read-only `-shm` mapping that
+/// the writer's next connection shares.
+fn run_checkpoints(path: &Path, generation: &AtomicU64, stop: &std::sync::mpsc::Receiver<()>) {
+    let mut connection: Option<(u64, Connection)> = None;
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
         stop.recv_timeout(CHECKPOINT_INTERVAL)
     {
+        let current = generation.load(Ordering::Acquire);
+        if connection
+            .as_ref()
+            .is_some_and(|(opened_in, _)| *opened_in != current)
+        {
+            connection = None;
+        }
         if connection.is_none() {
             connection = Connection::open_with_flags(
                 path,
@@ -319,16 +335,16 @@ fn run_checkpoints(path: &Path, stop: &std::sync::mpsc::Receiver<()>) {
             )
             .and_then(|opened| {
                 opened.busy_timeout(Duration::from_millis(100))?;
-                Ok(opened)
+                Ok((current, opened))
             })
             .ok();
         }
-        let Some(open) = &connection else { continue };
+        let Some((_, open)) = &connection else {
+            continue;
+        };
         if let Err(error) = open.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::debug!(error = %describe(&error), "checkpoint failed; retrying");
-            if needs_reopen(&error) {
-                connection = None;
-            }
+            connection = None;
         }
     }
 }
@@ -374,6 +390,8 @@ struct Writer {
     /// `None` after a fault that may have left the connection unusable (read-only file, I/O
     /// error); the next batch reopens it, which is how the store recovers without a restart.
     connection: Option<Connection>,
+    /// Retired whenever the connection is (re)opened: see [`Readers::retire`].
+    readers: Arc<Readers>,
     path: PathBuf,
     settings: StorageSettings,
     /// When deliveries last failed to commit, and why; cleared by the next delivery that commits.
@@ -523,6 +541,7 @@ impl Writer {
 
     fn connection(&mut self) -> rusqlite::Result<&mut Connection> {
         if self.connection.is_none() {
+            self.readers.retire();
             let mut connection = open_writer(&self.path, &self.settings)?;
             // A no-op unless the database could not be migrated at start.
             migrate(&mut connection)?;
@@ -866,26 +885,56 @@ fn describe(error: &rusqlite::Error) -> String {
 }
 
 /// Read-only connections for the API, reused across requests.
+///
+/// SQLite's unix VFS shares one mapping of the `-shm` file (the WAL index) among all connections
+/// of the process to a database, and opens it read-only when the volume is read-only. A reader
+/// opened then (a listener started on a read-only volume, after a crash left the `-wal` and `-shm`
+/// behind, so that reads work) kept that read-only mapping alive in the idle pool, and the
+/// writer's connection reopened once the volume was writable again shared it and failed with
+/// "read-only" on every commit, until a restart. So connections belong to a generation, which the
+/// writer advances each time it (re)opens its connection: idle readers are closed then, readers in
+/// use are closed when they come back, and the checkpointer closes its own.
 struct Readers {
     path: PathBuf,
-    idle: Mutex<Vec<Connection>>,
+    /// Idle connections, each with the generation it was opened in.
+    idle: Mutex<Vec<(u64, Connection)>>,
+    generation: Arc<AtomicU64>,
 }
 
 impl Readers {
+    /// Closes every connection opened so far (idle ones now, those in use when they are returned),
+    /// so that the next connection maps the WAL index anew. Called by the writer thread before it
+    /// (re)opens its connection.
+    fn retire(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let retired = self
+            .idle
+            .lock()
+            .map(|mut idle| std::mem::take(&mut *idle))
+            .unwrap_or_default();
+        drop(retired);
+    }
+
     fn with<T>(
         &self,
         query: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
-        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
-        let connection = match idle {
-            Some(connection) => connection,
+        let current = self.generation.load(Ordering::Acquire);
+        let idle = self
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut idle| idle.pop())
+            .filter(|(opened_in, _)| *opened_in == current);
+        let (generation, connection) = match idle {
+            Some(idle) => idle,
             None => Connection::open_with_flags(
                 &self.path,
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )
             .and_then(|connection| {
                 connection.busy_timeout(Duration::from_secs(5))?;
-                Ok(connection)
+                Ok((current, connection))
             })
             .map_err(|error| StoreError::Unavailable(describe(&error)))?,
         };
@@ -896,9 +945,10 @@ impl Readers {
                 StoreError::Internal(describe(&error))
             }
         });
+        let reusable = result.is_ok() && generation == self.generation.load(Ordering::Acquire);
         if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < MAX_IDLE_READERS {
-                idle.push(connection);
+            if reusable && idle.len() < MAX_IDLE_READERS {
+                idle.push((generation, connection));
             }
         }
         result
