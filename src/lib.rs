@@ -7,6 +7,7 @@
 //! - [`domain`]: what a callback means, free of wire formats and storage.
 //! - [`parser`]: wire formats → domain types; pure, no IO.
 //! - [`jobs`]: job states and registration; pure.
+//! - [`redact`]: secrets masked out of a raw callback body (a lenient, linear byte scan); pure.
 //! - [`access`]: the source allow-list and trusted proxies.
 //! - [`auth`]: which callback credentials are accepted; the generated pair.
 //! - [`storage`]: the [`storage::Store`] interface and its SQLite backend (the only SQL).
@@ -28,6 +29,7 @@ pub mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod parser;
+pub mod redact;
 pub mod simulate;
 pub mod startup;
 pub mod storage;

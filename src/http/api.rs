@@ -169,7 +169,7 @@ pub async fn handle(
         }
         (["api", "v1", "errors", code], true) => catalog_entry(code),
         (["api", "v1", "deliveries"], true) => list_deliveries(&state, &query).await,
-        (["api", "v1", "deliveries", id, "raw"], true) => raw_body(&state, id).await,
+        (["api", "v1", "deliveries", id, "raw"], true) => raw_body(&state, id, &query).await,
         (
             ["healthz" | "readyz" | "metrics"]
             | ["api", "v1", "jobs" | "deliveries", ..]
@@ -672,7 +672,13 @@ async fn list_deliveries(state: &ApiState, query: &HashMap<String, String>) -> H
     }
 }
 
-async fn raw_body(state: &ApiState, id: &str) -> HttpResponse {
+/// The stored body of a delivery, with its secrets masked (see [`crate::redact`]) unless
+/// `reveal=secrets` (see [`reveal_secrets`]), which gives the exact bytes.
+async fn raw_body(state: &ApiState, id: &str, query: &HashMap<String, String>) -> HttpResponse {
+    let reveal = match reveal_secrets(state, query) {
+        Ok(reveal) => reveal,
+        Err(refused) => return refused.into_response(),
+    };
     let Ok(delivery_id) = id.parse::<i64>() else {
         return error(
             StatusCode::NOT_FOUND,
@@ -682,12 +688,31 @@ async fn raw_body(state: &ApiState, id: &str) -> HttpResponse {
     };
     match state.store.raw_body(delivery_id).await {
         Ok(RawBody::Found { content_type, body }) => {
+            let body = if reveal {
+                body
+            } else {
+                match mask_secrets(body).await {
+                    Some(masked) => masked,
+                    None => {
+                        return error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "SHUTTING_DOWN",
+                            "the listener is shutting down",
+                        );
+                    }
+                }
+            };
             let mut found = response(StatusCode::OK, "application/octet-stream", body);
             if let Some(value) =
                 content_type.and_then(|value| header::HeaderValue::from_str(&value).ok())
             {
                 found.headers_mut().insert(header::CONTENT_TYPE, value);
             }
+            // Masked or not, a callback body is not for shared caches.
+            found.headers_mut().insert(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-store"),
+            );
             found
         }
         Ok(RawBody::Duplicate { duplicate_of }) => error(
@@ -710,4 +735,23 @@ async fn raw_body(state: &ApiState, id: &str) -> HttpResponse {
         ),
         Err(failure) => storage_error(&failure),
     }
+}
+
+/// Bodies larger than this are masked on the blocking pool rather than on an async worker (a
+/// 16 MiB body takes milliseconds).
+const MASK_INLINE_LIMIT: usize = 64 * 1024;
+
+/// `body` with its secrets masked; `None` only when the blocking pool is gone (shutting down).
+async fn mask_secrets(body: Vec<u8>) -> Option<Vec<u8>> {
+    fn masked(body: Vec<u8>) -> Vec<u8> {
+        let masked = match crate::redact::redact(&body) {
+            std::borrow::Cow::Owned(masked) => Some(masked),
+            std::borrow::Cow::Borrowed(_) => None,
+        };
+        masked.unwrap_or(body)
+    }
+    if body.len() <= MASK_INLINE_LIMIT {
+        return Some(masked(body));
+    }
+    tokio::task::spawn_blocking(move || masked(body)).await.ok()
 }

@@ -16,6 +16,7 @@ mod observability;
 mod openapi;
 mod properties;
 mod retention;
+mod secrets;
 mod simulate;
 mod storage_faults;
 mod tls;
