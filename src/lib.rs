@@ -10,6 +10,7 @@
 //! - [`redact`]: secrets masked out of a raw callback body (a lenient, linear byte scan); pure.
 //! - [`access`]: the source allow-list and trusted proxies.
 //! - [`auth`]: which callback credentials are accepted; the generated pair.
+//! - [`private_files`]: files and directories created for their owner only (0600, 0700).
 //! - [`storage`]: the [`storage::Store`] interface and its SQLite backend (the only SQL).
 //! - [`http`]: the callback port and the API port, with graceful shutdown.
 //! - [`metrics`]: the Prometheus metrics (bounded labels).
@@ -29,6 +30,7 @@ pub mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod parser;
+pub mod private_files;
 pub mod redact;
 pub mod simulate;
 pub mod startup;

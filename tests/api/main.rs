@@ -8,6 +8,7 @@ mod binary;
 mod callbacks;
 mod crash;
 mod deliveries;
+mod file_modes;
 mod hardening;
 mod helpers;
 mod jobs;

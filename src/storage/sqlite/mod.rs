@@ -91,13 +91,14 @@ impl SqliteStore {
             .parent()
             .filter(|parent| !parent.as_os_str().is_empty())
         {
-            std::fs::create_dir_all(directory).with_context(|| {
+            crate::private_files::create_directory_all(directory).with_context(|| {
                 format!(
                     "failed to create database directory {}",
                     directory.display()
                 )
             })?;
         }
+        create_private_database(&path)?;
         let connection = match open_and_migrate(&path, settings) {
             Ok(connection) => Some(connection),
             // An existing database that cannot be written right now (read-only volume, lock held
@@ -270,6 +271,23 @@ impl Store for SqliteStore {
                 let _ = tokio::task::spawn_blocking(move || thread.join()).await;
             }
         })
+    }
+}
+
+/// Creates the database file 0600 before SQLite does (SQLite would make it 0644, and gives its
+/// `-wal` and `-shm` files the database file's mode, so all three are private this way); warns
+/// about an existing one that others can read.
+fn create_private_database(path: &Path) -> anyhow::Result<()> {
+    if path.exists() {
+        crate::private_files::warn_if_shared(path, "database file");
+        return Ok(());
+    }
+    match crate::private_files::create_new(path) {
+        // An empty file is an empty database to SQLite.
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(anyhow::Error::new(error)
+            .context(format!("failed to create database at {}", path.display()))),
     }
 }
 
