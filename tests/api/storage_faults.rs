@@ -1,6 +1,6 @@
 //! Storage that cannot commit: 503 for every callback, never a 200, and recovery without restart.
 
-use crate::helpers::{fixture, spawn_app_with};
+use crate::helpers::{Volume, cannot_mount, fixture, spawn_app_with};
 
 #[tokio::test]
 async fn a_locked_database_answers_503_and_recovers_when_released() {
@@ -64,51 +64,6 @@ async fn a_database_that_stops_accepting_writes_answers_503_and_recovers() {
         app.count("SELECT count(*) FROM deliveries WHERE request_id = 'during'"),
         1
     );
-}
-
-/// A tmpfs the test mounts itself, so that "read-only" and "full" are real even for root (who
-/// ignores file permissions). Unmounted on drop.
-struct Volume {
-    path: std::path::PathBuf,
-}
-
-impl Volume {
-    /// `None` when this process may not mount (not root, or no CAP_SYS_ADMIN).
-    fn mount(path: &std::path::Path, size: &str) -> Option<Self> {
-        std::fs::create_dir_all(path).ok()?;
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "m2m-test"])
-            .arg(path)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .ok()?;
-        status.success().then(|| Self {
-            path: path.to_owned(),
-        })
-    }
-
-    fn remount(&self, options: &str) {
-        let status = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,{options}")])
-            .arg(&self.path)
-            .status()
-            .expect("mount runs");
-        assert!(status.success(), "remount {options}");
-    }
-}
-
-impl Drop for Volume {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.path)
-            .status();
-    }
-}
-
-fn cannot_mount() {
-    // Only a machine that forbids mounting gets here; CI runs as root and mounts.
-    eprintln!("this test needs permission to mount a tmpfs (root); not run here");
 }
 
 #[tokio::test]
