@@ -906,12 +906,12 @@ fn describe(error: &rusqlite::Error) -> String {
 ///
 /// SQLite's unix VFS shares one mapping of the `-shm` file (the WAL index) among all connections
 /// of the process to a database, and opens it read-only when the volume is read-only. A reader
-/// opened then (a listener started on a read-only volume, after a crash left the `-wal` and `-shm`
-/// behind, so that reads work) kept that read-only mapping alive in the idle pool, and the
-/// writer's connection reopened once the volume was writable again shared it and failed with
-/// "read-only" on every commit, until a restart. So connections belong to a generation, which the
-/// writer advances each time it (re)opens its connection: idle readers are closed then, readers in
-/// use are closed when they come back, and the checkpointer closes its own.
+/// opened then (a listener started on a read-only volume after a crash left the `-wal` and `-shm`
+/// behind, which is when reads work) would keep that read-only mapping alive in the idle pool,
+/// and the writer's connection, reopened once the volume is writable again, would share it and
+/// fail with "read-only" on every commit until a restart. So connections belong to a generation,
+/// which the writer advances each time it (re)opens its connection: idle readers are closed then,
+/// readers in use when they come back, and the checkpointer closes its own.
 struct Readers {
     path: PathBuf,
     /// Idle connections, each with the generation it was opened in.
