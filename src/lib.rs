@@ -7,8 +7,10 @@
 //! - [`domain`]: what a callback means, free of wire formats and storage.
 //! - [`parser`]: wire formats → domain types; pure, no IO.
 //! - [`jobs`]: job states and registration; pure.
+//! - [`redact`]: secrets masked out of a raw callback body (a lenient, linear byte scan); pure.
 //! - [`access`]: the source allow-list and trusted proxies.
 //! - [`auth`]: which callback credentials are accepted; the generated pair.
+//! - [`private_files`]: files and directories created for their owner only (0600, 0700).
 //! - [`storage`]: the [`storage::Store`] interface and its SQLite backend (the only SQL).
 //! - [`http`]: the callback port and the API port, with graceful shutdown.
 //! - [`metrics`]: the Prometheus metrics (bounded labels).
@@ -28,6 +30,8 @@ pub mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod parser;
+pub mod private_files;
+pub mod redact;
 pub mod simulate;
 pub mod startup;
 pub mod storage;

@@ -42,9 +42,10 @@ enum Command {
     Jobs(jobs::JobsArgs),
     /// Prune raw bodies older than storage.retention_days now (the listener also does it hourly).
     Prune,
-    /// Copy the database consistently to FILE while the listener keeps running.
+    /// Copy the database consistently to FILE while the listener keeps running. Written to a
+    /// temporary file beside FILE (mode 0600) and named FILE only once complete and checked.
     Backup {
-        /// Where to write the copy (must not exist).
+        /// Where to write the copy (must not exist; nothing is left there on failure).
         file: PathBuf,
     },
     /// Play the platform: post realistic callbacks (with its retries) to a listener and check that

@@ -180,7 +180,7 @@ pub async fn handle(
         },
         (Endpoint::CatalogEntry(code), true) => catalog_entry(code),
         (Endpoint::Deliveries, true) => list_deliveries(&state, &query).await,
-        (Endpoint::RawBody(id), true) => raw_body(&state, id).await,
+        (Endpoint::RawBody(id), true) => raw_body(&state, id, &query).await,
         (endpoint, _) => {
             let mut refused = error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -725,19 +725,44 @@ fn delivery_id(id: &str) -> Result<i64, InvalidParameter> {
         })
 }
 
-async fn raw_body(state: &ApiState, id: &str) -> HttpResponse {
+/// The stored body of a delivery, with its secrets masked (see [`crate::redact`]) unless
+/// `reveal=secrets` (see [`reveal_secrets`]), which gives the exact bytes.
+async fn raw_body(state: &ApiState, id: &str, query: &HashMap<String, String>) -> HttpResponse {
+    let reveal = match reveal_secrets(state, query) {
+        Ok(reveal) => reveal,
+        Err(refused) => return refused.into_response(),
+    };
     let delivery_id = match delivery_id(id) {
         Ok(delivery_id) => delivery_id,
         Err(refused) => return refused.into_response(),
     };
     match state.store.raw_body(delivery_id).await {
         Ok(RawBody::Found { content_type, body }) => {
+            let body = if reveal {
+                body
+            } else {
+                match mask_secrets(body).await {
+                    Some(masked) => masked,
+                    None => {
+                        return error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "SHUTTING_DOWN",
+                            "the listener is shutting down",
+                        );
+                    }
+                }
+            };
             let mut found = response(StatusCode::OK, "application/octet-stream", body);
             if let Some(value) =
                 content_type.and_then(|value| header::HeaderValue::from_str(&value).ok())
             {
                 found.headers_mut().insert(header::CONTENT_TYPE, value);
             }
+            // Masked or not, a callback body is not for shared caches.
+            found.headers_mut().insert(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-store"),
+            );
             found
         }
         Ok(RawBody::Duplicate { duplicate_of }) => error(
@@ -760,6 +785,25 @@ async fn raw_body(state: &ApiState, id: &str) -> HttpResponse {
         ),
         Err(failure) => storage_error(&failure),
     }
+}
+
+/// Bodies larger than this are masked on the blocking pool rather than on an async worker (a
+/// 16 MiB body takes milliseconds).
+const MASK_INLINE_LIMIT: usize = 64 * 1024;
+
+/// `body` with its secrets masked; `None` only when the blocking pool is gone (shutting down).
+async fn mask_secrets(body: Vec<u8>) -> Option<Vec<u8>> {
+    fn masked(body: Vec<u8>) -> Vec<u8> {
+        let masked = match crate::redact::redact(&body) {
+            std::borrow::Cow::Owned(masked) => Some(masked),
+            std::borrow::Cow::Borrowed(_) => None,
+        };
+        masked.unwrap_or(body)
+    }
+    if body.len() <= MASK_INLINE_LIMIT {
+        return Some(masked(body));
+    }
+    tokio::task::spawn_blocking(move || masked(body)).await.ok()
 }
 
 #[cfg(test)]

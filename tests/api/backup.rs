@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::helpers::{fixture, spawn_app};
+use crate::helpers::{TestApp, Volume, cannot_mount, fixture, spawn_app};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_taken_while_callbacks_arrive_is_consistent_and_complete() {
@@ -77,4 +77,73 @@ async fn a_backup_taken_while_callbacks_arrive_is_consistent_and_complete() {
         !refused.status.success(),
         "an existing file is not overwritten"
     );
+}
+
+/// Runs `m2m-listener backup target` against the app's database.
+fn backup(app: &TestApp, target: &std::path::Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_m2m-listener"))
+        .arg("backup")
+        .arg(target)
+        .env_remove("M2M_CONFIG")
+        .env("M2M_STORAGE__PATH", &app.database_path)
+        .output()
+        .unwrap()
+}
+
+/// The names in `directory`, sorted.
+fn names(directory: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(directory)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_backup_that_fails_on_a_full_disk_leaves_nothing_behind_and_the_retry_succeeds() {
+    let app = spawn_app().await;
+    let template = String::from_utf8(fixture("activate_seed004.xml")).unwrap();
+    for index in 0..300 {
+        let body = template.replace(
+            "2c90bd28-ece4-42ef-9f02-7e3bd4fbff33",
+            &format!("backup-full-{index}"),
+        );
+        assert_eq!(app.post_callback(body).await.status(), 200);
+    }
+    let Some(volume) = Volume::mount(&app.directory.path().join("backups"), "256k") else {
+        return cannot_mount();
+    };
+    let target = volume.path.join("m2m-listener.db");
+
+    let failed = backup(&app, &target);
+    let left_behind = names(&volume.path);
+    volume.remount("size=16m");
+    let retried = backup(&app, &target);
+
+    assert!(
+        !failed.status.success(),
+        "a 256 KiB volume cannot hold the database"
+    );
+    assert!(
+        left_behind.is_empty(),
+        "a failed backup leaves nothing: {left_behind:?}"
+    );
+    assert!(
+        retried.status.success(),
+        "the retry: {}",
+        String::from_utf8_lossy(&retried.stderr)
+    );
+    assert_eq!(names(&volume.path), ["m2m-listener.db"], "only the backup");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "a backup holds callback passwords"
+    );
+    let copy = rusqlite::Connection::open(&target).unwrap();
+    let copied: i64 = copy
+        .query_row("SELECT count(*) FROM deliveries", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(copied, 300);
 }

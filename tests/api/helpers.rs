@@ -464,3 +464,48 @@ pub async fn wait_until_ready(api_port: u16) {
     }
     panic!("the listener did not become ready");
 }
+
+/// A tmpfs the test mounts itself, so that "read-only" and "full" are real even for root (who
+/// ignores file permissions). Unmounted on drop.
+pub struct Volume {
+    pub path: std::path::PathBuf,
+}
+
+impl Volume {
+    /// `None` when this process may not mount (not root, or no CAP_SYS_ADMIN).
+    pub fn mount(path: &std::path::Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(path).ok()?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "m2m-test"])
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .ok()?;
+        status.success().then(|| Self {
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn remount(&self, options: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{options}")])
+            .arg(&self.path)
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "remount {options}");
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+pub fn cannot_mount() {
+    // Only a machine that forbids mounting gets here; CI runs as root and mounts.
+    eprintln!("this test needs permission to mount a tmpfs (root); not run here");
+}

@@ -128,7 +128,8 @@ proptest! {
     }
 }
 
-/// Posts `body`; checks the answer and, for a 200, that the body is kept byte for byte.
+/// Posts `body`; checks the answer and, for a 200, that the body is kept byte for byte (secrets
+/// masked on the way out).
 async fn post_and_check(app: &TestApp, body: Vec<u8>) -> Result<(), String> {
     let response = app.post_callback(body.clone()).await;
     let status = response.status().as_u16();
@@ -160,7 +161,8 @@ async fn post_and_check(app: &TestApp, body: Vec<u8>) -> Result<(), String> {
     }
     let kept = raw.bytes().await.map_err(|error| error.to_string())?;
     let is_duplicate = matches!(duplicate.as_str(), "1" | "t");
-    if !is_duplicate && kept[..] != body[..] {
+    // Kept as sent; the API masks its secrets on the way out, whatever shape the body has.
+    if !is_duplicate && kept[..] != m2m_listener::redact::redact(&body)[..] {
         return Err("answered 200 but the body is not kept byte for byte".to_owned());
     }
     Ok(())

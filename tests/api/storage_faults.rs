@@ -1,6 +1,6 @@
 //! Storage that cannot commit: 503 for every callback, never a 200, and recovery without restart.
 
-use crate::helpers::{fixture, spawn_app_with};
+use crate::helpers::{Volume, cannot_mount, fixture, spawn_app_with};
 
 #[tokio::test]
 async fn a_locked_database_answers_503_and_recovers_when_released() {
@@ -64,51 +64,6 @@ async fn a_database_that_stops_accepting_writes_answers_503_and_recovers() {
         app.count("SELECT count(*) FROM deliveries WHERE request_id = 'during'"),
         1
     );
-}
-
-/// A tmpfs the test mounts itself, so that "read-only" and "full" are real even for root (who
-/// ignores file permissions). Unmounted on drop.
-struct Volume {
-    path: std::path::PathBuf,
-}
-
-impl Volume {
-    /// `None` when this process may not mount (not root, or no CAP_SYS_ADMIN).
-    fn mount(path: &std::path::Path, size: &str) -> Option<Self> {
-        std::fs::create_dir_all(path).ok()?;
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "m2m-test"])
-            .arg(path)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .ok()?;
-        status.success().then(|| Self {
-            path: path.to_owned(),
-        })
-    }
-
-    fn remount(&self, options: &str) {
-        let status = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,{options}")])
-            .arg(&self.path)
-            .status()
-            .expect("mount runs");
-        assert!(status.success(), "remount {options}");
-    }
-}
-
-impl Drop for Volume {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.path)
-            .status();
-    }
-}
-
-fn cannot_mount() {
-    // Only a machine that forbids mounting gets here; CI runs as root and mounts.
-    eprintln!("this test needs permission to mount a tmpfs (root); not run here");
 }
 
 #[tokio::test]
@@ -236,4 +191,140 @@ async fn committed_pages_are_checkpointed_into_the_database_file_off_the_writer(
         size > initial + 100 * 1024,
         "the database file stayed at {size} bytes (from {initial})"
     );
+}
+
+/// Kills a listener process when the test ends, whatever happens.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until the listener on `api_port` answers at all (`/healthz`), ready or not.
+async fn wait_until_serving(api_port: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Ok(response) = reqwest::get(format!("http://127.0.0.1:{api_port}/healthz")).await {
+            if response.status() == 200 {
+                return;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("the listener did not start serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_restarted_on_a_read_only_volume_after_a_kill_recovers_when_it_is_writable() {
+    use crate::helpers::{free_port, listener_process, wait_until_ready};
+    let directory = tempfile::tempdir().unwrap();
+    let Some(volume) = Volume::mount(&directory.path().join("volume"), "32m") else {
+        return cannot_mount();
+    };
+    let database = volume.path.join("data").join("m2m-listener.db");
+    let (callback_port, api_port) = (free_port(), free_port());
+    let (username, password) = ("fleet-ops", "s3cret-rotation-A");
+    // The fixture carries this pair.
+    let template = String::from_utf8(fixture("deactivate_bare.xml")).unwrap();
+    let body = |tag: &str| template.replace("7d1c1f0e-5b7a-4a8e-9f57-1c0c7f3e2a11", tag);
+    let client = reqwest::Client::new();
+    let callback_url = format!("http://127.0.0.1:{callback_port}/");
+    let api = |path: &str| format!("http://127.0.0.1:{api_port}{path}");
+
+    let mut killed = listener_process(&volume.path, callback_port, api_port, username, password);
+    wait_until_ready(api_port).await;
+    for index in 0..20 {
+        let response = client
+            .post(&callback_url)
+            .body(body(&format!("before-kill-{index}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "callback {index} before the kill");
+    }
+    killed.kill().unwrap(); // SIGKILL
+    killed.wait().unwrap();
+    let leftovers = ["-wal", "-shm"].map(|suffix| {
+        let mut name = database.clone().into_os_string();
+        name.push(suffix);
+        std::path::PathBuf::from(name)
+    });
+    for file in &leftovers {
+        assert!(
+            file.exists(),
+            "{} is left behind by the kill",
+            file.display()
+        );
+    }
+
+    volume.remount("ro");
+    let restarted = KillOnDrop(listener_process(
+        &volume.path,
+        callback_port,
+        api_port,
+        username,
+        password,
+    ));
+    wait_until_serving(api_port).await;
+    let refused = client
+        .post(&callback_url)
+        .body(body("while-read-only"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        refused.status(),
+        503,
+        "nothing can be committed on a read-only volume"
+    );
+    // One read through the API while the volume is read-only.
+    let read = client.get(api("/api/v1/deliveries")).send().await.unwrap();
+    assert_ne!(
+        read.status(),
+        500,
+        "a read on a read-only volume is not a defect"
+    );
+
+    volume.remount("rw");
+    let accepted = client
+        .post(&callback_url)
+        .body(body("while-read-only"))
+        .send()
+        .await
+        .unwrap();
+    let accepted_status = accepted.status();
+    let accepted_body = accepted.text().await.unwrap();
+    let readiness = client.get(api("/readyz")).send().await.unwrap();
+    let readiness_status = readiness.status();
+    let readiness_body = readiness.text().await.unwrap();
+    let listed = client
+        .get(api("/api/v1/deliveries?request_id=while-read-only"))
+        .send()
+        .await
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&listed.bytes().await.unwrap()).unwrap();
+    drop(restarted);
+
+    assert_eq!(
+        accepted_status, 200,
+        "a callback once the volume is writable again: {accepted_body}"
+    );
+    assert_eq!(readiness_status, 200, "/readyz: {readiness_body}");
+    assert_eq!(
+        listed["items"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    let connection = rusqlite::Connection::open(&database).unwrap();
+    let stored: i64 = connection
+        .query_row(
+            "SELECT count(*) FROM deliveries WHERE result = 'stored'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(stored, 21, "every acknowledged callback is in the database");
 }

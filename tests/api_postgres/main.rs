@@ -29,6 +29,8 @@ mod openapi;
 mod properties;
 #[path = "../api/retention.rs"]
 mod retention;
+#[path = "../api/secrets.rs"]
+mod secrets;
 #[path = "../api/simulate.rs"]
 mod simulate;
 #[path = "../api/tls.rs"]

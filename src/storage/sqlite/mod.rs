@@ -7,6 +7,7 @@
 //! connections on the blocking pool and never wait for the writer.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -90,13 +91,14 @@ impl SqliteStore {
             .parent()
             .filter(|parent| !parent.as_os_str().is_empty())
         {
-            std::fs::create_dir_all(directory).with_context(|| {
+            crate::private_files::create_directory_all(directory).with_context(|| {
                 format!(
                     "failed to create database directory {}",
                     directory.display()
                 )
             })?;
         }
+        create_private_database(&path)?;
         let connection = match open_and_migrate(&path, settings) {
             Ok(connection) => Some(connection),
             // An existing database that cannot be written right now (read-only volume, lock held
@@ -114,9 +116,15 @@ impl SqliteStore {
                 return Err(error.context(format!("failed to open database at {}", path.display())));
             }
         };
+        let readers = Arc::new(Readers {
+            path: path.clone(),
+            idle: Mutex::new(Vec::new()),
+            generation: Arc::new(AtomicU64::new(0)),
+        });
         let (commands, receiver) = mpsc::channel(WRITE_QUEUE);
         let writer = Writer {
             connection,
+            readers: Arc::clone(&readers),
             path: path.clone(),
             settings: settings.clone(),
             last_failure: None,
@@ -129,18 +137,16 @@ impl SqliteStore {
             .context("failed to start the SQLite writer thread")?;
         let (stop_checkpoints, stopped) = std::sync::mpsc::channel();
         let checkpoint_path = path.clone();
+        let generation = Arc::clone(&readers.generation);
         std::thread::Builder::new()
             .name("sqlite-checkpoint".to_owned())
-            .spawn(move || run_checkpoints(&checkpoint_path, &stopped))
+            .spawn(move || run_checkpoints(&checkpoint_path, &generation, &stopped))
             .context("failed to start the SQLite checkpoint thread")?;
         Ok(Self {
             commands,
             writer_thread: Mutex::new(Some(writer_thread)),
             stop_checkpoints: Mutex::new(Some(stop_checkpoints)),
-            readers: Arc::new(Readers {
-                path: path.clone(),
-                idle: Mutex::new(Vec::new()),
-            }),
+            readers,
             path,
         })
     }
@@ -268,6 +274,23 @@ impl Store for SqliteStore {
     }
 }
 
+/// Creates the database file 0600 before SQLite does (SQLite would make it 0644, and gives its
+/// `-wal` and `-shm` files the database file's mode, so all three are private this way); warns
+/// about an existing one that others can read.
+fn create_private_database(path: &Path) -> anyhow::Result<()> {
+    if path.exists() {
+        crate::private_files::warn_if_shared(path, "database file");
+        return Ok(());
+    }
+    match crate::private_files::create_new(path) {
+        // An empty file is an empty database to SQLite.
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(anyhow::Error::new(error)
+            .context(format!("failed to create database at {}", path.display()))),
+    }
+}
+
 fn open_writer(path: &Path, settings: &StorageSettings) -> rusqlite::Result<Connection> {
     let connection = Connection::open_with_flags(
         path,
@@ -307,11 +330,22 @@ const WRITER_AUTOCHECKPOINT_PAGES: i64 = 10_000;
 /// Checkpoints the WAL from a connection of its own, so that copying pages into the database
 /// file does not hold up the writer thread (and with it every acknowledgement). PASSIVE never
 /// blocks the writer. Stops when `stop` is dropped.
-fn run_checkpoints(path: &Path, stop: &std::sync::mpsc::Receiver<()>) {
-    let mut connection: Option<Connection> = None;
+///
+/// A connection of an older [`Readers::generation`] is closed, and so is one whose checkpoint
+/// failed: opened while the volume was read-only, it would keep a read-only `-shm` mapping that
+/// the writer's next connection shares.
+fn run_checkpoints(path: &Path, generation: &AtomicU64, stop: &std::sync::mpsc::Receiver<()>) {
+    let mut connection: Option<(u64, Connection)> = None;
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
         stop.recv_timeout(CHECKPOINT_INTERVAL)
     {
+        let current = generation.load(Ordering::Acquire);
+        if connection
+            .as_ref()
+            .is_some_and(|(opened_in, _)| *opened_in != current)
+        {
+            connection = None;
+        }
         if connection.is_none() {
             connection = Connection::open_with_flags(
                 path,
@@ -319,16 +353,16 @@ fn run_checkpoints(path: &Path, stop: &std::sync::mpsc::Receiver<()>) {
             )
             .and_then(|opened| {
                 opened.busy_timeout(Duration::from_millis(100))?;
-                Ok(opened)
+                Ok((current, opened))
             })
             .ok();
         }
-        let Some(open) = &connection else { continue };
+        let Some((_, open)) = &connection else {
+            continue;
+        };
         if let Err(error) = open.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::debug!(error = %describe(&error), "checkpoint failed; retrying");
-            if needs_reopen(&error) {
-                connection = None;
-            }
+            connection = None;
         }
     }
 }
@@ -374,6 +408,8 @@ struct Writer {
     /// `None` after a fault that may have left the connection unusable (read-only file, I/O
     /// error); the next batch reopens it, which is how the store recovers without a restart.
     connection: Option<Connection>,
+    /// Retired whenever the connection is (re)opened: see [`Readers::retire`].
+    readers: Arc<Readers>,
     path: PathBuf,
     settings: StorageSettings,
     /// When deliveries last failed to commit, and why; cleared by the next delivery that commits.
@@ -523,6 +559,7 @@ impl Writer {
 
     fn connection(&mut self) -> rusqlite::Result<&mut Connection> {
         if self.connection.is_none() {
+            self.readers.retire();
             let mut connection = open_writer(&self.path, &self.settings)?;
             // A no-op unless the database could not be migrated at start.
             migrate(&mut connection)?;
@@ -866,26 +903,56 @@ fn describe(error: &rusqlite::Error) -> String {
 }
 
 /// Read-only connections for the API, reused across requests.
+///
+/// SQLite's unix VFS shares one mapping of the `-shm` file (the WAL index) among all connections
+/// of the process to a database, and opens it read-only when the volume is read-only. A reader
+/// opened then (a listener started on a read-only volume after a crash left the `-wal` and `-shm`
+/// behind, which is when reads work) would keep that read-only mapping alive in the idle pool,
+/// and the writer's connection, reopened once the volume is writable again, would share it and
+/// fail with "read-only" on every commit until a restart. So connections belong to a generation,
+/// which the writer advances each time it (re)opens its connection: idle readers are closed then,
+/// readers in use when they come back, and the checkpointer closes its own.
 struct Readers {
     path: PathBuf,
-    idle: Mutex<Vec<Connection>>,
+    /// Idle connections, each with the generation it was opened in.
+    idle: Mutex<Vec<(u64, Connection)>>,
+    generation: Arc<AtomicU64>,
 }
 
 impl Readers {
+    /// Closes every connection opened so far (idle ones now, those in use when they are returned),
+    /// so that the next connection maps the WAL index anew. Called by the writer thread before it
+    /// (re)opens its connection.
+    fn retire(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let retired = self
+            .idle
+            .lock()
+            .map(|mut idle| std::mem::take(&mut *idle))
+            .unwrap_or_default();
+        drop(retired);
+    }
+
     fn with<T>(
         &self,
         query: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
-        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
-        let connection = match idle {
-            Some(connection) => connection,
+        let current = self.generation.load(Ordering::Acquire);
+        let idle = self
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut idle| idle.pop())
+            .filter(|(opened_in, _)| *opened_in == current);
+        let (generation, connection) = match idle {
+            Some(idle) => idle,
             None => Connection::open_with_flags(
                 &self.path,
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )
             .and_then(|connection| {
                 connection.busy_timeout(Duration::from_secs(5))?;
-                Ok(connection)
+                Ok((current, connection))
             })
             .map_err(|error| StoreError::Unavailable(describe(&error)))?,
         };
@@ -896,9 +963,10 @@ impl Readers {
                 StoreError::Internal(describe(&error))
             }
         });
+        let reusable = result.is_ok() && generation == self.generation.load(Ordering::Acquire);
         if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < MAX_IDLE_READERS {
-                idle.push(connection);
+            if reusable && idle.len() < MAX_IDLE_READERS {
+                idle.push((generation, connection));
             }
         }
         result

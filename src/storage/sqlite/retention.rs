@@ -58,17 +58,29 @@ pub fn prune_database(path: &Path, cutoff: OffsetDateTime) -> anyhow::Result<usi
 /// Copies the database to `target` consistently while the listener keeps writing: the SQLite
 /// backup API, all pages in one step (a step that copies everything reads one snapshot, and so
 /// is not restarted by concurrent commits).
+///
+/// Atomic: the copy is written to a temporary file beside `target` (0600, as it holds callback
+/// passwords), checked, synced, and only then given its name, so `target` is either absent or a
+/// complete, checked copy. On any failure the temporary file (and SQLite's journal of it) is
+/// removed, and a retry starts afresh. An existing `target` is never replaced.
 pub fn backup_database(path: &Path, target: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(
         !target.exists(),
         "{} exists already; not overwriting it",
         target.display()
     );
+    let partial = PartialCopy::create(target)?;
+    copy_database(path, &partial.path)?;
+    partial.publish(target)
+}
+
+/// Copies `path` into the empty database file `copy_path` and checks the copy.
+fn copy_database(path: &Path, copy_path: &Path) -> anyhow::Result<()> {
     let source = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .with_context(|| format!("failed to open database at {}", path.display()))?;
     source.busy_timeout(std::time::Duration::from_secs(10))?;
-    let mut copy = Connection::open(target)
-        .with_context(|| format!("failed to create {}", target.display()))?;
+    let mut copy = Connection::open_with_flags(copy_path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .with_context(|| format!("failed to open {}", copy_path.display()))?;
     {
         let backup = rusqlite::backup::Backup::new(&source, &mut copy)?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -92,5 +104,69 @@ pub fn backup_database(path: &Path, target: &Path) -> anyhow::Result<()> {
         integrity == "ok",
         "the backup failed its integrity check: {integrity}"
     );
-    Ok(())
+    copy.close()
+        .map_err(|(_, error)| error)
+        .with_context(|| format!("failed to close {}", copy_path.display()))
+}
+
+/// The temporary file a backup is written to, beside its target; removed when dropped, together
+/// with the files SQLite may have left beside it.
+struct PartialCopy {
+    path: std::path::PathBuf,
+}
+
+impl PartialCopy {
+    fn create(target: &Path) -> anyhow::Result<Self> {
+        let name = target
+            .file_name()
+            .with_context(|| format!("{} does not name a file", target.display()))?;
+        let mut partial_name = std::ffi::OsString::from(".");
+        partial_name.push(name);
+        partial_name.push(format!(".{}.partial", std::process::id()));
+        let path = target.with_file_name(partial_name);
+        crate::private_files::create_new(&path)
+            .with_context(|| format!("failed to create {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    /// Gives the finished copy its name. A hard link does it atomically and, unlike a rename,
+    /// fails instead of replacing a `target` that appeared meanwhile; where the file system has
+    /// no hard links, a rename after checking that `target` is still absent.
+    fn publish(self, target: &Path) -> anyhow::Result<()> {
+        std::fs::File::open(&self.path)
+            .and_then(|file| file.sync_all())
+            .with_context(|| format!("failed to sync {}", self.path.display()))?;
+        match std::fs::hard_link(&self.path, target) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                anyhow::bail!("{} exists already; not overwriting it", target.display())
+            }
+            Err(_) if !target.exists() => std::fs::rename(&self.path, target)
+                .with_context(|| format!("failed to rename the copy to {}", target.display()))?,
+            Err(error) => {
+                return Err(anyhow::Error::new(error)
+                    .context(format!("failed to name the copy {}", target.display())));
+            }
+        }
+        // The new name is durable once its directory is.
+        if let Some(directory) = target
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            std::fs::File::open(directory)
+                .and_then(|directory| directory.sync_all())
+                .with_context(|| format!("failed to sync {}", directory.display()))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PartialCopy {
+    fn drop(&mut self) {
+        for suffix in ["", "-journal", "-wal", "-shm"] {
+            let mut name = self.path.clone().into_os_string();
+            name.push(suffix);
+            let _ = std::fs::remove_file(name);
+        }
+    }
 }
