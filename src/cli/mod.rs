@@ -112,23 +112,22 @@ pub fn run() -> ExitCode {
             }
         }
         Command::Backup { .. } if settings.storage.postgres_url().is_some() => {
-            eprintln!(
-                "m2m-listener: backup copies the SQLite file; with storage.url use PostgreSQL's own tools (pg_dump, base backups)"
+            report(
+                "backup copies the SQLite file; with storage.url use PostgreSQL's own tools (pg_dump, base backups)",
             );
             ExitCode::from(2)
         }
         Command::Backup { file } => {
             match crate::storage::sqlite::backup_database(&settings.storage.path, &file) {
-                Ok(()) => {
-                    println!(
-                        "backed up {} to {}",
-                        settings.storage.path.display(),
-                        file.display()
-                    );
-                    ExitCode::SUCCESS
-                }
+                Ok(()) => emit(&format!(
+                    "backed up {} to {}\n",
+                    settings.storage.path.display(),
+                    file.display()
+                ))
+                .err()
+                .unwrap_or(ExitCode::SUCCESS),
                 Err(error) => {
-                    eprintln!("m2m-listener: {error:#}");
+                    report(format_args!("{error:#}"));
                     ExitCode::FAILURE
                 }
             }
