@@ -68,7 +68,7 @@ pub struct CallbackState {
     /// When an unauthorized attempt was last logged, and how many were not logged since.
     unauthorized_log: Mutex<(Option<Instant>, u64)>,
     /// Bounds the memory of parsed large callbacks (see [`LARGE_CALLBACKS_IN_FLIGHT`]).
-    large_callbacks: Semaphore,
+    large_callbacks: Arc<Semaphore>,
 }
 
 impl CallbackState {
@@ -91,7 +91,7 @@ impl CallbackState {
                 Duration::from_millis(settings.inflight_wait_ms),
             ),
             unauthorized_log: Mutex::new((None, 0)),
-            large_callbacks: Semaphore::new(LARGE_CALLBACKS_IN_FLIGHT),
+            large_callbacks: Arc::new(Semaphore::new(LARGE_CALLBACKS_IN_FLIGHT)),
         }
     }
 
@@ -181,6 +181,8 @@ struct Accepted {
     operation: &'static str,
     /// Room in the in-flight budget, held until the commit answers.
     _budget: BudgetReservation,
+    /// For a large callback, its slot among those parsed at once, held until the commit answers.
+    _large_callback_slot: Option<OwnedSemaphorePermit>,
 }
 
 /// The phases before the store: admit, read, authenticate, parse.
@@ -247,8 +249,8 @@ async fn receive(
         authenticate(state, &body).map_err(|refusal| refused(refusal.with_client(client)))?;
 
     // Parse. The parsed form of a large callback lives until its commit: hold a slot until then.
-    let _large_callback_slot = if body.len() > PARSE_INLINE_LIMIT {
-        state.large_callbacks.acquire().await.ok()
+    let large_callback_slot = if body.len() > PARSE_INLINE_LIMIT {
+        Arc::clone(&state.large_callbacks).acquire_owned().await.ok()
     } else {
         None
     };
@@ -278,6 +280,7 @@ async fn receive(
         kind,
         operation,
         _budget: budget,
+        _large_callback_slot: large_callback_slot,
     })
 }
 
@@ -338,13 +341,15 @@ async fn store(
     accepted: Accepted,
     started: Instant,
 ) -> Result<(), Refusal> {
+    // The budget and the large-callback slot are held to the end of this task, past the commit.
     let Accepted {
         delivery,
         tally,
         kind,
         operation,
+        dialect: _,
         _budget,
-        ..
+        _large_callback_slot,
     } = accepted;
     let request_id = delivery.content.request_id().unwrap_or_default().to_owned();
     let callback_count = delivery.content.callback_count();
