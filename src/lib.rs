@@ -15,6 +15,7 @@
 //! - [`http`]: the callback port and the API port, with graceful shutdown.
 //! - [`metrics`]: the Prometheus metrics (bounded labels).
 //! - [`configuration`]: defaults, TOML file, `M2M_` environment.
+//! - [`memory`]: malloc told to return large body buffers to the system.
 //! - [`telemetry`]: the log subscriber; [`tls`]: optional native TLS on the callback port.
 //! - [`startup`]: wiring everything into an [`startup::Application`].
 //! - [`simulate`]: a stand-in for the platform (load, demos, the benchmark).
@@ -28,6 +29,7 @@ pub mod configuration;
 pub mod domain;
 pub mod http;
 pub mod jobs;
+pub mod memory;
 pub mod metrics;
 pub mod parser;
 pub mod private_files;

@@ -250,7 +250,10 @@ async fn receive(
 
     // Parse. The parsed form of a large callback lives until its commit: hold a slot until then.
     let large_callback_slot = if body.len() > PARSE_INLINE_LIMIT {
-        Arc::clone(&state.large_callbacks).acquire_owned().await.ok()
+        Arc::clone(&state.large_callbacks)
+            .acquire_owned()
+            .await
+            .ok()
     } else {
         None
     };
