@@ -370,14 +370,13 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         row.max_height(1);
         table.add_row(row);
     }
-    let last = header.len().saturating_sub(1);
     for column in table.column_iter_mut() {
-        let gap = if column.index == last { 0 } else { 2 };
-        // The width a constraint bounds includes the padding.
+        // Two spaces after every column (trimmed at the end of a line); the width a constraint
+        // bounds includes them.
         column
-            .set_padding((0, gap))
+            .set_padding((0, 2))
             .set_constraint(ColumnConstraint::UpperBoundary(Width::Fixed(
-                MAX_COLUMN_WIDTH + gap,
+                MAX_COLUMN_WIDTH + 2,
             )));
     }
     format!("{}\n", table.trim_fmt())
