@@ -389,6 +389,7 @@ def build(commit):
     worktree = tempfile.mkdtemp(prefix=f"m2m-release-{commit}-")
     subprocess.run(["git", "-C", REPOSITORY, "worktree", "add", "--detach", worktree, commit], check=True)
     subprocess.run(["cargo", "build", "--release", "--bin", "m2m-listener"], cwd=worktree, check=True)
+    print(f"built in {worktree} (left for reuse with --binary; git worktree remove it when done)")
     return os.path.join(worktree, "target", "release", "m2m-listener")
 
 
