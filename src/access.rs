@@ -4,13 +4,14 @@
 use std::net::IpAddr;
 use std::str::FromStr;
 
+use ipnet::IpNet;
+
 /// An IP network: an address and a prefix length (`198.51.100.0/24`, `2001:db8::/32`, or a bare
-/// address for one host).
+/// address for one host). The matching is `ipnet`'s; the parsing stays ours so that an address
+/// is read by `std` (no leading-zero octets, which some tools take for octal: `010.0.0.0/8`
+/// is refused rather than guessed at) and the error says which half is wrong.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    network: IpAddr,
-    prefix: u8,
-}
+pub struct Cidr(IpNet);
 
 impl FromStr for Cidr {
     type Err = String;
@@ -20,46 +21,36 @@ impl FromStr for Cidr {
             Some((address, prefix)) => (address, Some(prefix)),
             None => (text.trim(), None),
         };
-        let network: IpAddr = address
+        let address: IpAddr = address
             .parse()
             .map_err(|_| format!("{text:?} is not an IP address or CIDR"))?;
-        let bits = if network.is_ipv4() { 32 } else { 128 };
+        let host = IpNet::from(address);
         let prefix = match prefix {
-            Some(prefix) => prefix
-                .parse::<u8>()
-                .ok()
-                .filter(|prefix| *prefix <= bits)
-                .ok_or_else(|| format!("{text:?} has a prefix length outside 0..={bits}"))?,
-            None => bits,
+            Some(prefix) => prefix.parse::<u8>().ok(),
+            None => Some(host.max_prefix_len()),
         };
-        Ok(Self { network, prefix })
+        prefix
+            .and_then(|prefix| IpNet::new(address, prefix).ok())
+            .map(Cidr)
+            .ok_or_else(|| {
+                format!(
+                    "{text:?} has a prefix length outside 0..={}",
+                    host.max_prefix_len()
+                )
+            })
     }
 }
 
 impl Cidr {
     pub fn contains(&self, address: IpAddr) -> bool {
-        let address = match (self.network, address) {
+        let address = match (self.0, address) {
             // An IPv4 client seen through an IPv6 socket.
-            (IpAddr::V4(_), IpAddr::V6(v6)) => {
+            (IpNet::V4(_), IpAddr::V6(v6)) => {
                 v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(address)
             }
             _ => address,
         };
-        match (self.network, address) {
-            (IpAddr::V4(network), IpAddr::V4(address)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(network) & mask == u32::from(address) & mask
-            }
-            (IpAddr::V6(network), IpAddr::V6(address)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(network) & mask == u128::from(address) & mask
-            }
-            _ => false,
-        }
+        self.0.contains(&address)
     }
 }
 
@@ -143,6 +134,53 @@ mod tests {
         ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_clients_match_ipv4_networks_and_nothing_else_is_translated() {
+        let network = cidr("198.51.100.0/24");
+        assert!(network.contains(ip("::ffff:198.51.100.7")));
+        assert!(!network.contains(ip("::ffff:198.51.101.7")));
+        // The deprecated IPv4-compatible form is not a mapped address: not translated.
+        assert!(!network.contains(ip("::198.51.100.7")));
+        // An IPv6 network matches IPv6 addresses only, a mapped one written as such included.
+        let mapped = cidr("::ffff:198.51.100.0/120");
+        assert!(mapped.contains(ip("::ffff:198.51.100.7")));
+        assert!(!mapped.contains(ip("198.51.100.7")));
+        assert!(!cidr("::/0").contains(ip("198.51.100.7")));
+        assert!(cidr("::/0").contains(ip("2001:db8::1")));
+        // A bare mapped address is one host.
+        assert!(cidr("::ffff:10.0.0.7").contains(ip("::ffff:10.0.0.7")));
+        assert!(!cidr("::ffff:10.0.0.7").contains(ip("::ffff:10.0.0.8")));
+    }
+
+    #[test]
+    fn host_bits_are_ignored_and_ambiguous_spellings_are_refused() {
+        assert!(cidr("198.51.100.7/24").contains(ip("198.51.100.200")));
+        assert!(cidr(" 10.0.0.0/8 ").contains(ip("10.200.0.1")));
+        assert!(cidr("2001:db8::1/128").contains(ip("2001:db8::1")));
+        assert!(!cidr("2001:db8::1/128").contains(ip("2001:db8::2")));
+        for bad in [
+            "010.0.0.0/8",
+            "10.0.0.0/",
+            "10.0.0.0/-1",
+            "10.0.0.0/8/8",
+            "10.0.0/8",
+        ] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            "10.0.0.0/33".parse::<Cidr>(),
+            Err("\"10.0.0.0/33\" has a prefix length outside 0..=32".to_owned())
+        );
+        assert_eq!(
+            "fe80::/129".parse::<Cidr>(),
+            Err("\"fe80::/129\" has a prefix length outside 0..=128".to_owned())
+        );
+        assert_eq!(
+            "host.example".parse::<Cidr>(),
+            Err("\"host.example\" is not an IP address or CIDR".to_owned())
+        );
     }
 
     #[test]

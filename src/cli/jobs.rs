@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
+use comfy_table::{ColumnConstraint, Width};
 use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -355,30 +356,83 @@ fn devices_text(page: &Value) -> String {
     table(&["DEVICE", "STATUS", "FAULT", "RESOLUTION"], &rows)
 }
 
+/// Columns as wide as their widest value up to [`MAX_COLUMN_WIDTH`] display columns, two spaces
+/// apart, no borders; a longer value is cut (at a word boundary where there is one), and a
+/// value spanning lines shows its first, so every row stays one line.
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|title| title.len()).collect();
+    let mut table = comfy_table::Table::new();
+    table
+        .load_style(comfy_table::presets::NOTHING)
+        .set_truncation_indicator("")
+        .set_header(header.to_vec());
     for row in rows {
-        for (width, value) in widths.iter_mut().zip(row) {
-            *width = (*width).max(value.chars().count()).min(60);
-        }
+        let mut row = comfy_table::Row::from(row);
+        row.max_height(1);
+        table.add_row(row);
     }
-    let line = |values: Vec<String>| {
-        let cells: Vec<String> = values
-            .iter()
-            .zip(&widths)
-            .map(|(value, width)| {
-                format!(
-                    "{:<width$}",
-                    value.chars().take(*width).collect::<String>(),
-                    width = *width
-                )
-            })
-            .collect();
-        format!("{}\n", cells.join("  ").trim_end())
-    };
-    let mut text = line(header.iter().map(|title| title.to_string()).collect());
-    for row in rows {
-        text.push_str(&line(row.clone()));
+    for column in table.column_iter_mut() {
+        // Two spaces after every column (trimmed at the end of a line); the width a constraint
+        // bounds includes them.
+        column
+            .set_padding((0, 2))
+            .set_constraint(ColumnConstraint::UpperBoundary(Width::Fixed(
+                MAX_COLUMN_WIDTH + 2,
+            )));
     }
-    text
+    format!("{}\n", table.trim_fmt())
+}
+
+/// The widest a table column gets: a long resolution hint is cut rather than wrapping the row.
+const MAX_COLUMN_WIDTH: u16 = 60;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(values: &[&str]) -> Vec<String> {
+        values.iter().map(|value| value.to_string()).collect()
+    }
+
+    #[test]
+    fn a_table_is_left_aligned_two_spaces_apart_without_trailing_blanks() {
+        let text = table(
+            &["DEVICE", "STATUS", "FAULT"],
+            &[
+                row(&["IMEI:990000862471854", "pending", ""]),
+                row(&["MEID:1", "failed", "E1"]),
+            ],
+        );
+        assert_eq!(
+            text,
+            "DEVICE                STATUS   FAULT\n\
+             IMEI:990000862471854  pending\n\
+             MEID:1                failed   E1\n"
+        );
+        assert_eq!(table(&["A", "B"], &[]), "A  B\n");
+    }
+
+    #[test]
+    fn a_long_value_is_cut_at_sixty_columns_and_a_multi_line_one_shows_its_first_line() {
+        let long = "x".repeat(80);
+        let text = table(
+            &["A", "B"],
+            &[row(&[&long, "b"]), row(&["two\nlines", "c"])],
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[1], format!("{}  b", "x".repeat(60)));
+        assert_eq!(lines[2], format!("two{}  c", " ".repeat(57)));
+        let sentence = "The device is not eligible because the account has reached its limit";
+        let text = table(&["RESOLUTION"], &[row(&[sentence])]);
+        assert_eq!(
+            text.lines().nth(1),
+            Some("The device is not eligible because the account has reached")
+        );
+    }
+
+    #[test]
+    fn columns_align_on_display_width_so_wide_characters_take_two() {
+        let text = table(&["A", "B"], &[row(&["ünïcødé", "1"]), row(&["漢字", "2"])]);
+        assert_eq!(text, "A        B\nünïcødé  1\n漢字     2\n");
+    }
 }

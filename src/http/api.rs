@@ -634,7 +634,10 @@ fn outcomes_csv(outcomes: &[OutcomeRecord]) -> String {
     csv
 }
 
-/// RFC 4180 quoting; a leading formula character is neutralised for spreadsheet users.
+/// RFC 4180 quoting; a leading formula character is neutralised for spreadsheet users. Kept
+/// rather than the `csv` crate's writer: the quoting is the four lines below, the neutralising
+/// (which `csv` does not do) would stay ours anyway, and a writer over a `Vec` would add an error
+/// path that cannot be taken. The tests read the output back with `csv`'s reader.
 fn csv_field(value: &str) -> String {
     let value = if value.starts_with(['=', '+', '-', '@']) && value.parse::<f64>().is_err() {
         format!("'{value}")
@@ -842,5 +845,65 @@ mod tests {
         ] {
             assert!(delivery_id(id).is_err(), "{id:?}");
         }
+    }
+
+    fn outcome_with(line_status: &str, fault_message: &str, mdn: &str) -> OutcomeRecord {
+        OutcomeRecord {
+            request_id: Some("job-1".to_owned()),
+            operation: Some("activate".to_owned()),
+            identifiers: vec![
+                DeviceIdentifier::new("IMEI", "990000862471854"),
+                DeviceIdentifier::new("ICCID", "89148000000800000001"),
+            ],
+            status: "failed".to_owned(),
+            line_status: Some(line_status.to_owned()),
+            fault: Some(FaultRecord {
+                code: Some("E1".to_owned()),
+                message: Some(fault_message.to_owned()),
+                resolution: None,
+            }),
+            state: None,
+            service_plan: None,
+            ip_address: None,
+            mdn: Some(mdn.to_owned()),
+            received_at: Some("2026-11-20T10:15:00Z".to_owned()),
+            delivery_id: Some(7),
+            details: None,
+        }
+    }
+
+    #[test]
+    fn the_devices_csv_quotes_quotes_commas_and_line_breaks_as_rfc_4180_says() {
+        let text = outcomes_csv(&[
+            outcome_with("say \"no\"", "a, b", "line\nbreak"),
+            outcome_with("cr\rhere", "crlf\r\nhere", "plain"),
+        ]);
+        assert_eq!(
+            text,
+            format!(
+                "{CSV_HEADER}\r\n\
+                 job-1,activate,failed,IMEI:990000862471854 ICCID:89148000000800000001,\
+                 \"say \"\"no\"\"\",E1,\"a, b\",,,,,\"line\nbreak\",2026-11-20T10:15:00Z,7\r\n\
+                 job-1,activate,failed,IMEI:990000862471854 ICCID:89148000000800000001,\
+                 \"cr\rhere\",E1,\"crlf\r\nhere\",,,,,plain,2026-11-20T10:15:00Z,7\r\n"
+            )
+        );
+        // And a reader gets the values back exactly.
+        let mut reader = csv::Reader::from_reader(text.as_bytes());
+        let rows: Vec<csv::StringRecord> = reader.records().map(|row| row.expect("row")).collect();
+        assert_eq!(&rows[0][4], "say \"no\"");
+        assert_eq!(&rows[0][6], "a, b");
+        assert_eq!(&rows[0][11], "line\nbreak");
+        assert_eq!(&rows[1][6], "crlf\r\nhere");
+    }
+
+    #[test]
+    fn a_leading_formula_character_is_neutralised_but_a_negative_number_is_not() {
+        let text = outcomes_csv(&[outcome_with("=HYPERLINK(\"x\")", "@SUM(A1)", "-12.5")]);
+        let row = text.lines().nth(1).expect("a data row");
+        assert!(row.contains(",\"'=HYPERLINK(\"\"x\"\")\","), "{row}");
+        assert!(row.contains(",'@SUM(A1),"), "{row}");
+        assert!(row.contains(",-12.5,"), "{row}");
+        assert_eq!(outcomes_csv(&[]), format!("{CSV_HEADER}\r\n"));
     }
 }

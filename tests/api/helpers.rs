@@ -275,6 +275,63 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
     }
 }
 
+/// The schema name `scripts/make-upgrade-fixture.py` dumps PostgreSQL under.
+pub const DUMPED_POSTGRES_SCHEMA: &str = "m2m_upgrade_fixture";
+
+/// The app on a copy of a database written elsewhere (by a released binary: see
+/// `tests/api/upgrade.rs`): on SQLite the file `seed`, copied into the test directory (0600, as
+/// the listener creates its own); on PostgreSQL the plain-SQL dump `seed` of schema
+/// [`DUMPED_POSTGRES_SCHEMA`], loaded into the test's fresh schema. The original is not touched.
+pub async fn spawn_app_on(
+    seed: &std::path::Path,
+    customise: impl FnOnce(&mut Settings),
+) -> TestApp {
+    let seed = seed.to_owned();
+    spawn_app_with(move |settings| {
+        match settings.storage.postgres_url() {
+            Some(url) => load_postgres_dump(url, &seed),
+            None => {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::copy(&seed, &settings.storage.path)
+                    .unwrap_or_else(|error| panic!("{}: {error}", seed.display()));
+                std::fs::set_permissions(
+                    &settings.storage.path,
+                    std::fs::Permissions::from_mode(0o600),
+                )
+                .expect("database mode");
+            }
+        }
+        customise(settings);
+    })
+    .await
+}
+
+/// Loads a `pg_dump` of [`DUMPED_POSTGRES_SCHEMA`] into the schema that `url`'s search path
+/// names: the dump's qualified names become unqualified, and its own schema creation and empty
+/// search path (and its comments, which name the schema) are left out, so that everything lands
+/// in the test's schema.
+fn load_postgres_dump(url: &str, dump: &std::path::Path) {
+    let text =
+        std::fs::read_to_string(dump).unwrap_or_else(|error| panic!("{}: {error}", dump.display()));
+    let create_schema = format!("CREATE SCHEMA {DUMPED_POSTGRES_SCHEMA};");
+    let qualified = format!("{DUMPED_POSTGRES_SCHEMA}.");
+    let sql: String = text
+        .lines()
+        .filter(|line| {
+            !line.starts_with("--")
+                && line.trim() != create_schema
+                && !line.starts_with("SELECT pg_catalog.set_config('search_path'")
+        })
+        .map(|line| format!("{}\n", line.replace(&qualified, "")))
+        .collect();
+    assert!(
+        !sql.contains(DUMPED_POSTGRES_SCHEMA),
+        "{}: the dump names its schema where the loader does not expect it",
+        dump.display()
+    );
+    TestDatabase::Postgres(url.to_owned()).execute(&sql);
+}
+
 pub fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&path).unwrap_or_else(|error| panic!("{path}: {error}"))

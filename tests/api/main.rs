@@ -23,3 +23,4 @@ mod secrets;
 mod simulate;
 mod storage_faults;
 mod tls;
+mod upgrade;

@@ -35,5 +35,7 @@ mod secrets;
 mod simulate;
 #[path = "../api/tls.rs"]
 mod tls;
+#[path = "../api/upgrade.rs"]
+mod upgrade;
 
 mod replicas;
