@@ -7,6 +7,7 @@ quadratic), then a real callback, and prints the answers, the peak resident set 
 resident set afterwards and how long the real callback took.
 
     cargo build --release && scripts/hostile-rss.py [CONCURRENCY] [SIZE_MIB]
+    LISTENER_BINARY=/path/to/other/m2m-listener scripts/hostile-rss.py   # another build
 """
 
 import collections
@@ -20,7 +21,9 @@ import time
 
 CONCURRENCY = int(sys.argv[1]) if len(sys.argv) > 1 else 24
 SIZE_MIB = int(sys.argv[2]) if len(sys.argv) > 2 else 15
-BINARY = os.path.join(os.path.dirname(__file__), "..", "target", "release", "m2m-listener")
+BINARY = os.environ.get(
+    "LISTENER_BINARY", os.path.join(os.path.dirname(__file__), "..", "target", "release", "m2m-listener")
+)
 
 
 def free_port():
