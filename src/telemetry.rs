@@ -40,22 +40,68 @@ pub fn init(settings: &TelemetrySettings) -> anyhow::Result<()> {
 }
 
 /// The text format's fields as the default formatter writes them (`name=value`, the message
-/// bare), every value escaped and cut.
+/// bare), every value escaped and cut on its way to the line.
 fn escaping_fields() -> impl for<'writer> tracing_subscriber::fmt::FormatFields<'writer> + 'static {
     tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
-        let mut text = String::new();
-        write!(text, "{value:?}")?;
-        let escaped = Escaped {
-            text: &text,
-            limit: MAX_FIELD_CHARS,
-        };
-        if field.name() == "message" {
-            write!(writer, "{escaped}")
-        } else {
-            write!(writer, "{}={escaped}", field.name())
+        if field.name() != "message" {
+            write!(writer, "{}=", field.name())?;
         }
+        let mut escaping = EscapingWriter {
+            inner: writer,
+            limit: MAX_FIELD_CHARS,
+            written: 0,
+            total_bytes: 0,
+        };
+        write!(escaping, "{value:?}")?;
+        escaping.finish()
     })
     .delimited(" ")
+}
+
+/// Writes what it is given with [`needs_escape`] characters escaped, up to `limit` bytes of it
+/// (characters, for the ASCII of RequestIds); [`EscapingWriter::finish`] then says how long the
+/// whole was.
+struct EscapingWriter<'a, W: fmt::Write + ?Sized> {
+    inner: &'a mut W,
+    limit: usize,
+    written: usize,
+    total_bytes: usize,
+}
+
+impl<W: fmt::Write + ?Sized> fmt::Write for EscapingWriter<'_, W> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        self.total_bytes += text.len();
+        if self.written >= self.limit {
+            return Ok(());
+        }
+        // The usual piece: nothing to escape and room for all of it.
+        if text.len() <= self.limit - self.written && !text.chars().any(needs_escape) {
+            self.written += text.len();
+            return self.inner.write_str(text);
+        }
+        for character in text.chars() {
+            if self.written + character.len_utf8() > self.limit {
+                self.written = self.limit;
+                break;
+            }
+            self.written += character.len_utf8();
+            if needs_escape(character) {
+                write!(self.inner, "{}", character.escape_default())?;
+            } else {
+                self.inner.write_char(character)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<W: fmt::Write + ?Sized> EscapingWriter<'_, W> {
+    fn finish(self) -> fmt::Result {
+        if self.written >= self.limit && self.total_bytes > self.written {
+            write!(self.inner, "…[{} bytes in all]", self.total_bytes)?;
+        }
+        Ok(())
+    }
 }
 
 /// A value from the wire as a log field: control characters (and the Unicode characters that
@@ -64,32 +110,14 @@ pub struct Wire<'a>(pub &'a str);
 
 impl fmt::Display for Wire<'_> {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        Escaped {
-            text: self.0,
+        let mut escaping = EscapingWriter {
+            inner: formatter,
             limit: MAX_WIRE_CHARS,
-        }
-        .fmt(formatter)
-    }
-}
-
-struct Escaped<'a> {
-    text: &'a str,
-    limit: usize,
-}
-
-impl fmt::Display for Escaped<'_> {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (shown, character) in self.text.chars().enumerate() {
-            if shown == self.limit {
-                return write!(formatter, "…[{} bytes in all]", self.text.len());
-            }
-            if needs_escape(character) {
-                write!(formatter, "{}", character.escape_default())?;
-            } else {
-                formatter.write_char(character)?;
-            }
-        }
-        Ok(())
+            written: 0,
+            total_bytes: 0,
+        };
+        escaping.write_str(self.0)?;
+        escaping.finish()
     }
 }
 

@@ -22,15 +22,19 @@ use crate::domain::{Callback, DeviceIdentifier, UnreadableBody};
 pub use credentials::{Presented, credentials};
 pub use soap::line_outcome;
 
-/// Identifiers in the order first seen, each once. A set, not a search of the list: a hostile body
-/// may list hundreds of thousands, and every step of the parser stays linear in its input.
+/// Identifiers in the order first seen, each once. A search of the list while it is short (the
+/// usual device has two or three), a set once it is not: a hostile body may list hundreds of
+/// thousands, and every step of the parser stays linear in its input.
 #[derive(Default)]
 pub(crate) struct UniqueIdentifiers {
     ordered: Vec<DeviceIdentifier>,
+    /// Filled only past [`UniqueIdentifiers::SHORT`] identifiers.
     seen: HashSet<DeviceIdentifier>,
 }
 
 impl UniqueIdentifiers {
+    const SHORT: usize = 16;
+
     pub(crate) fn from_list(identifiers: Vec<DeviceIdentifier>) -> Self {
         let mut unique = Self::default();
         identifiers
@@ -40,8 +44,16 @@ impl UniqueIdentifiers {
     }
 
     pub(crate) fn push(&mut self, identifier: DeviceIdentifier) {
-        if !self.seen.contains(&identifier) {
-            self.seen.insert(identifier.clone());
+        if self.ordered.len() < Self::SHORT {
+            if !self.ordered.contains(&identifier) {
+                self.ordered.push(identifier);
+            }
+            return;
+        }
+        if self.seen.is_empty() {
+            self.seen.extend(self.ordered.iter().cloned());
+        }
+        if self.seen.insert(identifier.clone()) {
             self.ordered.push(identifier);
         }
     }
