@@ -28,7 +28,7 @@ use crate::domain::DeliveryResult;
 use crate::metrics::{CallbackTally, Metrics, UNKNOWN_KIND};
 use crate::parser::{self, Parsed};
 use crate::storage::{DeliveryContent, NewDelivery, Store, StoreError};
-use crate::telemetry::Wire;
+use crate::telemetry::{ErrorChain, Wire};
 
 /// The acknowledgement the platform expects: any 2xx stops its retries.
 const SOAP_ACK: &str = concat!(
@@ -250,7 +250,10 @@ async fn receive(
 
     // Parse. The parsed form of a large callback lives until its commit: hold a slot until then.
     let large_callback_slot = if body.len() > PARSE_INLINE_LIMIT {
-        Arc::clone(&state.large_callbacks).acquire_owned().await.ok()
+        Arc::clone(&state.large_callbacks)
+            .acquire_owned()
+            .await
+            .ok()
     } else {
         None
     };
@@ -392,7 +395,7 @@ fn log_store_failure(
     started: Instant,
 ) {
     tracing::error!(
-        request_id = %Wire(request_id), kind, bytes = size, result = "unavailable", %error,
+        request_id = %Wire(request_id), kind, bytes = size, result = "unavailable", error = %ErrorChain(error),
         latency_ms = elapsed_ms(started), "callback not stored; answered 503 so the platform retries"
     );
 }

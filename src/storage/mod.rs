@@ -5,9 +5,12 @@
 //! [`Store::submit`] returns `Ok` only once the delivery is committed durably, and stores a
 //! re-delivery of a stored message as a duplicate, atomically, however many arrive at once.
 
+mod error;
 pub mod postgres;
 pub(crate) mod rows;
 pub mod sqlite;
+
+pub use error::{Cause, Fault, StoreError};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -72,23 +75,6 @@ pub struct Receipt {
     pub result: DeliveryResult,
     /// For a duplicate: the delivery that stored the message first.
     pub duplicate_of: Option<i64>,
-}
-
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The store cannot commit now (locked, read-only, disk full, I/O error); it may recover.
-    #[error("storage unavailable: {0}")]
-    Unavailable(String),
-    /// Rows this write needs were held by another writer (another replica) for longer than the
-    /// lock timeout. The store itself is fine: the caller retries, readiness is not affected.
-    #[error("storage busy: {0}")]
-    Busy(String),
-    /// The store is shutting down and takes no more writes.
-    #[error("storage is shutting down")]
-    Closed,
-    /// A fault specific to this request.
-    #[error("storage error: {0}")]
-    Internal(String),
 }
 
 /// A filter for the delivery listing.

@@ -22,4 +22,5 @@ mod retention;
 mod secrets;
 mod simulate;
 mod storage_faults;
+mod store_failures;
 mod tls;

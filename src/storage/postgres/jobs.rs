@@ -9,7 +9,7 @@ use deadpool_postgres::Transaction;
 use time::OffsetDateTime;
 use tokio_postgres::Row;
 
-use super::Failure;
+use super::error::Failure;
 use super::write::{clean, clean_key, count, reserve_ids};
 
 /// [`clean_key`] owned: map keys of the job bookkeeping.
@@ -573,7 +573,7 @@ pub(super) async fn register(
     .await?;
     let Some(mut row) = rows.remove(&request_id) else {
         return Err(Failure::Defect(
-            "a job created and locked a moment ago is not there".to_owned(),
+            "a job created and locked a moment ago is not there",
         ));
     };
     if row.registered {

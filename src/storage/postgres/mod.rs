@@ -14,6 +14,7 @@
 //!   cycle; a deadlock or serialization failure is retried anyway;
 //! - the deadline sweep locks with `SKIP LOCKED`, so every replica can run it at once.
 
+mod error;
 mod jobs;
 mod queries;
 mod schema;
@@ -30,13 +31,15 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::rows::JobCompletion;
 use super::{
-    BoxFuture, DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord, NewDelivery,
-    OutcomeRecord, Page, RawBody, Receipt, Registered, Store, StoreError,
+    BoxFuture, Cause, DeliveryQuery, DeliveryRecord, DeviceHistory, Fault, JobQuery, JobRecord,
+    NewDelivery, OutcomeRecord, Page, RawBody, Receipt, Registered, Store, StoreError,
 };
 use crate::configuration::{StorageSettings, mask_url_password};
 use crate::domain::DeviceIdentifier;
 use crate::jobs::Registration;
 use crate::metrics::Metrics;
+use crate::telemetry::ErrorChain;
+use error::{Failure, is_retryable, pool_error, store_error};
 use schema::MIGRATIONS;
 
 /// Concurrent write transactions per replica. Each commits a whole batch; two keep one batch
@@ -110,62 +113,10 @@ struct Shared {
     /// became reachable).
     migrated: tokio::sync::OnceCell<()>,
     /// When deliveries last failed to commit, and why; cleared by the next batch that commits.
-    last_failure: Mutex<Option<(Instant, String)>>,
+    last_failure: Mutex<Option<(Instant, Cause)>>,
     job_timeout: Duration,
     max_batch: usize,
     metrics: Arc<Metrics>,
-}
-
-/// A PostgreSQL error as a log line or API message: the server's message and SQLSTATE, never its
-/// DETAIL (which can quote row values).
-pub(super) fn describe(error: &tokio_postgres::Error) -> String {
-    match error.as_db_error() {
-        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => error.to_string(),
-    }
-}
-
-/// Faults of the database as a whole (unreachable, shutting down, out of space, read-only,
-/// locked for too long), not of one delivery.
-fn is_storage_wide(error: &tokio_postgres::Error) -> bool {
-    let Some(code) = error.code() else {
-        // No SQLSTATE: the connection broke, or could not be made or secured; unless a value did
-        // not convert, which is a defect of this delivery.
-        let message = error.to_string();
-        return !(message.starts_with("error serializing")
-            || message.starts_with("error deserializing"));
-    };
-    let code = code.code();
-    ["08", "53", "57", "58", "40", "3D", "28"]
-        .iter()
-        .any(|class| code.starts_with(class))
-        || matches!(code, "25006" | "55006" | "25P03")
-}
-
-/// A deadlock or serialization failure: the transaction can simply be run again.
-fn is_retryable(error: &tokio_postgres::Error) -> bool {
-    error
-        .code()
-        .is_some_and(|code| matches!(code.code(), "40001" | "40P01"))
-}
-
-fn store_error(error: &tokio_postgres::Error) -> StoreError {
-    // A lock timeout: rows of this write were held by another replica's transaction (a busy job,
-    // an operator's open transaction), not a fault of the database.
-    if error.code().is_some_and(|code| code.code() == "55P03") {
-        StoreError::Busy(describe(error))
-    } else if is_storage_wide(error) {
-        StoreError::Unavailable(describe(error))
-    } else {
-        StoreError::Internal(describe(error))
-    }
-}
-
-fn pool_error(error: deadpool_postgres::PoolError) -> StoreError {
-    match error {
-        deadpool_postgres::PoolError::Backend(error) => store_error(&error),
-        other => StoreError::Unavailable(format!("no database connection: {other}")),
-    }
 }
 
 impl PostgresStore {
@@ -232,11 +183,11 @@ impl PostgresStore {
         });
         match shared.client().await {
             Ok(_) => tracing::info!(database = %mask_url_password(url), "using PostgreSQL"),
-            Err(StoreError::Internal(error)) => {
-                anyhow::bail!("cannot use the PostgreSQL database: {error}")
+            Err(error @ StoreError::Internal(_)) => {
+                anyhow::bail!("cannot use the PostgreSQL database: {}", ErrorChain(&error))
             }
             Err(error) => tracing::error!(
-                database = %mask_url_password(url), %error,
+                database = %mask_url_password(url), error = %ErrorChain(&error),
                 "PostgreSQL cannot be reached; answering 503 until it can"
             ),
         }
@@ -258,7 +209,7 @@ impl PostgresStore {
         work: impl AsyncFnOnce(&Object) -> Result<T, tokio_postgres::Error>,
     ) -> Result<T, StoreError> {
         let client = self.shared.client().await?;
-        work(&client).await.map_err(|error| store_error(&error))
+        work(&client).await.map_err(store_error)
     }
 }
 
@@ -283,13 +234,13 @@ impl Shared {
         }
     }
 
-    fn remember_failure(&self, reason: Option<String>) {
+    fn remember_failure(&self, cause: Option<Cause>) {
         if let Ok(mut last_failure) = self.last_failure.lock() {
-            *last_failure = reason.map(|reason| (Instant::now(), reason));
+            *last_failure = cause.map(|cause| (Instant::now(), cause));
         }
     }
 
-    fn recent_failure(&self) -> Option<String> {
+    fn recent_failure(&self) -> Option<Cause> {
         self.last_failure
             .lock()
             .ok()
@@ -349,10 +300,10 @@ impl Shared {
                 self.remember_failure(None);
                 receipts.into_iter().map(Ok).collect()
             }
-            Err(StoreError::Internal(error)) if deliveries.len() > 1 => {
+            Err(StoreError::Internal(cause)) if deliveries.len() > 1 => {
                 // One delivery failed on its own (a defect, not a storage fault): store the others
-                // one by one, so that only that one is refused.
-                tracing::warn!(%error, "a delivery failed; writing the batch one delivery at a time");
+                // one by one, so that only that one is refused. Its edge logs its failure.
+                tracing::debug!(error = %cause, "a delivery failed; writing the batch one delivery at a time");
                 let mut results = Vec::with_capacity(deliveries.len());
                 let mut outage: Option<StoreError> = None;
                 for delivery in &deliveries {
@@ -366,13 +317,12 @@ impl Shared {
                             self.observe_completions(&completions);
                             self.remember_failure(None);
                             receipts.pop().ok_or_else(|| {
-                                StoreError::Internal("the batch returned no receipt".to_owned())
+                                StoreError::internal("the batch returned no receipt")
                             })
                         }
                         Err(error) => {
-                            tracing::error!(%error, "delivery could not be stored");
-                            if matches!(error, StoreError::Unavailable(_)) {
-                                self.remember_failure(Some(error.to_string()));
+                            if let StoreError::Unavailable(cause) = &error {
+                                self.remember_failure(Some(Arc::clone(cause)));
                                 outage = Some(error.clone());
                             }
                             Err(error)
@@ -381,10 +331,10 @@ impl Shared {
                 }
                 results
             }
+            // Not logged here: each submitter's edge logs its failure, once.
             Err(error) => {
-                tracing::error!(%error, deliveries = batch.len(), "commit failed; answering 503");
-                if matches!(error, StoreError::Unavailable(_)) {
-                    self.remember_failure(Some(error.to_string()));
+                if let StoreError::Unavailable(cause) = &error {
+                    self.remember_failure(Some(Arc::clone(cause)));
                 }
                 batch.iter().map(|_| Err(error.clone())).collect()
             }
@@ -405,32 +355,11 @@ impl Shared {
             attempt += 1;
             match write::write_batch(&mut client, deliveries, self.job_timeout).await {
                 Err(Failure::Db(error)) if is_retryable(&error) && attempt < RETRIES => {
-                    tracing::debug!(error = %describe(&error), "batch conflicted with another replica; retrying");
+                    tracing::debug!(error = %error::DatabaseError::from(error), "batch conflicted with another replica; retrying");
                 }
                 result => return result.map_err(Failure::into_store_error),
             }
         }
-    }
-}
-
-/// Why a write failed: the database said no, or an invariant of the write did not hold.
-pub(super) enum Failure {
-    Db(tokio_postgres::Error),
-    Defect(String),
-}
-
-impl Failure {
-    fn into_store_error(self) -> StoreError {
-        match self {
-            Failure::Db(error) => store_error(&error),
-            Failure::Defect(message) => StoreError::Internal(message),
-        }
-    }
-}
-
-impl From<tokio_postgres::Error> for Failure {
-    fn from(error: tokio_postgres::Error) -> Self {
-        Failure::Db(error)
     }
 }
 
@@ -466,10 +395,10 @@ async fn migrate(client: &mut Object) -> Result<(), StoreError> {
             .try_get(0)?;
         let applied = usize::try_from(applied).unwrap_or(0);
         if applied > MIGRATIONS.len() {
-            return Ok(Err(format!(
+            return Ok(Err(StoreError::internal(format!(
                 "the database schema is version {applied}, newer than this build knows ({}): upgrade m2m-listener",
                 MIGRATIONS.len()
-            )));
+            ))));
         }
         for (index, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
             transaction.batch_execute(migration).await?;
@@ -487,8 +416,8 @@ async fn migrate(client: &mut Object) -> Result<(), StoreError> {
     };
     match migrate.await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(message)) => Err(StoreError::Internal(message)),
-        Err(error) => Err(store_error(&error)),
+        Ok(refused) => refused,
+        Err(error) => Err(store_error(error)),
     }
 }
 
@@ -526,9 +455,10 @@ impl Store for PostgresStore {
                     .await?
             })?;
             match self.shared.recent_failure() {
-                Some(reason) => Err(StoreError::Unavailable(format!(
-                    "the last delivery failed to commit: {reason}"
-                ))),
+                Some(cause) => Err(StoreError::Unavailable(Arc::new(Fault::caused_by_shared(
+                    "the last delivery failed to commit",
+                    cause,
+                )))),
                 None => Ok(()),
             }
         })
@@ -552,8 +482,12 @@ impl Store for PostgresStore {
     ) -> BoxFuture<'_, Result<Registered, StoreError>> {
         let job_timeout = self.shared.job_timeout;
         Box::pin(async move {
-            let canonical = serde_json::to_string(&registration)
-                .map_err(|error| StoreError::Internal(format!("registration: {error}")))?;
+            let canonical = serde_json::to_string(&registration).map_err(|error| {
+                StoreError::Internal(Arc::new(Fault::caused_by(
+                    "the registration does not serialize",
+                    error,
+                )))
+            })?;
             transact!(self, |transaction, completions| {
                 jobs::register(
                     &transaction,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use deadpool_postgres::{Object, Transaction};
 use time::OffsetDateTime;
 
-use super::Failure;
+use super::error::Failure;
 use super::jobs::{self, DeviceUpdates};
 use crate::domain::{DeliveryResult, Operation};
 use crate::storage::rows::{JobCompletion, TouchedJob};
@@ -424,7 +424,7 @@ pub(super) async fn write_batch(
 /// A conflict on a message that then cannot be found: not expected (deliveries are never
 /// deleted); a defect, so that the batch is retried one delivery at a time.
 fn missing_original() -> Failure {
-    Failure::Defect("a stored message could not be found again".to_owned())
+    Failure::Defect("a stored message could not be found again")
 }
 
 /// Inserts the raw bodies, outcomes, identifiers and upload reports of the new deliveries, in one
@@ -466,9 +466,7 @@ async fn insert_contents(
         let mut these = Vec::with_capacity(callback.outcomes.len());
         for outcome in &callback.outcomes {
             let Some(outcome_id) = fresh.next() else {
-                return Err(Failure::Defect(
-                    "fewer outcome ids than outcomes".to_owned(),
-                ));
+                return Err(Failure::Defect("fewer outcome ids than outcomes"));
             };
             outcomes.push(outcome_id, ids[*index], received_at, callback, outcome);
             for identifier in &outcome.identifiers {

@@ -12,12 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use rusqlite::{
-    Connection, ErrorCode, OpenFlags, ToSql, TransactionBehavior, params, params_from_iter,
-};
+use rusqlite::{Connection, OpenFlags, ToSql, TransactionBehavior, params, params_from_iter};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
+mod error;
 mod jobs;
 mod queries;
 mod retention;
@@ -29,13 +28,15 @@ use jobs::JobBatch;
 mod schema;
 
 use super::{
-    BoxFuture, DeliveryContent, DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord,
-    NewDelivery, OutcomeRecord, Page, RawBody, Receipt, Registered, Store, StoreError, timestamp,
+    BoxFuture, Cause, DeliveryContent, DeliveryQuery, DeliveryRecord, DeviceHistory, Fault,
+    JobQuery, JobRecord, NewDelivery, OutcomeRecord, Page, RawBody, Receipt, Registered, Store,
+    StoreError, timestamp,
 };
 use crate::configuration::StorageSettings;
 use crate::domain::{Callback, DeliveryResult, DeviceIdentifier, DeviceOutcome, Operation};
 use crate::jobs::Registration;
 use crate::metrics::Metrics;
+use error::{is_storage_wide, needs_reopen, store_error};
 use schema::MIGRATIONS;
 
 /// Idle read-only connections kept for reuse.
@@ -175,7 +176,9 @@ impl SqliteStore {
         let readers = Arc::clone(&self.readers);
         tokio::task::spawn_blocking(move || readers.with(query))
             .await
-            .map_err(|error| StoreError::Internal(format!("reader task failed: {error}")))?
+            .map_err(|error| {
+                StoreError::Internal(Arc::new(Fault::caused_by("reader task failed", error)))
+            })?
     }
 }
 
@@ -361,7 +364,7 @@ fn run_checkpoints(path: &Path, generation: &AtomicU64, stop: &std::sync::mpsc::
             continue;
         };
         if let Err(error) = open.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::debug!(error = %describe(&error), "checkpoint failed; retrying");
+            tracing::debug!(%error, "checkpoint failed; retrying");
             connection = None;
         }
     }
@@ -413,7 +416,7 @@ struct Writer {
     path: PathBuf,
     settings: StorageSettings,
     /// When deliveries last failed to commit, and why; cleared by the next delivery that commits.
-    last_failure: Option<(std::time::Instant, String)>,
+    last_failure: Option<(std::time::Instant, Cause)>,
     /// The deadline of jobs that do not set their own.
     job_timeout: Duration,
     metrics: Arc<Metrics>,
@@ -493,30 +496,37 @@ impl Writer {
                     .last_failure
                     .as_ref()
                     .filter(|(at, _)| at.elapsed() < FAILURE_MEMORY)
-                    .map(|(_, reason)| reason.clone());
+                    .map(|(_, cause)| Arc::clone(cause));
                 for probe in probes {
                     let _ = probe.send(match &recent_failure {
-                        Some(reason) => Err(StoreError::Unavailable(format!(
-                            "the last delivery failed to commit: {reason}"
-                        ))),
+                        Some(cause) => {
+                            Err(StoreError::Unavailable(Arc::new(Fault::caused_by_shared(
+                                "the last delivery failed to commit",
+                                Arc::clone(cause),
+                            ))))
+                        }
                         None => Ok(()),
                     });
                 }
             }
+            // Not logged here: each submitter's edge logs its failure, once.
             Err(error) => {
-                let message = describe(&error);
-                tracing::error!(error = %message, deliveries = writes.len(), "commit failed; answering 503");
                 if needs_reopen(&error) {
                     self.connection = None;
                 }
+                let failure = store_error(error);
+                let cause = failure
+                    .cause()
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Fault::new("the batch failed to commit")));
                 if !writes.is_empty() {
-                    self.last_failure = Some((std::time::Instant::now(), message.clone()));
+                    self.last_failure = Some((std::time::Instant::now(), Arc::clone(&cause)));
                 }
                 for (_, reply) in writes {
-                    let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
+                    let _ = reply.send(Err(failure.clone()));
                 }
                 for probe in probes {
-                    let _ = probe.send(Err(StoreError::Unavailable(message.clone())));
+                    let _ = probe.send(Err(StoreError::Unavailable(Arc::clone(&cause))));
                 }
             }
         }
@@ -542,11 +552,7 @@ impl Writer {
             if needs_reopen(&error) {
                 self.connection = None;
             }
-            if is_storage_wide(&error) {
-                StoreError::Unavailable(describe(&error))
-            } else {
-                StoreError::Internal(describe(&error))
-            }
+            store_error(error)
         })
     }
 
@@ -588,7 +594,8 @@ fn write_batch(
 ) -> rusqlite::Result<CommittedBatch> {
     match write_deliveries(connection, deliveries, job_timeout, false) {
         Err(error) if !is_storage_wide(&error) => {
-            tracing::warn!(error = %describe(&error), "a delivery failed; writing the batch one delivery at a time");
+            // The delivery's own edge logs its failure; this says only why the batch is redone.
+            tracing::debug!(%error, "a delivery failed; writing the batch one delivery at a time");
             write_deliveries(connection, deliveries, job_timeout, true)
         }
         written => written,
@@ -626,8 +633,7 @@ fn write_deliveries(
                 // Dropping the savepoint rolls back this delivery only.
                 drop(savepoint);
                 jobs = before;
-                tracing::error!(error = %describe(&error), "delivery could not be stored");
-                results.push(Err(StoreError::Internal(describe(&error))));
+                results.push(Err(store_error(error)));
             }
         }
     }
@@ -857,51 +863,6 @@ fn insert_outcomes(
     Ok(())
 }
 
-fn error_code(error: &rusqlite::Error) -> Option<ErrorCode> {
-    match error {
-        rusqlite::Error::SqliteFailure(failure, _) => Some(failure.code),
-        _ => None,
-    }
-}
-
-/// Faults of the database as a whole, not of one delivery: the batch cannot commit.
-fn is_storage_wide(error: &rusqlite::Error) -> bool {
-    matches!(
-        error_code(error),
-        Some(
-            ErrorCode::DatabaseBusy
-                | ErrorCode::DatabaseLocked
-                | ErrorCode::ReadOnly
-                | ErrorCode::DiskFull
-                | ErrorCode::SystemIoFailure
-                | ErrorCode::CannotOpen
-                | ErrorCode::DatabaseCorrupt
-                | ErrorCode::NotADatabase
-                | ErrorCode::OutOfMemory
-        )
-    )
-}
-
-fn needs_reopen(error: &rusqlite::Error) -> bool {
-    is_storage_wide(error)
-        && !matches!(
-            error_code(error),
-            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
-        )
-}
-
-fn describe(error: &rusqlite::Error) -> String {
-    match error_code(error) {
-        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
-            "the database is locked by another connection for longer than storage.busy_timeout_ms"
-                .to_owned()
-        }
-        Some(ErrorCode::ReadOnly) => "the database is read-only".to_owned(),
-        Some(ErrorCode::DiskFull) => "the disk (or the database's page limit) is full".to_owned(),
-        _ => error.to_string(),
-    }
-}
-
 /// Read-only connections for the API, reused across requests.
 ///
 /// SQLite's unix VFS shares one mapping of the `-shm` file (the WAL index) among all connections
@@ -954,15 +915,9 @@ impl Readers {
                 connection.busy_timeout(Duration::from_secs(5))?;
                 Ok((current, connection))
             })
-            .map_err(|error| StoreError::Unavailable(describe(&error)))?,
+            .map_err(|error| StoreError::Unavailable(error::cause(error)))?,
         };
-        let result = query(&connection).map_err(|error| {
-            if is_storage_wide(&error) {
-                StoreError::Unavailable(describe(&error))
-            } else {
-                StoreError::Internal(describe(&error))
-            }
-        });
+        let result = query(&connection).map_err(store_error);
         let reusable = result.is_ok() && generation == self.generation.load(Ordering::Acquire);
         if let Ok(mut idle) = self.idle.lock() {
             if reusable && idle.len() < MAX_IDLE_READERS {
