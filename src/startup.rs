@@ -57,6 +57,7 @@ impl Application {
             &settings.storage,
             Duration::from_secs(settings.jobs.default_timeout_s),
             Arc::clone(&metrics),
+            crate::storage::Purpose::Serve,
         )
         .await?;
         let (credentials, credential_source) = auth::resolve_credentials(

@@ -81,6 +81,17 @@ impl Fault {
     }
 }
 
+/// Why a backup was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// This backend makes no copy itself; the message names the tools that do.
+    #[error("{0}")]
+    Unsupported(&'static str),
+    /// The copy failed; nothing was left at the target.
+    #[error(transparent)]
+    Failed(Box<dyn std::error::Error + Send + Sync + 'static>),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ pub mod postgres;
 pub(crate) mod rows;
 pub mod sqlite;
 
-pub use error::{Cause, Fault, StoreError};
+pub use error::{BackupError, Cause, Fault, StoreError};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -286,6 +286,11 @@ pub trait Store: Send + Sync + 'static {
     /// How many jobs are in each state.
     fn job_counts(&self) -> BoxFuture<'_, Result<Vec<(String, i64)>, StoreError>>;
 
+    /// Copies the database, consistently and atomically, to `target`, which must not exist; on
+    /// failure nothing is left there. A backend that has no such copy says so
+    /// ([`BackupError::Unsupported`]) and names the tools that make one.
+    fn backup(&self, target: std::path::PathBuf) -> BoxFuture<'_, Result<(), BackupError>>;
+
     /// Finishes queued writes and stops taking new ones.
     fn close(&self) -> BoxFuture<'_, ()>;
 }
@@ -300,18 +305,30 @@ pub fn timestamp(at: OffsetDateTime) -> String {
         .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 
+/// What a store is opened for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// The listener: a SQLite file is created if there is none, and the schema is migrated.
+    Serve,
+    /// A maintenance command (`prune`, `backup`): the SQLite file must exist, and is used with
+    /// the schema it has, so that a backup taken before an upgrade holds the old schema; nothing
+    /// connects to PostgreSQL before the command needs it.
+    Maintain,
+}
+
 /// Opens the backend the settings select: PostgreSQL when `storage.url` is set, else the SQLite
 /// file at `storage.path`. Returns the store and, for SQLite, its file.
 pub async fn open(
     settings: &crate::configuration::StorageSettings,
     job_timeout: std::time::Duration,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    purpose: Purpose,
 ) -> anyhow::Result<(std::sync::Arc<dyn Store>, Option<std::path::PathBuf>)> {
     if settings.postgres_url().is_some() {
-        let store = postgres::PostgresStore::open(settings, job_timeout, metrics).await?;
+        let store = postgres::PostgresStore::open(settings, job_timeout, metrics, purpose).await?;
         return Ok((std::sync::Arc::new(store), None));
     }
-    let store = sqlite::SqliteStore::open(settings, job_timeout, metrics)?;
+    let store = sqlite::SqliteStore::open(settings, job_timeout, metrics, purpose)?;
     let path = store.path().to_owned();
     Ok((std::sync::Arc::new(store), Some(path)))
 }

@@ -31,8 +31,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::rows::JobCompletion;
 use super::{
-    BoxFuture, Cause, DeliveryQuery, DeliveryRecord, DeviceHistory, Fault, JobQuery, JobRecord,
-    NewDelivery, OutcomeRecord, Page, RawBody, Receipt, Registered, Store, StoreError,
+    BackupError, BoxFuture, Cause, DeliveryQuery, DeliveryRecord, DeviceHistory, Fault, JobQuery,
+    JobRecord, NewDelivery, OutcomeRecord, Page, Purpose, RawBody, Receipt, Registered, Store,
+    StoreError,
 };
 use crate::configuration::{StorageSettings, mask_url_password};
 use crate::domain::DeviceIdentifier;
@@ -122,11 +123,12 @@ struct Shared {
 impl PostgresStore {
     /// Connects, applies migrations and starts the writers. A database that cannot be reached
     /// yet is a fault to ride out (503 and not ready until it can); a URL that does not parse is
-    /// a configuration error.
+    /// a configuration error. For a maintenance command nothing connects before its first use.
     pub async fn open(
         settings: &StorageSettings,
         job_timeout: Duration,
         metrics: Arc<Metrics>,
+        purpose: Purpose,
     ) -> anyhow::Result<Self> {
         let url = settings.postgres_url().context("storage.url is not set")?;
         let mut config: tokio_postgres::Config = url
@@ -181,8 +183,12 @@ impl PostgresStore {
             max_batch: settings.max_batch,
             metrics,
         });
-        match shared.client().await {
-            Ok(_) => tracing::info!(database = %mask_url_password(url), "using PostgreSQL"),
+        let connected = match purpose {
+            Purpose::Serve => shared.client().await.map(drop),
+            Purpose::Maintain => Ok(()),
+        };
+        match connected {
+            Ok(()) => tracing::info!(database = %mask_url_password(url), "using PostgreSQL"),
             Err(error @ StoreError::Internal(_)) => {
                 anyhow::bail!("cannot use the PostgreSQL database: {}", ErrorChain(&error))
             }
@@ -562,6 +568,14 @@ impl Store for PostgresStore {
 
     fn job_counts(&self) -> BoxFuture<'_, Result<Vec<(String, i64)>, StoreError>> {
         Box::pin(self.read(async |client| queries::job_counts(client).await))
+    }
+
+    fn backup(&self, _target: std::path::PathBuf) -> BoxFuture<'_, Result<(), BackupError>> {
+        Box::pin(async {
+            Err(BackupError::Unsupported(
+                "backup copies the SQLite file; with storage.url use PostgreSQL's own tools (pg_dump, base backups)",
+            ))
+        })
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

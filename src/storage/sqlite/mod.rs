@@ -21,16 +21,14 @@ mod jobs;
 mod queries;
 mod retention;
 
-pub use retention::{backup_database, prune_database};
-
 use crate::storage::rows::JobCompletion;
 use jobs::JobBatch;
 mod schema;
 
 use super::{
-    BoxFuture, Cause, DeliveryContent, DeliveryQuery, DeliveryRecord, DeviceHistory, Fault,
-    JobQuery, JobRecord, NewDelivery, OutcomeRecord, Page, RawBody, Receipt, Registered, Store,
-    StoreError, timestamp,
+    BackupError, BoxFuture, Cause, DeliveryContent, DeliveryQuery, DeliveryRecord, DeviceHistory,
+    Fault, JobQuery, JobRecord, NewDelivery, OutcomeRecord, Page, Purpose, RawBody, Receipt,
+    Registered, Store, StoreError, timestamp,
 };
 use crate::configuration::StorageSettings;
 use crate::domain::{Callback, DeliveryResult, DeviceIdentifier, DeviceOutcome, Operation};
@@ -80,27 +78,42 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database, applies migrations and starts the writer thread.
+    /// Opens the database and starts the writer thread: to serve, creating the database if
+    /// needed and applying migrations; to maintain, only an existing one, as it is.
     /// `job_timeout` is the deadline of jobs that do not set their own.
     pub fn open(
         settings: &StorageSettings,
         job_timeout: Duration,
         metrics: Arc<Metrics>,
+        purpose: Purpose,
     ) -> anyhow::Result<Self> {
         let path = settings.path.clone();
-        if let Some(directory) = path
-            .parent()
-            .filter(|parent| !parent.as_os_str().is_empty())
-        {
-            crate::private_files::create_directory_all(directory).with_context(|| {
-                format!(
-                    "failed to create database directory {}",
-                    directory.display()
-                )
-            })?;
+        match purpose {
+            Purpose::Serve => {
+                if let Some(directory) = path
+                    .parent()
+                    .filter(|parent| !parent.as_os_str().is_empty())
+                {
+                    crate::private_files::create_directory_all(directory).with_context(|| {
+                        format!(
+                            "failed to create database directory {}",
+                            directory.display()
+                        )
+                    })?;
+                }
+                create_private_database(&path)?;
+            }
+            Purpose::Maintain => anyhow::ensure!(
+                path.exists(),
+                "failed to open database at {}: there is no such file",
+                path.display()
+            ),
         }
-        create_private_database(&path)?;
-        let connection = match open_and_migrate(&path, settings) {
+        let opened = match purpose {
+            Purpose::Serve => open_and_migrate(&path, settings),
+            Purpose::Maintain => open_writer(&path, settings).map_err(anyhow::Error::new),
+        };
+        let connection = match opened {
             Ok(connection) => Some(connection),
             // An existing database that cannot be written right now (read-only volume, lock held
             // by another process) is a fault to ride out: the listener starts, answers 503 so the
@@ -128,6 +141,7 @@ impl SqliteStore {
             readers: Arc::clone(&readers),
             path: path.clone(),
             settings: settings.clone(),
+            purpose,
             last_failure: None,
             job_timeout,
             metrics,
@@ -256,6 +270,17 @@ impl Store for SqliteStore {
 
     fn job_counts(&self) -> BoxFuture<'_, Result<Vec<(String, i64)>, StoreError>> {
         Box::pin(self.read(queries::job_counts))
+    }
+
+    fn backup(&self, target: PathBuf) -> BoxFuture<'_, Result<(), BackupError>> {
+        let path = self.path.clone();
+        Box::pin(async move {
+            // On the blocking pool, not the writer thread: commits go on during the copy.
+            tokio::task::spawn_blocking(move || retention::backup_database(&path, &target))
+                .await
+                .map_err(|error| BackupError::Failed(Box::new(error)))?
+                .map_err(|error| BackupError::Failed(error.into()))
+        })
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
@@ -415,6 +440,8 @@ struct Writer {
     readers: Arc<Readers>,
     path: PathBuf,
     settings: StorageSettings,
+    /// Whether a reopened connection applies the migrations (not for a maintenance command).
+    purpose: Purpose,
     /// When deliveries last failed to commit, and why; cleared by the next delivery that commits.
     last_failure: Option<(std::time::Instant, Cause)>,
     /// The deadline of jobs that do not set their own.
@@ -568,7 +595,9 @@ impl Writer {
             self.readers.retire();
             let mut connection = open_writer(&self.path, &self.settings)?;
             // A no-op unless the database could not be migrated at start.
-            migrate(&mut connection)?;
+            if self.purpose == Purpose::Serve {
+                migrate(&mut connection)?;
+            }
             tracing::info!(path = %self.path.display(), "reopened the database for writing");
             self.connection = Some(connection);
         }
