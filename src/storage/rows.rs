@@ -1,11 +1,226 @@
-//! What both backends share once the SQL is done: a job row and the state rule applied to it,
-//! listing pages, identifier variants, the placeholder of an unreported device.
+//! What both backends share once the SQL is done: every record read is mapped here once, from
+//! one column list, over either driver's rows ([`RowReader`]); a job row and the state rule
+//! applied to it, listing pages, identifier variants, the placeholder of an unreported device.
+
+use std::collections::HashMap;
 
 use time::OffsetDateTime;
 
-use super::{DeliveryQuery, FaultRecord, JobQuery, JobRecord, OutcomeRecord, Page, UploadRecord};
-use crate::domain::DeliveryResult;
+use super::{
+    DeliveryQuery, DeliveryRecord, DeviceHistory, FaultRecord, JobQuery, JobRecord, OutcomeRecord,
+    Page, RawBody, UploadRecord,
+};
+use crate::domain::{DeliveryResult, DeviceIdentifier};
 use crate::jobs::{self, JobFacts, JobState, UploadCounts};
+
+/// A row of a result, read by column position: what the mappings here need of a driver's row.
+/// Each backend implements it for its driver (`rusqlite::Row`, `tokio_postgres::Row`), so that
+/// each record type is read by one function whichever database it came from. A value of the
+/// wrong type (or a NULL where none is allowed) is the driver's error.
+pub(crate) trait RowReader {
+    type Error;
+    fn text(&self, column: usize) -> Result<String, Self::Error>;
+    fn optional_text(&self, column: usize) -> Result<Option<String>, Self::Error>;
+    fn integer(&self, column: usize) -> Result<i64, Self::Error>;
+    fn optional_integer(&self, column: usize) -> Result<Option<i64>, Self::Error>;
+    fn flag(&self, column: usize) -> Result<bool, Self::Error>;
+    fn optional_bytes(&self, column: usize) -> Result<Option<Vec<u8>>, Self::Error>;
+}
+
+/// The columns of a `jobs` row, as [`JobRow::from_row`] reads them.
+pub(crate) const JOB_COLUMNS: &str = "id, request_id, registered, operation, account, label, state, expected_devices,
+     devices_reported, succeeded, failed, accepted, deliveries, duplicates, is_upload, total_lines, pending_lines,
+     success_lines, failed_lines, package_error, timeout_s, created_at, registered_at, first_callback_at,
+     last_callback_at, completed_at, deadline";
+
+/// The columns of a delivery in the listing, as [`delivery_from_row`] reads them; `duplicates`
+/// is how the backend counts the re-deliveries of the row `d`.
+pub(crate) fn delivery_columns(duplicates: &str) -> String {
+    format!(
+        "d.id, d.received_at, d.form, d.kind, d.operation, d.request_id, d.callback_count,
+         d.max_callback_threshold, d.result, d.duplicate_of, {duplicates}, d.size, d.content_type,
+         d.account, d.status, d.fault_code, d.parse_error"
+    )
+}
+
+/// A delivery selected with [`delivery_columns`].
+pub(crate) fn delivery_from_row<R: RowReader>(row: &R) -> Result<DeliveryRecord, R::Error> {
+    Ok(DeliveryRecord {
+        id: row.integer(0)?,
+        received_at: row.text(1)?,
+        form: row.optional_text(2)?,
+        kind: row.optional_text(3)?,
+        operation: row.optional_text(4)?,
+        request_id: row.optional_text(5)?,
+        callback_count: row.optional_integer(6)?,
+        max_callback_threshold: row.optional_integer(7)?,
+        result: row.text(8)?,
+        duplicate_of: row.optional_integer(9)?,
+        duplicates: row.integer(10)?,
+        size: row.integer(11)?,
+        content_type: row.optional_text(12)?,
+        account: row.optional_text(13)?,
+        status: row.optional_text(14)?,
+        fault_code: row.optional_text(15)?,
+        parse_error: row.optional_text(16)?,
+    })
+}
+
+/// The columns of a delivery's raw body, as [`raw_body_from_row`] reads them: the delivery `d`
+/// joined to its body `r`, if any.
+pub(crate) const RAW_BODY_COLUMNS: &str = "d.content_type, d.duplicate_of, r.body";
+
+/// A delivery's raw body (selected with [`RAW_BODY_COLUMNS`]), or why it is not there.
+pub(crate) fn raw_body_from_row<R: RowReader>(row: &R) -> Result<RawBody, R::Error> {
+    let content_type = row.optional_text(0)?;
+    Ok(match (row.optional_bytes(2)?, row.optional_integer(1)?) {
+        (Some(body), _) => RawBody::Found { content_type, body },
+        (None, Some(duplicate_of)) => RawBody::Duplicate { duplicate_of },
+        (None, None) => RawBody::Pruned,
+    })
+}
+
+/// The columns of a device outcome `o`, as [`outcome_from_row`] reads them.
+pub(crate) const OUTCOME_COLUMNS: &str =
+    "o.id, o.request_id, o.operation, o.status, o.line_status, o.fault_code, o.fault_message,
+     o.state, o.service_plan, o.ip_address, o.mdn, o.received_at, o.delivery_id, o.details";
+
+/// An outcome selected with [`OUTCOME_COLUMNS`] from column `first` on, identifiers left empty.
+pub(crate) fn outcome_from_row<R: RowReader>(
+    row: &R,
+    first: usize,
+) -> Result<OutcomeRecord, R::Error> {
+    Ok(OutcomeRecord {
+        request_id: row.optional_text(first + 1)?,
+        operation: row.optional_text(first + 2)?,
+        identifiers: Vec::new(),
+        status: row.text(first + 3)?,
+        line_status: row.optional_text(first + 4)?,
+        fault: fault_record(row.optional_text(first + 5)?, row.optional_text(first + 6)?),
+        state: row.optional_text(first + 7)?,
+        service_plan: row.optional_text(first + 8)?,
+        ip_address: row.optional_text(first + 9)?,
+        mdn: row.optional_text(first + 10)?,
+        received_at: row.optional_text(first + 11)?,
+        delivery_id: row.optional_integer(first + 12)?,
+        details: parse_details(row.optional_text(first + 13)?),
+    })
+}
+
+/// The columns of a job device `d` with its latest outcome `o` (if reported), as
+/// [`JobDevices::add`] reads them.
+pub(crate) fn job_device_columns() -> String {
+    format!("d.id, o.id IS NOT NULL, {OUTCOME_COLUMNS}")
+}
+
+/// An identifier selected as `owner, kind, identifier`: the outcome or job device it belongs
+/// to, and the identifier.
+pub(crate) fn identifier_from_row<R: RowReader>(
+    row: &R,
+) -> Result<(i64, DeviceIdentifier), R::Error> {
+    Ok((
+        row.integer(0)?,
+        DeviceIdentifier {
+            kind: row.text(1)?,
+            id: row.text(2)?,
+        },
+    ))
+}
+
+fn sort_identifiers(identifiers: &mut [DeviceIdentifier]) {
+    identifiers.sort_by(|left, right| (&left.kind, &left.id).cmp(&(&right.kind, &right.id)));
+}
+
+/// The device list of one job, built from its identifier rows, then its device rows in order.
+pub(crate) struct JobDevices<'a> {
+    job: &'a JobRecord,
+    now: &'a str,
+    identifiers: HashMap<i64, Vec<DeviceIdentifier>>,
+    pub devices: Vec<OutcomeRecord>,
+}
+
+impl<'a> JobDevices<'a> {
+    /// For `job` as of `now` ([`super::timestamp`] text: a registered device not reported by its
+    /// deadline is `missing`).
+    pub fn new(job: &'a JobRecord, now: &'a str) -> Self {
+        Self {
+            job,
+            now,
+            identifiers: HashMap::new(),
+            devices: Vec::new(),
+        }
+    }
+
+    /// One row of [`identifier_from_row`] (`job_device_id, kind, identifier`).
+    pub fn add_identifier<R: RowReader>(&mut self, row: &R) -> Result<(), R::Error> {
+        let (device, identifier) = identifier_from_row(row)?;
+        self.identifiers.entry(device).or_default().push(identifier);
+        Ok(())
+    }
+
+    /// One row of [`job_device_columns`], after every identifier.
+    pub fn add<R: RowReader>(&mut self, row: &R) -> Result<(), R::Error> {
+        let device_id = row.integer(0)?;
+        let mut outcome = if row.flag(1)? {
+            outcome_from_row(row, 2)?
+        } else {
+            unreported_outcome(self.job, self.now)
+        };
+        outcome.identifiers = self.identifiers.remove(&device_id).unwrap_or_default();
+        sort_identifiers(&mut outcome.identifiers);
+        self.devices.push(outcome);
+        Ok(())
+    }
+}
+
+/// A device's history, built from its outcome rows, newest first.
+#[derive(Default)]
+pub(crate) struct History {
+    identifiers: HashMap<i64, Vec<DeviceIdentifier>>,
+    history: Vec<OutcomeRecord>,
+}
+
+impl History {
+    /// One row of [`identifier_from_row`] (`outcome_id, kind, identifier`).
+    pub fn add_identifier<R: RowReader>(&mut self, row: &R) -> Result<(), R::Error> {
+        let (outcome, identifier) = identifier_from_row(row)?;
+        self.identifiers
+            .entry(outcome)
+            .or_default()
+            .push(identifier);
+        Ok(())
+    }
+
+    /// One row of [`OUTCOME_COLUMNS`], newest first, after the identifiers of its outcome.
+    pub fn add<R: RowReader>(&mut self, row: &R) -> Result<(), R::Error> {
+        let outcome_id = row.integer(0)?;
+        let mut outcome = outcome_from_row(row, 0)?;
+        outcome.identifiers = self.identifiers.remove(&outcome_id).unwrap_or_default();
+        sort_identifiers(&mut outcome.identifiers);
+        self.history.push(outcome);
+        Ok(())
+    }
+
+    /// Every identifier the device was reported with, its latest outcome and its history;
+    /// `None` without an outcome.
+    pub fn finish(self) -> Option<DeviceHistory> {
+        let mut identifiers: Vec<DeviceIdentifier> = Vec::new();
+        for outcome in &self.history {
+            for found in &outcome.identifiers {
+                if !identifiers.contains(found) {
+                    identifiers.push(found.clone());
+                }
+            }
+        }
+        sort_identifiers(&mut identifiers);
+        let latest = self.history.first().cloned()?;
+        Some(DeviceHistory {
+            identifiers,
+            latest,
+            history: self.history,
+        })
+    }
+}
 
 /// A job as stored (the `jobs` table of either backend).
 #[derive(Clone, Debug)]
@@ -92,6 +307,39 @@ pub(crate) fn seconds_between(start: &str, end: &str) -> f64 {
 }
 
 impl JobRow {
+    /// A `jobs` row selected with [`JOB_COLUMNS`].
+    pub fn from_row<R: RowReader>(row: &R) -> Result<Self, R::Error> {
+        Ok(JobRow {
+            id: row.integer(0)?,
+            request_id: row.text(1)?,
+            registered: row.flag(2)?,
+            operation: row.optional_text(3)?,
+            account: row.optional_text(4)?,
+            label: row.optional_text(5)?,
+            state: row.text(6)?,
+            expected_devices: row.optional_integer(7)?,
+            devices_reported: row.integer(8)?,
+            succeeded: row.integer(9)?,
+            failed: row.integer(10)?,
+            accepted: row.integer(11)?,
+            deliveries: row.integer(12)?,
+            duplicates: row.integer(13)?,
+            is_upload: row.flag(14)?,
+            total_lines: row.optional_integer(15)?,
+            pending_lines: row.optional_integer(16)?,
+            success_lines: row.optional_integer(17)?,
+            failed_lines: row.optional_integer(18)?,
+            package_error: row.optional_text(19)?,
+            timeout_s: row.optional_integer(20)?,
+            created_at: row.text(21)?,
+            registered_at: row.optional_text(22)?,
+            first_callback_at: row.optional_text(23)?,
+            last_callback_at: row.optional_text(24)?,
+            completed_at: row.optional_text(25)?,
+            deadline: row.text(26)?,
+        })
+    }
+
     /// The facts of the state rule as of `now` ([`super::timestamp`] text).
     pub fn facts(&self, now: &str) -> JobFacts {
         let unsigned = |value: Option<i64>| value.and_then(|value| u64::try_from(value).ok());

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use deadpool_postgres::Transaction;
 use time::OffsetDateTime;
-use tokio_postgres::Row;
 
 use super::error::Failure;
 use super::write::{clean, clean_key, count, reserve_ids};
@@ -23,46 +22,8 @@ fn owned_text(value: &str) -> String {
 }
 use crate::domain::{DeviceIdentifier, OutcomeStatus, UploadSummary};
 use crate::jobs::{JobState, Registration};
-use crate::storage::rows::{JobCompletion, JobRow, TouchedJob, counter_of};
+use crate::storage::rows::{JOB_COLUMNS, JobCompletion, JobRow, TouchedJob, counter_of};
 use crate::storage::{DeliveryContent, NewDelivery, Registered, timestamp};
-
-pub(super) const JOB_COLUMNS: &str = "id, request_id, registered, operation, account, label, state, expected_devices,
-     devices_reported, succeeded, failed, accepted, deliveries, duplicates, is_upload, total_lines, pending_lines,
-     success_lines, failed_lines, package_error, timeout_s, created_at, registered_at, first_callback_at,
-     last_callback_at, completed_at, deadline";
-
-/// A `jobs` row selected with [`JOB_COLUMNS`].
-pub(super) fn job_row(row: &Row) -> Result<JobRow, tokio_postgres::Error> {
-    Ok(JobRow {
-        id: row.try_get(0)?,
-        request_id: row.try_get(1)?,
-        registered: row.try_get(2)?,
-        operation: row.try_get(3)?,
-        account: row.try_get(4)?,
-        label: row.try_get(5)?,
-        state: row.try_get(6)?,
-        expected_devices: row.try_get(7)?,
-        devices_reported: row.try_get(8)?,
-        succeeded: row.try_get(9)?,
-        failed: row.try_get(10)?,
-        accepted: row.try_get(11)?,
-        deliveries: row.try_get(12)?,
-        duplicates: row.try_get(13)?,
-        is_upload: row.try_get(14)?,
-        total_lines: row.try_get(15)?,
-        pending_lines: row.try_get(16)?,
-        success_lines: row.try_get(17)?,
-        failed_lines: row.try_get(18)?,
-        package_error: row.try_get(19)?,
-        timeout_s: row.try_get(20)?,
-        created_at: row.try_get(21)?,
-        registered_at: row.try_get(22)?,
-        first_callback_at: row.try_get(23)?,
-        last_callback_at: row.try_get(24)?,
-        completed_at: row.try_get(25)?,
-        deadline: row.try_get(26)?,
-    })
-}
 
 /// Creates the jobs not stored yet and locks all of them, in `request_id` order. Returns the
 /// locked rows by `request_id`, and which were created.
@@ -101,7 +62,7 @@ pub(super) async fn create_and_lock(
         .await?;
     let mut rows = HashMap::with_capacity(jobs.len());
     for row in transaction.query(&lock, &[&request_ids]).await? {
-        let row = job_row(&row)?;
+        let row = JobRow::from_row(&row)?;
         rows.insert(row.request_id.clone(), row);
     }
     Ok((rows, created))
@@ -664,7 +625,7 @@ pub(super) async fn sweep_chunk(
         .query(&statement, &[&timestamp(now), &limit])
         .await?
         .iter()
-        .map(job_row)
+        .map(JobRow::from_row)
         .collect::<Result<Vec<_>, _>>()?;
     let locked = rows.len();
     let mut changed = Vec::new();

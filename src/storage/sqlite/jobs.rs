@@ -10,8 +10,8 @@ use time::OffsetDateTime;
 
 use super::{insert_rows, queries, sql_count};
 use crate::domain::{DeviceIdentifier, OutcomeStatus, UploadSummary};
-use crate::jobs::{JobFacts, JobState, Registration, UploadCounts};
-use crate::storage::rows::{JobCompletion, TouchedJob, counter_of, seconds_between, transition};
+use crate::jobs::{JobState, Registration};
+use crate::storage::rows::{JOB_COLUMNS, JobCompletion, JobRow, TouchedJob, counter_of};
 use crate::storage::{Registered, timestamp};
 
 /// What one write batch does to the jobs it touches. Deliveries, re-deliveries, callback times
@@ -254,72 +254,27 @@ pub(super) fn record_upload(
     Ok(())
 }
 
-/// Recounts the job's devices and applies the state rule as of `now`. Returns whether the state
-/// changed; a job that just completed (not timed out) is added to `completions`.
+/// Applies the state rule to the job's row as it stands in this transaction (its counters are
+/// kept incrementally; nothing is recounted), as of `now`. Returns whether the state changed; a
+/// job that just completed (not timed out) is added to `completions`.
 pub(super) fn recompute(
     connection: &Connection,
     job_id: i64,
     now: OffsetDateTime,
     completions: &mut Vec<JobCompletion>,
 ) -> rusqlite::Result<bool> {
-    let now_text = timestamp(now);
-    let (facts, old_state, completed_at) = connection
-        .prepare_cached(
-            "SELECT expected_devices, is_upload, total_lines, pending_lines, success_lines, failed_lines,
-                    package_error IS NOT NULL, deadline < ?2, state, completed_at,
-                    devices_reported, succeeded, failed, accepted
-             FROM jobs WHERE id = ?1",
-        )?
-        .query_row(params![job_id, now_text], |row| {
-            let unsigned = |index: usize| -> rusqlite::Result<Option<u64>> {
-                Ok(row.get::<_, Option<i64>>(index)?.and_then(|value| u64::try_from(value).ok()))
-            };
-            let count = |index: usize| -> rusqlite::Result<u64> { Ok(unsigned(index)?.unwrap_or(0)) };
-            let is_upload: bool = row.get(1)?;
-            let facts = JobFacts {
-                registered_expected: unsigned(0)?,
-                reported: count(10)?,
-                succeeded: count(11)?,
-                failed: count(12)?,
-                accepted: count(13)?,
-                upload: if is_upload {
-                    Some(UploadCounts {
-                        total: unsigned(2)?,
-                        pending: unsigned(3)?,
-                        success: unsigned(4)?,
-                        failed: unsigned(5)?,
-                    })
-                } else {
-                    None
-                },
-                package_error: row.get(6)?,
-                deadline_passed: row.get(7)?,
-            };
-            Ok((facts, row.get::<_, String>(8)?, row.get::<_, Option<String>>(9)?))
-        })?;
-    let transition = transition(&facts, &old_state, completed_at.as_deref(), &now_text);
-    if transition.write {
+    let mut row = connection
+        .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
+        .query_row([job_id], |row| JobRow::from_row(row))?;
+    let old_state = row.state.clone();
+    let (write, completion) = row.recompute(now);
+    if write {
         connection
             .prepare_cached("UPDATE jobs SET state = ?2, completed_at = ?3 WHERE id = ?1")?
-            .execute(params![
-                job_id,
-                transition.state.as_str(),
-                transition.completed_at
-            ])?;
+            .execute(params![job_id, row.state, row.completed_at])?;
     }
-    let changed = transition.changed;
-    if changed && transition.state.is_terminal() && transition.state != JobState::TimedOut {
-        let (operation, started): (Option<String>, String) = connection
-            .prepare_cached(
-                "SELECT operation, coalesce(registered_at, created_at) FROM jobs WHERE id = ?1",
-            )?
-            .query_row([job_id], |row| Ok((row.get(0)?, row.get(1)?)))?;
-        completions.push(JobCompletion {
-            operation: operation.unwrap_or_else(|| "other".to_owned()),
-            seconds: seconds_between(&started, &now_text),
-        });
-    }
-    Ok(changed)
+    completions.extend(completion);
+    Ok(row.state != old_state)
 }
 
 /// Registers a job, or adopts the unregistered one earlier callbacks created.
