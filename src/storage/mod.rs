@@ -5,7 +5,9 @@
 //! [`Store::submit`] returns `Ok` only once the delivery is committed durably, and stores a
 //! re-delivery of a stored message as a duplicate, atomically, however many arrive at once.
 
+mod batch;
 mod error;
+pub(crate) mod jobs;
 pub mod postgres;
 pub(crate) mod rows;
 pub mod sqlite;
@@ -19,7 +21,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::domain::{Callback, DeliveryResult, DeviceIdentifier, UnreadableBody};
+use crate::domain::{Callback, DeliveryResult, DeviceIdentifier, Operation, UnreadableBody};
 use crate::jobs::{JobState, Registration};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -64,6 +66,33 @@ impl DeliveryContent {
         match self {
             DeliveryContent::Callback(callback) => callback.callback_count,
             DeliveryContent::Quarantined(unreadable) => unreadable.callback_count,
+        }
+    }
+
+    /// What the first delivery of its message is stored as: a callback, or quarantined.
+    pub fn first_result(&self) -> DeliveryResult {
+        match self {
+            DeliveryContent::Callback(_) => DeliveryResult::Stored,
+            DeliveryContent::Quarantined(_) => DeliveryResult::Quarantined,
+        }
+    }
+
+    /// The operation its job takes from it: a job takes its operation from the first callback
+    /// that names one.
+    pub fn job_operation(&self) -> Option<&'static str> {
+        match self {
+            DeliveryContent::Callback(callback) if callback.operation != Operation::Other => {
+                Some(callback.operation.as_str())
+            }
+            _ => None,
+        }
+    }
+
+    /// The device outcomes it carries (none for a quarantined body).
+    pub fn outcome_count(&self) -> usize {
+        match self {
+            DeliveryContent::Callback(callback) => callback.outcomes.len(),
+            DeliveryContent::Quarantined(_) => 0,
         }
     }
 }

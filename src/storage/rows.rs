@@ -1,17 +1,15 @@
-//! What both backends share once the SQL is done: every record read is mapped here once, from
-//! one column list, over either driver's rows ([`RowReader`]); a job row and the state rule
-//! applied to it, listing pages, identifier variants, the placeholder of an unreported device.
+//! What both backends' reads share once the SQL is done: every record read is mapped here once,
+//! from one column list, over either driver's rows ([`RowReader`]); the filters and pages of the
+//! listings, identifier variants, the placeholder of an unreported device. (The job row is in
+//! [`super::jobs`].)
 
 use std::collections::HashMap;
 
-use time::OffsetDateTime;
-
 use super::{
     DeliveryQuery, DeliveryRecord, DeviceHistory, FaultRecord, JobQuery, JobRecord, OutcomeRecord,
-    Page, RawBody, UploadRecord,
+    Page, RawBody,
 };
 use crate::domain::{DeliveryResult, DeviceIdentifier};
-use crate::jobs::{self, JobFacts, JobState, UploadCounts};
 
 /// A row of a result, read by column position: what the mappings here need of a driver's row.
 /// Each backend implements it for its driver (`rusqlite::Row`, `tokio_postgres::Row`), so that
@@ -26,12 +24,6 @@ pub(crate) trait RowReader {
     fn flag(&self, column: usize) -> Result<bool, Self::Error>;
     fn optional_bytes(&self, column: usize) -> Result<Option<Vec<u8>>, Self::Error>;
 }
-
-/// The columns of a `jobs` row, as [`JobRow::from_row`] reads them.
-pub(crate) const JOB_COLUMNS: &str = "id, request_id, registered, operation, account, label, state, expected_devices,
-     devices_reported, succeeded, failed, accepted, deliveries, duplicates, is_upload, total_lines, pending_lines,
-     success_lines, failed_lines, package_error, timeout_s, created_at, registered_at, first_callback_at,
-     last_callback_at, completed_at, deadline";
 
 /// The columns of a delivery in the listing, as [`delivery_from_row`] reads them; `duplicates`
 /// is how the backend counts the re-deliveries of the row `d`.
@@ -222,247 +214,6 @@ impl History {
     }
 }
 
-/// A job as stored (the `jobs` table of either backend).
-#[derive(Clone, Debug)]
-pub(crate) struct JobRow {
-    pub id: i64,
-    pub request_id: String,
-    pub registered: bool,
-    pub operation: Option<String>,
-    pub account: Option<String>,
-    pub label: Option<String>,
-    pub state: String,
-    pub expected_devices: Option<i64>,
-    pub devices_reported: i64,
-    pub succeeded: i64,
-    pub failed: i64,
-    pub accepted: i64,
-    pub deliveries: i64,
-    pub duplicates: i64,
-    pub is_upload: bool,
-    pub total_lines: Option<i64>,
-    pub pending_lines: Option<i64>,
-    pub success_lines: Option<i64>,
-    pub failed_lines: Option<i64>,
-    pub package_error: Option<String>,
-    pub timeout_s: Option<i64>,
-    pub created_at: String,
-    pub registered_at: Option<String>,
-    pub first_callback_at: Option<String>,
-    pub last_callback_at: Option<String>,
-    pub completed_at: Option<String>,
-    pub deadline: String,
-}
-
-/// A job that just completed: for `m2m_job_completion_seconds`, observed once the transaction
-/// commits.
-pub(crate) struct JobCompletion {
-    pub operation: String,
-    pub seconds: f64,
-}
-
-/// What the state rule did to a job.
-pub(crate) struct Transition {
-    pub state: JobState,
-    pub completed_at: Option<String>,
-    /// The state changed.
-    pub changed: bool,
-    /// The state or `completed_at` changed: the row needs writing.
-    pub write: bool,
-}
-
-/// Applies the state rule to a job whose state was `old_state`, as of `now` (fixed-width text,
-/// see [`super::timestamp`]).
-pub(crate) fn transition(
-    facts: &JobFacts,
-    old_state: &str,
-    completed_at: Option<&str>,
-    now: &str,
-) -> Transition {
-    let state = jobs::compute_state(facts);
-    let was_terminal = JobState::from_label(old_state).is_some_and(JobState::is_terminal);
-    let new_completed_at = match (state.is_terminal(), was_terminal) {
-        (false, _) => None,
-        (true, true) => Some(completed_at.unwrap_or(now).to_owned()),
-        (true, false) => Some(now.to_owned()),
-    };
-    let changed = state.as_str() != old_state;
-    Transition {
-        state,
-        write: changed || new_completed_at.as_deref() != completed_at,
-        completed_at: new_completed_at,
-        changed,
-    }
-}
-
-/// Seconds from `start` to `end` (both [`super::timestamp`] text); 0 when either does not parse.
-pub(crate) fn seconds_between(start: &str, end: &str) -> f64 {
-    let parse = |text: &str| {
-        OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
-    };
-    match (parse(start), parse(end)) {
-        (Some(start), Some(end)) => (end - start).as_seconds_f64().max(0.0),
-        _ => 0.0,
-    }
-}
-
-impl JobRow {
-    /// A `jobs` row selected with [`JOB_COLUMNS`].
-    pub fn from_row<R: RowReader>(row: &R) -> Result<Self, R::Error> {
-        Ok(JobRow {
-            id: row.integer(0)?,
-            request_id: row.text(1)?,
-            registered: row.flag(2)?,
-            operation: row.optional_text(3)?,
-            account: row.optional_text(4)?,
-            label: row.optional_text(5)?,
-            state: row.text(6)?,
-            expected_devices: row.optional_integer(7)?,
-            devices_reported: row.integer(8)?,
-            succeeded: row.integer(9)?,
-            failed: row.integer(10)?,
-            accepted: row.integer(11)?,
-            deliveries: row.integer(12)?,
-            duplicates: row.integer(13)?,
-            is_upload: row.flag(14)?,
-            total_lines: row.optional_integer(15)?,
-            pending_lines: row.optional_integer(16)?,
-            success_lines: row.optional_integer(17)?,
-            failed_lines: row.optional_integer(18)?,
-            package_error: row.optional_text(19)?,
-            timeout_s: row.optional_integer(20)?,
-            created_at: row.text(21)?,
-            registered_at: row.optional_text(22)?,
-            first_callback_at: row.optional_text(23)?,
-            last_callback_at: row.optional_text(24)?,
-            completed_at: row.optional_text(25)?,
-            deadline: row.text(26)?,
-        })
-    }
-
-    /// The facts of the state rule as of `now` ([`super::timestamp`] text).
-    pub fn facts(&self, now: &str) -> JobFacts {
-        let unsigned = |value: Option<i64>| value.and_then(|value| u64::try_from(value).ok());
-        let count = |value: i64| u64::try_from(value).unwrap_or(0);
-        JobFacts {
-            registered_expected: unsigned(self.expected_devices),
-            reported: count(self.devices_reported),
-            succeeded: count(self.succeeded),
-            failed: count(self.failed),
-            accepted: count(self.accepted),
-            upload: self.is_upload.then(|| UploadCounts {
-                total: unsigned(self.total_lines),
-                pending: unsigned(self.pending_lines),
-                success: unsigned(self.success_lines),
-                failed: unsigned(self.failed_lines),
-            }),
-            package_error: self.package_error.is_some(),
-            deadline_passed: self.deadline.as_str() < now,
-        }
-    }
-
-    /// Applies the state rule in place as of `now`. Returns whether the row changed, and the
-    /// completion to observe when the job just completed (a timeout is not a completion).
-    pub fn recompute(&mut self, now: OffsetDateTime) -> (bool, Option<JobCompletion>) {
-        let now = super::timestamp(now);
-        let transition = transition(
-            &self.facts(&now),
-            &self.state,
-            self.completed_at.as_deref(),
-            &now,
-        );
-        let completion = (transition.changed
-            && transition.state.is_terminal()
-            && transition.state != JobState::TimedOut)
-            .then(|| JobCompletion {
-                operation: self.operation.clone().unwrap_or_else(|| "other".to_owned()),
-                seconds: seconds_between(
-                    self.registered_at.as_deref().unwrap_or(&self.created_at),
-                    &now,
-                ),
-            });
-        self.state = transition.state.as_str().to_owned();
-        self.completed_at = transition.completed_at;
-        (transition.write, completion)
-    }
-
-    pub fn into_record(self) -> JobRecord {
-        let expected_devices = self.expected_devices.or(if self.is_upload {
-            self.total_lines
-        } else {
-            None
-        });
-        JobRecord {
-            id: self.id,
-            request_id: self.request_id,
-            registered: self.registered,
-            operation: self.operation,
-            account: self.account,
-            label: self.label,
-            state: self.state,
-            expected_devices,
-            devices_reported: self.devices_reported,
-            succeeded: self.succeeded,
-            failed: self.failed,
-            accepted: self.accepted,
-            pending: expected_devices.map(|expected| (expected - self.devices_reported).max(0)),
-            upload: self.is_upload.then_some(UploadRecord {
-                total_lines: self.total_lines,
-                pending_lines: self.pending_lines,
-                success_lines: self.success_lines,
-                failed_lines: self.failed_lines,
-                package_error: self.package_error,
-            }),
-            deliveries: self.deliveries,
-            duplicates: self.duplicates,
-            timeout_s: self.timeout_s,
-            registered_at: self.registered_at,
-            first_callback_at: self.first_callback_at,
-            last_callback_at: self.last_callback_at,
-            completed_at: self.completed_at,
-            deadline: self.deadline,
-        }
-    }
-}
-
-/// What one batch adds to one job.
-#[derive(Clone)]
-pub(crate) struct TouchedJob {
-    pub deliveries: i64,
-    pub duplicates: i64,
-    pub operation: Option<&'static str>,
-    pub first_at: OffsetDateTime,
-    pub last_at: OffsetDateTime,
-    /// Changes to devices_reported, succeeded, failed, accepted.
-    pub counters: [i64; 4],
-}
-
-impl TouchedJob {
-    pub fn new(at: OffsetDateTime) -> Self {
-        Self {
-            deliveries: 0,
-            duplicates: 0,
-            operation: None,
-            first_at: at,
-            last_at: at,
-            counters: [0; 4],
-        }
-    }
-
-    pub fn record_delivery(
-        &mut self,
-        operation: Option<&'static str>,
-        at: OffsetDateTime,
-        duplicate: bool,
-    ) {
-        self.deliveries += 1;
-        self.duplicates += i64::from(duplicate);
-        self.operation = self.operation.or(operation);
-        self.first_at = self.first_at.min(at);
-        self.last_at = self.last_at.max(at);
-    }
-}
-
 /// A value a listing filters on.
 #[derive(Clone, Debug)]
 pub(crate) enum FilterValue {
@@ -552,17 +303,6 @@ pub(crate) fn page<T>(mut items: Vec<T>, limit: i64, id_of: impl Fn(&T) -> i64) 
         None
     };
     Page { items, next_cursor }
-}
-
-/// Which of `devices_reported`, `succeeded`, `failed`, `accepted` (by position) a latest status
-/// counts in besides `devices_reported`.
-pub(crate) fn counter_of(status: &str) -> Option<usize> {
-    match status {
-        "succeeded" => Some(1),
-        "failed" => Some(2),
-        "accepted" => Some(3),
-        _ => None,
-    }
 }
 
 /// The identifier as sent, then upper- and lower-case: identifiers are stored as sent, and

@@ -60,6 +60,9 @@ fn is_storage_wide(error: &tokio_postgres::Error) -> bool {
         || matches!(code, "25006" | "55006" | "25P03")
 }
 
+/// A transaction that meets a deadlock or serialization failure is run this often in all.
+pub(super) const RETRIES: usize = 3;
+
 /// A deadlock or serialization failure: the transaction can simply be run again.
 pub(super) fn is_retryable(error: &tokio_postgres::Error) -> bool {
     error

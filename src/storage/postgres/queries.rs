@@ -1,16 +1,17 @@
-//! Read queries for the API, and pruning. The rows are mapped in [`crate::storage::rows`], as
+//! Read queries for the API. The rows are mapped in [`crate::storage::rows`], as
 //! the SQLite backend's are.
 
-use deadpool_postgres::{GenericClient, Object, Transaction};
+use deadpool_postgres::{GenericClient, Object};
 use tokio_postgres::Row;
 use tokio_postgres::types::{IsNull, ToSql, Type};
 
-use super::write::clean_key;
+use super::text::clean_key;
 use crate::domain::DeviceIdentifier;
+use crate::storage::jobs::{JOB_COLUMNS, JobRow};
 use crate::storage::rows::{
-    Conditions, FilterValue, HISTORY_LIMIT, History, JOB_COLUMNS, JobDevices, JobRow,
-    OUTCOME_COLUMNS, RAW_BODY_COLUMNS, RowReader, delivery_columns, delivery_from_row,
-    identifier_candidates, job_device_columns, page, raw_body_from_row,
+    Conditions, FilterValue, HISTORY_LIMIT, History, JobDevices, OUTCOME_COLUMNS, RAW_BODY_COLUMNS,
+    RowReader, delivery_columns, delivery_from_row, identifier_candidates, job_device_columns,
+    page, raw_body_from_row,
 };
 use crate::storage::{
     DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord, OutcomeRecord, Page, RawBody,
@@ -251,31 +252,4 @@ pub(super) async fn job_counts(client: &Object) -> Result<Vec<(String, i64)>, Er
         .iter()
         .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
         .collect()
-}
-
-/// Deletes up to `chunk` raw bodies of stored deliveries received before `cutoff`, keeping
-/// quarantined bodies and those of jobs still pending or in progress (as the SQLite backend does).
-/// Replicas pruning at once skip each other's rows.
-pub(super) async fn prune_chunk(
-    transaction: &Transaction<'_>,
-    cutoff: &str,
-    chunk: i64,
-) -> Result<usize, Error> {
-    let statement = transaction
-        .prepare_cached(
-            "DELETE FROM raw_bodies WHERE delivery_id IN (
-                 SELECT r.delivery_id
-                 FROM raw_bodies r
-                 JOIN deliveries d ON d.id = r.delivery_id
-                 LEFT JOIN jobs j ON j.request_id = d.request_id
-                 WHERE d.received_at < $1
-                   AND d.result = 'stored'
-                   AND (j.id IS NULL OR j.state NOT IN ('pending', 'in_progress'))
-                 ORDER BY r.delivery_id
-                 LIMIT $2
-                 FOR UPDATE OF r SKIP LOCKED)",
-        )
-        .await?;
-    let deleted = transaction.execute(&statement, &[&cutoff, &chunk]).await?;
-    Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
 }

@@ -32,6 +32,11 @@ pub(super) fn is_storage_wide(error: &rusqlite::Error) -> bool {
     )
 }
 
+/// A fault of one delivery or request (a defect), not of the database as a whole.
+pub(super) fn is_own_fault(error: &rusqlite::Error) -> bool {
+    !is_storage_wide(error)
+}
+
 /// A storage-wide fault after which the writer's connection may be unusable (read-only file,
 /// I/O error): it is reopened for the next batch. A lock held elsewhere is only waited out.
 pub(super) fn needs_reopen(error: &rusqlite::Error) -> bool {

@@ -4,10 +4,11 @@
 use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 
 use crate::domain::DeviceIdentifier;
+use crate::storage::jobs::{JOB_COLUMNS, JobRow};
 use crate::storage::rows::{
-    Conditions, FilterValue, HISTORY_LIMIT, History, JOB_COLUMNS, JobDevices, JobRow,
-    OUTCOME_COLUMNS, RAW_BODY_COLUMNS, RowReader, delivery_columns, delivery_from_row,
-    identifier_candidates, job_device_columns, page, raw_body_from_row,
+    Conditions, FilterValue, HISTORY_LIMIT, History, JobDevices, OUTCOME_COLUMNS, RAW_BODY_COLUMNS,
+    RowReader, delivery_columns, delivery_from_row, identifier_candidates, job_device_columns,
+    page, raw_body_from_row,
 };
 use crate::storage::{
     DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord, OutcomeRecord, Page, RawBody,
@@ -87,13 +88,6 @@ pub(super) fn raw_body(connection: &Connection, delivery_id: i64) -> rusqlite::R
         .query_row([delivery_id], |row| raw_body_from_row(row))
         .optional()?;
     Ok(found.unwrap_or(RawBody::NotFound))
-}
-
-pub(super) fn job_by_id(connection: &Connection, job_id: i64) -> rusqlite::Result<JobRecord> {
-    connection
-        .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
-        .query_row([job_id], |row| JobRow::from_row(row))
-        .map(JobRow::into_record)
 }
 
 pub(super) fn job_by_request_id(
@@ -225,7 +219,7 @@ mod tests {
     #[test]
     fn filtered_listings_use_their_indexes() {
         let mut connection = Connection::open_in_memory().unwrap();
-        super::super::migrate(&mut connection).unwrap();
+        super::super::schema::migrate(&mut connection).unwrap();
         let columns = "SELECT id FROM deliveries";
         let by_request = plan(
             &connection,
@@ -252,7 +246,7 @@ mod tests {
 
     fn migrated() -> Connection {
         let mut connection = Connection::open_in_memory().unwrap();
-        super::super::migrate(&mut connection).unwrap();
+        super::super::schema::migrate(&mut connection).unwrap();
         connection
     }
 

@@ -6,10 +6,8 @@ use anyhow::Context;
 use rusqlite::{Connection, OpenFlags, params};
 use time::OffsetDateTime;
 
+use crate::storage::batch::PRUNE_CHUNK;
 use crate::storage::timestamp;
-
-/// Raw bodies deleted per transaction, so that pruning never holds the writer for long.
-pub(super) const PRUNE_CHUNK: i64 = 2_000;
 
 /// Deletes up to [`PRUNE_CHUNK`] raw bodies of stored deliveries received before `cutoff`.
 /// Kept whatever their age: quarantined bodies (the only copy of what was sent) and bodies of
