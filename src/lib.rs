@@ -11,7 +11,8 @@
 //! - [`access`]: the source allow-list and trusted proxies.
 //! - [`auth`]: which callback credentials are accepted; the generated pair.
 //! - [`private_files`]: files and directories created for their owner only (0600, 0700).
-//! - [`storage`]: the [`storage::Store`] interface and its SQLite backend (the only SQL).
+//! - [`storage`]: the [`storage::Store`] interface, the core its SQLite and PostgreSQL backends
+//!   share, and the backends (the only SQL).
 //! - [`http`]: the callback port and the API port, with graceful shutdown.
 //! - [`metrics`]: the Prometheus metrics (bounded labels).
 //! - [`configuration`]: defaults, TOML file, `M2M_` environment.

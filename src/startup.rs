@@ -17,6 +17,7 @@ use crate::configuration::Settings;
 use crate::http::{self, ConnectionLimits, api::ApiState, callback::CallbackState};
 use crate::metrics::Metrics;
 use crate::storage::Store;
+use crate::telemetry::ErrorChain;
 
 /// The API port serves operators and Prometheus, not the platform: modest fixed limits.
 const API_LIMITS: ConnectionLimits = ConnectionLimits {
@@ -56,6 +57,7 @@ impl Application {
             &settings.storage,
             Duration::from_secs(settings.jobs.default_timeout_s),
             Arc::clone(&metrics),
+            crate::storage::Purpose::Serve,
         )
         .await?;
         let (credentials, credential_source) = auth::resolve_credentials(
@@ -190,7 +192,7 @@ async fn sweep_overdue_jobs(store: Arc<dyn Store>, interval: Duration) {
             Ok(0) => {}
             Ok(changed) => tracing::info!(jobs = changed, "jobs reached their deadline"),
             Err(error) => {
-                tracing::warn!(%error, "job deadline sweep failed; retrying at the next interval")
+                tracing::warn!(error = %ErrorChain(&error), "job deadline sweep failed; retrying at the next interval")
             }
         }
     }
@@ -206,7 +208,10 @@ async fn prune_raw_bodies(store: Arc<dyn Store>, interval: Duration, retention: 
         match store.prune_raw_bodies(cutoff).await {
             Ok(0) => {}
             Ok(pruned) => tracing::info!(pruned, "pruned raw bodies past storage.retention_days"),
-            Err(error) => tracing::warn!(%error, "pruning failed; retrying at the next interval"),
+            Err(error) => tracing::warn!(
+                error = %ErrorChain(&error),
+                "pruning failed; retrying at the next interval"
+            ),
         }
     }
 }

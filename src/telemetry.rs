@@ -121,6 +121,22 @@ impl fmt::Display for Wire<'_> {
     }
 }
 
+/// An error and its sources as one log field or message: `error: source: source...`, the way
+/// `anyhow` shows a chain with `{:#}`. The edge logs a store failure once, through this.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(formatter, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
 /// Control characters (newlines, ESC...), and the separators and direction overrides that can
 /// make a line read as something else.
 fn needs_escape(character: char) -> bool {

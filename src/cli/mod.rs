@@ -16,7 +16,8 @@ mod jobs;
 use crate::auth::CredentialSource;
 use crate::configuration::{LogFormat, Settings, SettingsError};
 use crate::startup::{Application, shutdown_signal};
-use crate::telemetry;
+use crate::storage::{BackupError, Purpose, Store};
+use crate::telemetry::{self, ErrorChain};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -93,12 +94,13 @@ pub fn run() -> ExitCode {
         Command::Prune => {
             let cutoff = time::OffsetDateTime::now_utc()
                 - time::Duration::days(i64::from(settings.storage.retention_days));
-            let pruned = if settings.storage.postgres_url().is_some() {
-                prune_postgres(&settings, cutoff)
-            } else {
-                crate::storage::sqlite::prune_database(&settings.storage.path, cutoff)
-            };
-            match pruned {
+            let pruned = with_store(&settings, async |store| {
+                store
+                    .prune_raw_bodies(cutoff)
+                    .await
+                    .map_err(anyhow::Error::new)
+            });
+            match pruned.and_then(|pruned| pruned) {
                 Ok(pruned) => emit(&format!(
                     "pruned {pruned} raw bodies older than {} days\n",
                     settings.storage.retention_days
@@ -111,21 +113,24 @@ pub fn run() -> ExitCode {
                 }
             }
         }
-        Command::Backup { .. } if settings.storage.postgres_url().is_some() => {
-            report(
-                "backup copies the SQLite file; with storage.url use PostgreSQL's own tools (pg_dump, base backups)",
-            );
-            ExitCode::from(2)
-        }
         Command::Backup { file } => {
-            match crate::storage::sqlite::backup_database(&settings.storage.path, &file) {
-                Ok(()) => emit(&format!(
+            match with_store(&settings, async |store| store.backup(file.clone()).await) {
+                Ok(Ok(())) => emit(&format!(
                     "backed up {} to {}\n",
                     settings.storage.path.display(),
                     file.display()
                 ))
                 .err()
                 .unwrap_or(ExitCode::SUCCESS),
+                // A usage error: this backend is backed up with other tools, which the message names.
+                Ok(Err(BackupError::Unsupported(tools))) => {
+                    report(tools);
+                    ExitCode::from(2)
+                }
+                Ok(Err(error @ BackupError::Failed(_))) => {
+                    report(ErrorChain(&error));
+                    ExitCode::FAILURE
+                }
                 Err(error) => {
                     report(format_args!("{error:#}"));
                     ExitCode::FAILURE
@@ -135,23 +140,29 @@ pub fn run() -> ExitCode {
     }
 }
 
-/// Prunes on PostgreSQL through the store, as the listener's own pruning task does.
-fn prune_postgres(settings: &Settings, cutoff: time::OffsetDateTime) -> anyhow::Result<usize> {
+/// Runs a maintenance command's `work` on the store the settings select, opened through
+/// [`crate::storage::open`] as `serve` opens it (for maintenance: see [`Purpose::Maintain`]),
+/// and closes the store once the work is done.
+fn with_store<T>(
+    settings: &Settings,
+    work: impl AsyncFnOnce(&dyn Store) -> T,
+) -> anyhow::Result<T> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let metrics = std::sync::Arc::new(crate::metrics::Metrics::new()?);
-        let store = crate::storage::postgres::PostgresStore::open(
+        let (store, _) = crate::storage::open(
             &settings.storage,
             std::time::Duration::from_secs(settings.jobs.default_timeout_s),
             metrics,
+            Purpose::Maintain,
         )
         .await?;
-        let pruned = crate::storage::Store::prune_raw_bodies(&store, cutoff).await;
-        crate::storage::Store::close(&store).await;
-        Ok(pruned?)
+        let done = work(store.as_ref()).await;
+        store.close().await;
+        Ok(done)
     })
 }
 

@@ -22,6 +22,7 @@ use crate::metrics::Metrics;
 use crate::storage::{
     DeliveryQuery, FaultRecord, JobQuery, OutcomeRecord, RawBody, Registered, Store, StoreError,
 };
+use crate::telemetry::ErrorChain;
 
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
@@ -107,13 +108,28 @@ impl InvalidParameter {
     }
 }
 
+/// The answer to a request that failed in storage, logged here once with its cause chain: 503
+/// when the store cannot answer now (the client retries), 500 for a fault of this request or of
+/// the code, which a retry would meet again. The 500 names no internals; the log has them.
 fn storage_error(failure: &StoreError) -> HttpResponse {
-    tracing::warn!(error = %failure, "API request failed in storage");
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "STORAGE_UNAVAILABLE",
-        &failure.to_string(),
-    )
+    match failure {
+        StoreError::Unavailable(_) | StoreError::Busy(_) | StoreError::Closed => {
+            tracing::warn!(error = %ErrorChain(failure), "API request failed in storage; answered 503");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "STORAGE_UNAVAILABLE",
+                &ErrorChain(failure).to_string(),
+            )
+        }
+        StoreError::Internal(_) => {
+            tracing::error!(error = %ErrorChain(failure), "API request failed in storage; answered 500");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "INTERNAL",
+                "the request failed in storage; the listener's log has the cause",
+            )
+        }
+    }
 }
 
 /// Largest accepted registration body: 10,000 devices fit in well under 2 MiB.
@@ -655,7 +671,9 @@ fn csv_field(value: &str) -> String {
 async fn metrics(state: &ApiState) -> HttpResponse {
     match state.store.job_counts().await {
         Ok(counts) => state.metrics.set_job_counts(&counts),
-        Err(failure) => tracing::warn!(error = %failure, "job counts unavailable for /metrics"),
+        Err(failure) => {
+            tracing::warn!(error = %ErrorChain(&failure), "job counts unavailable for /metrics")
+        }
     }
     match state.metrics.render() {
         Ok(text) => response(
@@ -674,10 +692,14 @@ async fn metrics(state: &ApiState) -> HttpResponse {
 async fn readiness(state: &ApiState) -> HttpResponse {
     match tokio::time::timeout(state.readiness_timeout, state.store.check_writable()).await {
         Ok(Ok(())) => json_response(StatusCode::OK, &json!({ "status": "ready" })),
-        Ok(Err(failure)) => json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &json!({ "status": "unavailable", "reason": failure.to_string() }),
-        ),
+        Ok(Err(failure)) => {
+            let reason = ErrorChain(&failure).to_string();
+            tracing::warn!(%reason, "not ready");
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({ "status": "unavailable", "reason": reason }),
+            )
+        }
         Err(_) => json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({ "status": "unavailable", "reason": "storage did not commit a probe in time" }),

@@ -28,7 +28,7 @@ use crate::domain::DeliveryResult;
 use crate::metrics::{CallbackTally, Metrics, UNKNOWN_KIND};
 use crate::parser::{self, Parsed};
 use crate::storage::{DeliveryContent, NewDelivery, Store, StoreError};
-use crate::telemetry::Wire;
+use crate::telemetry::{ErrorChain, Wire};
 
 /// The acknowledgement the platform expects: any 2xx stops its retries.
 const SOAP_ACK: &str = concat!(
@@ -395,7 +395,7 @@ fn log_store_failure(
     started: Instant,
 ) {
     tracing::error!(
-        request_id = %Wire(request_id), kind, bytes = size, result = "unavailable", %error,
+        request_id = %Wire(request_id), kind, bytes = size, result = "unavailable", error = %ErrorChain(error),
         latency_ms = elapsed_ms(started), "callback not stored; answered 503 so the platform retries"
     );
 }

@@ -5,9 +5,14 @@
 //! [`Store::submit`] returns `Ok` only once the delivery is committed durably, and stores a
 //! re-delivery of a stored message as a duplicate, atomically, however many arrive at once.
 
+mod batch;
+mod error;
+pub(crate) mod jobs;
 pub mod postgres;
 pub(crate) mod rows;
 pub mod sqlite;
+
+pub use error::{BackupError, Cause, Fault, StoreError};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,7 +21,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::domain::{Callback, DeliveryResult, DeviceIdentifier, UnreadableBody};
+use crate::domain::{Callback, DeliveryResult, DeviceIdentifier, Operation, UnreadableBody};
 use crate::jobs::{JobState, Registration};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -63,6 +68,33 @@ impl DeliveryContent {
             DeliveryContent::Quarantined(unreadable) => unreadable.callback_count,
         }
     }
+
+    /// What the first delivery of its message is stored as: a callback, or quarantined.
+    pub fn first_result(&self) -> DeliveryResult {
+        match self {
+            DeliveryContent::Callback(_) => DeliveryResult::Stored,
+            DeliveryContent::Quarantined(_) => DeliveryResult::Quarantined,
+        }
+    }
+
+    /// The operation its job takes from it: a job takes its operation from the first callback
+    /// that names one.
+    pub fn job_operation(&self) -> Option<&'static str> {
+        match self {
+            DeliveryContent::Callback(callback) if callback.operation != Operation::Other => {
+                Some(callback.operation.as_str())
+            }
+            _ => None,
+        }
+    }
+
+    /// The device outcomes it carries (none for a quarantined body).
+    pub fn outcome_count(&self) -> usize {
+        match self {
+            DeliveryContent::Callback(callback) => callback.outcomes.len(),
+            DeliveryContent::Quarantined(_) => 0,
+        }
+    }
 }
 
 /// What the store did with a delivery. Returned only after the commit.
@@ -72,23 +104,6 @@ pub struct Receipt {
     pub result: DeliveryResult,
     /// For a duplicate: the delivery that stored the message first.
     pub duplicate_of: Option<i64>,
-}
-
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The store cannot commit now (locked, read-only, disk full, I/O error); it may recover.
-    #[error("storage unavailable: {0}")]
-    Unavailable(String),
-    /// Rows this write needs were held by another writer (another replica) for longer than the
-    /// lock timeout. The store itself is fine: the caller retries, readiness is not affected.
-    #[error("storage busy: {0}")]
-    Busy(String),
-    /// The store is shutting down and takes no more writes.
-    #[error("storage is shutting down")]
-    Closed,
-    /// A fault specific to this request.
-    #[error("storage error: {0}")]
-    Internal(String),
 }
 
 /// A filter for the delivery listing.
@@ -300,6 +315,11 @@ pub trait Store: Send + Sync + 'static {
     /// How many jobs are in each state.
     fn job_counts(&self) -> BoxFuture<'_, Result<Vec<(String, i64)>, StoreError>>;
 
+    /// Copies the database, consistently and atomically, to `target`, which must not exist; on
+    /// failure nothing is left there. A backend that has no such copy says so
+    /// ([`BackupError::Unsupported`]) and names the tools that make one.
+    fn backup(&self, target: std::path::PathBuf) -> BoxFuture<'_, Result<(), BackupError>>;
+
     /// Finishes queued writes and stops taking new ones.
     fn close(&self) -> BoxFuture<'_, ()>;
 }
@@ -314,18 +334,30 @@ pub fn timestamp(at: OffsetDateTime) -> String {
         .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 
+/// What a store is opened for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// The listener: a SQLite file is created if there is none, and the schema is migrated.
+    Serve,
+    /// A maintenance command (`prune`, `backup`): the SQLite file must exist, and is used with
+    /// the schema it has, so that a backup taken before an upgrade holds the old schema; nothing
+    /// connects to PostgreSQL before the command needs it.
+    Maintain,
+}
+
 /// Opens the backend the settings select: PostgreSQL when `storage.url` is set, else the SQLite
 /// file at `storage.path`. Returns the store and, for SQLite, its file.
 pub async fn open(
     settings: &crate::configuration::StorageSettings,
     job_timeout: std::time::Duration,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    purpose: Purpose,
 ) -> anyhow::Result<(std::sync::Arc<dyn Store>, Option<std::path::PathBuf>)> {
     if settings.postgres_url().is_some() {
-        let store = postgres::PostgresStore::open(settings, job_timeout, metrics).await?;
+        let store = postgres::PostgresStore::open(settings, job_timeout, metrics, purpose).await?;
         return Ok((std::sync::Arc::new(store), None));
     }
-    let store = sqlite::SqliteStore::open(settings, job_timeout, metrics)?;
+    let store = sqlite::SqliteStore::open(settings, job_timeout, metrics, purpose)?;
     let path = store.path().to_owned();
     Ok((std::sync::Arc::new(store), Some(path)))
 }

@@ -1,217 +1,216 @@
-//! What both backends share once the SQL is done: a job row and the state rule applied to it,
-//! listing pages, identifier variants, the placeholder of an unreported device.
+//! What both backends' reads share once the SQL is done: every record read is mapped here once,
+//! from one column list, over either driver's rows ([`RowReader`]); the filters and pages of the
+//! listings, identifier variants, the placeholder of an unreported device. (The job row is in
+//! [`super::jobs`].)
 
-use time::OffsetDateTime;
+use std::collections::HashMap;
 
-use super::{DeliveryQuery, FaultRecord, JobQuery, JobRecord, OutcomeRecord, Page, UploadRecord};
-use crate::domain::DeliveryResult;
-use crate::jobs::{self, JobFacts, JobState, UploadCounts};
+use super::{
+    DeliveryQuery, DeliveryRecord, DeviceHistory, FaultRecord, JobQuery, JobRecord, OutcomeRecord,
+    Page, RawBody,
+};
+use crate::domain::{DeliveryResult, DeviceIdentifier};
 
-/// A job as stored (the `jobs` table of either backend).
-#[derive(Clone, Debug)]
-pub(crate) struct JobRow {
-    pub id: i64,
-    pub request_id: String,
-    pub registered: bool,
-    pub operation: Option<String>,
-    pub account: Option<String>,
-    pub label: Option<String>,
-    pub state: String,
-    pub expected_devices: Option<i64>,
-    pub devices_reported: i64,
-    pub succeeded: i64,
-    pub failed: i64,
-    pub accepted: i64,
-    pub deliveries: i64,
-    pub duplicates: i64,
-    pub is_upload: bool,
-    pub total_lines: Option<i64>,
-    pub pending_lines: Option<i64>,
-    pub success_lines: Option<i64>,
-    pub failed_lines: Option<i64>,
-    pub package_error: Option<String>,
-    pub timeout_s: Option<i64>,
-    pub created_at: String,
-    pub registered_at: Option<String>,
-    pub first_callback_at: Option<String>,
-    pub last_callback_at: Option<String>,
-    pub completed_at: Option<String>,
-    pub deadline: String,
+/// A row of a result, read by column position: what the mappings here need of a driver's row.
+/// Each backend implements it for its driver (`rusqlite::Row`, `tokio_postgres::Row`), so that
+/// each record type is read by one function whichever database it came from. A value of the
+/// wrong type (or a NULL where none is allowed) is the driver's error.
+pub(crate) trait RowReader {
+    type Error;
+    fn text(&self, column: usize) -> Result<String, Self::Error>;
+    fn optional_text(&self, column: usize) -> Result<Option<String>, Self::Error>;
+    fn integer(&self, column: usize) -> Result<i64, Self::Error>;
+    fn optional_integer(&self, column: usize) -> Result<Option<i64>, Self::Error>;
+    fn flag(&self, column: usize) -> Result<bool, Self::Error>;
+    fn optional_bytes(&self, column: usize) -> Result<Option<Vec<u8>>, Self::Error>;
 }
 
-/// A job that just completed: for `m2m_job_completion_seconds`, observed once the transaction
-/// commits.
-pub(crate) struct JobCompletion {
-    pub operation: String,
-    pub seconds: f64,
+/// The columns of a delivery in the listing, as [`delivery_from_row`] reads them; `duplicates`
+/// is how the backend counts the re-deliveries of the row `d`.
+pub(crate) fn delivery_columns(duplicates: &str) -> String {
+    format!(
+        "d.id, d.received_at, d.form, d.kind, d.operation, d.request_id, d.callback_count,
+         d.max_callback_threshold, d.result, d.duplicate_of, {duplicates}, d.size, d.content_type,
+         d.account, d.status, d.fault_code, d.parse_error"
+    )
 }
 
-/// What the state rule did to a job.
-pub(crate) struct Transition {
-    pub state: JobState,
-    pub completed_at: Option<String>,
-    /// The state changed.
-    pub changed: bool,
-    /// The state or `completed_at` changed: the row needs writing.
-    pub write: bool,
+/// A delivery selected with [`delivery_columns`].
+pub(crate) fn delivery_from_row<R: RowReader>(row: &R) -> Result<DeliveryRecord, R::Error> {
+    Ok(DeliveryRecord {
+        id: row.integer(0)?,
+        received_at: row.text(1)?,
+        form: row.optional_text(2)?,
+        kind: row.optional_text(3)?,
+        operation: row.optional_text(4)?,
+        request_id: row.optional_text(5)?,
+        callback_count: row.optional_integer(6)?,
+        max_callback_threshold: row.optional_integer(7)?,
+        result: row.text(8)?,
+        duplicate_of: row.optional_integer(9)?,
+        duplicates: row.integer(10)?,
+        size: row.integer(11)?,
+        content_type: row.optional_text(12)?,
+        account: row.optional_text(13)?,
+        status: row.optional_text(14)?,
+        fault_code: row.optional_text(15)?,
+        parse_error: row.optional_text(16)?,
+    })
 }
 
-/// Applies the state rule to a job whose state was `old_state`, as of `now` (fixed-width text,
-/// see [`super::timestamp`]).
-pub(crate) fn transition(
-    facts: &JobFacts,
-    old_state: &str,
-    completed_at: Option<&str>,
-    now: &str,
-) -> Transition {
-    let state = jobs::compute_state(facts);
-    let was_terminal = JobState::from_label(old_state).is_some_and(JobState::is_terminal);
-    let new_completed_at = match (state.is_terminal(), was_terminal) {
-        (false, _) => None,
-        (true, true) => Some(completed_at.unwrap_or(now).to_owned()),
-        (true, false) => Some(now.to_owned()),
-    };
-    let changed = state.as_str() != old_state;
-    Transition {
-        state,
-        write: changed || new_completed_at.as_deref() != completed_at,
-        completed_at: new_completed_at,
-        changed,
-    }
+/// The columns of a delivery's raw body, as [`raw_body_from_row`] reads them: the delivery `d`
+/// joined to its body `r`, if any.
+pub(crate) const RAW_BODY_COLUMNS: &str = "d.content_type, d.duplicate_of, r.body";
+
+/// A delivery's raw body (selected with [`RAW_BODY_COLUMNS`]), or why it is not there.
+pub(crate) fn raw_body_from_row<R: RowReader>(row: &R) -> Result<RawBody, R::Error> {
+    let content_type = row.optional_text(0)?;
+    Ok(match (row.optional_bytes(2)?, row.optional_integer(1)?) {
+        (Some(body), _) => RawBody::Found { content_type, body },
+        (None, Some(duplicate_of)) => RawBody::Duplicate { duplicate_of },
+        (None, None) => RawBody::Pruned,
+    })
 }
 
-/// Seconds from `start` to `end` (both [`super::timestamp`] text); 0 when either does not parse.
-pub(crate) fn seconds_between(start: &str, end: &str) -> f64 {
-    let parse = |text: &str| {
-        OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
-    };
-    match (parse(start), parse(end)) {
-        (Some(start), Some(end)) => (end - start).as_seconds_f64().max(0.0),
-        _ => 0.0,
-    }
+/// The columns of a device outcome `o`, as [`outcome_from_row`] reads them.
+pub(crate) const OUTCOME_COLUMNS: &str =
+    "o.id, o.request_id, o.operation, o.status, o.line_status, o.fault_code, o.fault_message,
+     o.state, o.service_plan, o.ip_address, o.mdn, o.received_at, o.delivery_id, o.details";
+
+/// An outcome selected with [`OUTCOME_COLUMNS`] from column `first` on, identifiers left empty.
+pub(crate) fn outcome_from_row<R: RowReader>(
+    row: &R,
+    first: usize,
+) -> Result<OutcomeRecord, R::Error> {
+    Ok(OutcomeRecord {
+        request_id: row.optional_text(first + 1)?,
+        operation: row.optional_text(first + 2)?,
+        identifiers: Vec::new(),
+        status: row.text(first + 3)?,
+        line_status: row.optional_text(first + 4)?,
+        fault: fault_record(row.optional_text(first + 5)?, row.optional_text(first + 6)?),
+        state: row.optional_text(first + 7)?,
+        service_plan: row.optional_text(first + 8)?,
+        ip_address: row.optional_text(first + 9)?,
+        mdn: row.optional_text(first + 10)?,
+        received_at: row.optional_text(first + 11)?,
+        delivery_id: row.optional_integer(first + 12)?,
+        details: parse_details(row.optional_text(first + 13)?),
+    })
 }
 
-impl JobRow {
-    /// The facts of the state rule as of `now` ([`super::timestamp`] text).
-    pub fn facts(&self, now: &str) -> JobFacts {
-        let unsigned = |value: Option<i64>| value.and_then(|value| u64::try_from(value).ok());
-        let count = |value: i64| u64::try_from(value).unwrap_or(0);
-        JobFacts {
-            registered_expected: unsigned(self.expected_devices),
-            reported: count(self.devices_reported),
-            succeeded: count(self.succeeded),
-            failed: count(self.failed),
-            accepted: count(self.accepted),
-            upload: self.is_upload.then(|| UploadCounts {
-                total: unsigned(self.total_lines),
-                pending: unsigned(self.pending_lines),
-                success: unsigned(self.success_lines),
-                failed: unsigned(self.failed_lines),
-            }),
-            package_error: self.package_error.is_some(),
-            deadline_passed: self.deadline.as_str() < now,
-        }
-    }
-
-    /// Applies the state rule in place as of `now`. Returns whether the row changed, and the
-    /// completion to observe when the job just completed (a timeout is not a completion).
-    pub fn recompute(&mut self, now: OffsetDateTime) -> (bool, Option<JobCompletion>) {
-        let now = super::timestamp(now);
-        let transition = transition(
-            &self.facts(&now),
-            &self.state,
-            self.completed_at.as_deref(),
-            &now,
-        );
-        let completion = (transition.changed
-            && transition.state.is_terminal()
-            && transition.state != JobState::TimedOut)
-            .then(|| JobCompletion {
-                operation: self.operation.clone().unwrap_or_else(|| "other".to_owned()),
-                seconds: seconds_between(
-                    self.registered_at.as_deref().unwrap_or(&self.created_at),
-                    &now,
-                ),
-            });
-        self.state = transition.state.as_str().to_owned();
-        self.completed_at = transition.completed_at;
-        (transition.write, completion)
-    }
-
-    pub fn into_record(self) -> JobRecord {
-        let expected_devices = self.expected_devices.or(if self.is_upload {
-            self.total_lines
-        } else {
-            None
-        });
-        JobRecord {
-            id: self.id,
-            request_id: self.request_id,
-            registered: self.registered,
-            operation: self.operation,
-            account: self.account,
-            label: self.label,
-            state: self.state,
-            expected_devices,
-            devices_reported: self.devices_reported,
-            succeeded: self.succeeded,
-            failed: self.failed,
-            accepted: self.accepted,
-            pending: expected_devices.map(|expected| (expected - self.devices_reported).max(0)),
-            upload: self.is_upload.then_some(UploadRecord {
-                total_lines: self.total_lines,
-                pending_lines: self.pending_lines,
-                success_lines: self.success_lines,
-                failed_lines: self.failed_lines,
-                package_error: self.package_error,
-            }),
-            deliveries: self.deliveries,
-            duplicates: self.duplicates,
-            timeout_s: self.timeout_s,
-            registered_at: self.registered_at,
-            first_callback_at: self.first_callback_at,
-            last_callback_at: self.last_callback_at,
-            completed_at: self.completed_at,
-            deadline: self.deadline,
-        }
-    }
+/// The columns of a job device `d` with its latest outcome `o` (if reported), as
+/// [`JobDevices::add`] reads them.
+pub(crate) fn job_device_columns() -> String {
+    format!("d.id, o.id IS NOT NULL, {OUTCOME_COLUMNS}")
 }
 
-/// What one batch adds to one job.
-#[derive(Clone)]
-pub(crate) struct TouchedJob {
-    pub deliveries: i64,
-    pub duplicates: i64,
-    pub operation: Option<&'static str>,
-    pub first_at: OffsetDateTime,
-    pub last_at: OffsetDateTime,
-    /// Changes to devices_reported, succeeded, failed, accepted.
-    pub counters: [i64; 4],
+/// An identifier selected as `owner, kind, identifier`: the outcome or job device it belongs
+/// to, and the identifier.
+pub(crate) fn identifier_from_row<R: RowReader>(
+    row: &R,
+) -> Result<(i64, DeviceIdentifier), R::Error> {
+    Ok((
+        row.integer(0)?,
+        DeviceIdentifier {
+            kind: row.text(1)?,
+            id: row.text(2)?,
+        },
+    ))
 }
 
-impl TouchedJob {
-    pub fn new(at: OffsetDateTime) -> Self {
+fn sort_identifiers(identifiers: &mut [DeviceIdentifier]) {
+    identifiers.sort_by(|left, right| (&left.kind, &left.id).cmp(&(&right.kind, &right.id)));
+}
+
+/// The device list of one job, built from its identifier rows, then its device rows in order.
+pub(crate) struct JobDevices<'a> {
+    job: &'a JobRecord,
+    now: &'a str,
+    identifiers: HashMap<i64, Vec<DeviceIdentifier>>,
+    pub devices: Vec<OutcomeRecord>,
+}
+
+impl<'a> JobDevices<'a> {
+    /// For `job` as of `now` ([`super::timestamp`] text: a registered device not reported by its
+    /// deadline is `missing`).
+    pub fn new(job: &'a JobRecord, now: &'a str) -> Self {
         Self {
-            deliveries: 0,
-            duplicates: 0,
-            operation: None,
-            first_at: at,
-            last_at: at,
-            counters: [0; 4],
+            job,
+            now,
+            identifiers: HashMap::new(),
+            devices: Vec::new(),
         }
     }
 
-    pub fn record_delivery(
-        &mut self,
-        operation: Option<&'static str>,
-        at: OffsetDateTime,
-        duplicate: bool,
-    ) {
-        self.deliveries += 1;
-        self.duplicates += i64::from(duplicate);
-        self.operation = self.operation.or(operation);
-        self.first_at = self.first_at.min(at);
-        self.last_at = self.last_at.max(at);
+    /// One row of [`identifier_from_row`] (`job_device_id, kind, identifier`).
+    pub fn add_identifier<R: RowReader>(&mut self, row: &R) -> Result<(), R::Error> {
+        let (device, identifier) = identifier_from_row(row)?;
+        self.identifiers.entry(device).or_default().push(identifier);
+        Ok(())
+    }
+
+    /// One row of [`job_device_columns`], after every identifier.
+    pub fn add<R: RowReader>(&mut self, row: &R) -> Result<(), R::Error> {
+        let device_id = row.integer(0)?;
+        let mut outcome = if row.flag(1)? {
+            outcome_from_row(row, 2)?
+        } else {
+            unreported_outcome(self.job, self.now)
+        };
+        outcome.identifiers = self.identifiers.remove(&device_id).unwrap_or_default();
+        sort_identifiers(&mut outcome.identifiers);
+        self.devices.push(outcome);
+        Ok(())
+    }
+}
+
+/// A device's history, built from its outcome rows, newest first.
+#[derive(Default)]
+pub(crate) struct History {
+    identifiers: HashMap<i64, Vec<DeviceIdentifier>>,
+    history: Vec<OutcomeRecord>,
+}
+
+impl History {
+    /// One row of [`identifier_from_row`] (`outcome_id, kind, identifier`).
+    pub fn add_identifier<R: RowReader>(&mut self, row: &R) -> Result<(), R::Error> {
+        let (outcome, identifier) = identifier_from_row(row)?;
+        self.identifiers
+            .entry(outcome)
+            .or_default()
+            .push(identifier);
+        Ok(())
+    }
+
+    /// One row of [`OUTCOME_COLUMNS`], newest first, after the identifiers of its outcome.
+    pub fn add<R: RowReader>(&mut self, row: &R) -> Result<(), R::Error> {
+        let outcome_id = row.integer(0)?;
+        let mut outcome = outcome_from_row(row, 0)?;
+        outcome.identifiers = self.identifiers.remove(&outcome_id).unwrap_or_default();
+        sort_identifiers(&mut outcome.identifiers);
+        self.history.push(outcome);
+        Ok(())
+    }
+
+    /// Every identifier the device was reported with, its latest outcome and its history;
+    /// `None` without an outcome.
+    pub fn finish(self) -> Option<DeviceHistory> {
+        let mut identifiers: Vec<DeviceIdentifier> = Vec::new();
+        for outcome in &self.history {
+            for found in &outcome.identifiers {
+                if !identifiers.contains(found) {
+                    identifiers.push(found.clone());
+                }
+            }
+        }
+        sort_identifiers(&mut identifiers);
+        let latest = self.history.first().cloned()?;
+        Some(DeviceHistory {
+            identifiers,
+            latest,
+            history: self.history,
+        })
     }
 }
 
@@ -304,17 +303,6 @@ pub(crate) fn page<T>(mut items: Vec<T>, limit: i64, id_of: impl Fn(&T) -> i64) 
         None
     };
     Page { items, next_cursor }
-}
-
-/// Which of `devices_reported`, `succeeded`, `failed`, `accepted` (by position) a latest status
-/// counts in besides `devices_reported`.
-pub(crate) fn counter_of(status: &str) -> Option<usize> {
-    match status {
-        "succeeded" => Some(1),
-        "failed" => Some(2),
-        "accepted" => Some(3),
-        _ => None,
-    }
 }
 
 /// The identifier as sent, then upper- and lower-case: identifiers are stored as sent, and

@@ -147,3 +147,90 @@ async fn a_backup_that_fails_on_a_full_disk_leaves_nothing_behind_and_the_retry_
         .unwrap();
     assert_eq!(copied, 300);
 }
+
+#[test]
+fn maintenance_commands_on_a_database_that_does_not_exist_fail_and_create_nothing() {
+    let directory = tempfile::tempdir().unwrap();
+    let database = directory.path().join("data").join("m2m-listener.db");
+    let target = directory.path().join("backup.db");
+    for arguments in [vec!["prune"], vec!["backup", target.to_str().unwrap()]] {
+        let output = Command::new(env!("CARGO_BIN_EXE_m2m-listener"))
+            .args(&arguments)
+            .env_remove("M2M_CONFIG")
+            .env("M2M_STORAGE__PATH", &database)
+            .output()
+            .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{arguments:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("failed to open database"),
+            "{arguments:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert_eq!(
+        names(directory.path()),
+        Vec::<String>::new(),
+        "no database and no backup were created"
+    );
+}
+
+#[tokio::test]
+async fn a_backup_copies_the_database_with_the_schema_it_has_and_leaves_it_so() {
+    let app = spawn_app().await;
+    assert_eq!(
+        app.post_callback(fixture("deactivate_bare.xml"))
+            .await
+            .status(),
+        200
+    );
+    let directory = app.stop().await;
+    let database = directory.path().join("m2m-listener.db");
+    // The schema of the previous release (version 2): migration 3 undone.
+    rusqlite::Connection::open(&database)
+        .unwrap()
+        .execute_batch(
+            "DROP INDEX deliveries_unusual_result;
+             CREATE INDEX deliveries_result ON deliveries (result, id);
+             CREATE INDEX device_outcomes_delivery ON device_outcomes (delivery_id);
+             CREATE INDEX job_device_identifiers_device ON job_device_identifiers (job_device_id);
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+    let target = directory.path().join("before-the-upgrade.db");
+
+    let output = Command::new(env!("CARGO_BIN_EXE_m2m-listener"))
+        .arg("backup")
+        .arg(&target)
+        .env_remove("M2M_CONFIG")
+        .env("M2M_STORAGE__PATH", &database)
+        .output()
+        .unwrap();
+
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let version = |path: &std::path::Path| -> i64 {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap()
+    };
+    assert_eq!(
+        version(&database),
+        2,
+        "backup does not migrate the database"
+    );
+    assert_eq!(version(&target), 2, "the copy holds the schema as it was");
+    let copied: i64 = rusqlite::Connection::open(&target)
+        .unwrap()
+        .query_row("SELECT count(*) FROM deliveries", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(copied, 1);
+}

@@ -478,8 +478,26 @@ pub fn listener_process(
     username: &str,
     password: &str,
 ) -> std::process::Child {
+    let (mut command, _) = listener_command(directory, callback_port, api_port, username, password);
+    command
+        .env("M2M_TELEMETRY__LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("listener starts")
+}
+
+/// The command [`listener_process`] runs (default log level, output inherited), and the database
+/// it will use.
+pub fn listener_command(
+    directory: &std::path::Path,
+    callback_port: u16,
+    api_port: u16,
+    username: &str,
+    password: &str,
+) -> (std::process::Command, TestDatabase) {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_m2m-listener"));
-    if crate::BACKEND == Backend::Postgres {
+    let database = if crate::BACKEND == Backend::Postgres {
         // One schema per directory: a restarted listener finds its data again.
         static SCHEMAS: std::sync::Mutex<Vec<(PathBuf, String)>> =
             std::sync::Mutex::new(Vec::new());
@@ -492,20 +510,22 @@ pub fn listener_process(
                 url
             }
         };
+        TestDatabase::Postgres(url)
+    } else {
+        TestDatabase::Sqlite(directory.join("data").join("m2m-listener.db"))
+    };
+    if let TestDatabase::Postgres(url) = &database {
         command.env("M2M_STORAGE__URL", url);
     }
     command
         .current_dir(directory)
         .env_remove("M2M_CONFIG")
+        .env_remove("RUST_LOG")
         .env("M2M_CALLBACK__LISTEN", format!("127.0.0.1:{callback_port}"))
         .env("M2M_API__LISTEN", format!("127.0.0.1:{api_port}"))
         .env("M2M_CALLBACK__CREDENTIALS__0__USERNAME", username)
-        .env("M2M_CALLBACK__CREDENTIALS__0__PASSWORD", password)
-        .env("M2M_TELEMETRY__LEVEL", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("listener starts")
+        .env("M2M_CALLBACK__CREDENTIALS__0__PASSWORD", password);
+    (command, database)
 }
 
 /// Waits until the listener on `api_port` answers `/readyz` with 200.

@@ -22,5 +22,6 @@ mod retention;
 mod secrets;
 mod simulate;
 mod storage_faults;
+mod store_failures;
 mod tls;
 mod upgrade;

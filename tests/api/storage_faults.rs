@@ -18,6 +18,14 @@ async fn a_locked_database_answers_503_and_recovers_when_released() {
     }
     let readiness = app.get_api("/readyz").await;
     assert_eq!(readiness.status(), 503);
+    // The API's writes meet the same lock: unavailable (retry later), not a fault of the request.
+    let registration = app
+        .register(serde_json::json!({"request_id": "locked-job", "operation": "activate"}))
+        .await;
+    assert_eq!(registration.status(), 503);
+    let refusal: serde_json::Value =
+        serde_json::from_slice(&registration.bytes().await.unwrap()).unwrap();
+    assert_eq!(refusal["error"]["code"], "STORAGE_UNAVAILABLE", "{refusal}");
 
     blocker.execute_batch("ROLLBACK").unwrap();
     drop(blocker);

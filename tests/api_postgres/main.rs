@@ -33,6 +33,8 @@ mod retention;
 mod secrets;
 #[path = "../api/simulate.rs"]
 mod simulate;
+#[path = "../api/store_failures.rs"]
+mod store_failures;
 #[path = "../api/tls.rs"]
 mod tls;
 #[path = "../api/upgrade.rs"]

@@ -439,6 +439,11 @@ async fn an_unreachable_database_gets_503_and_not_ready_and_the_listener_recover
     relay.down().await;
     assert_eq!(post_test(2).await, 503);
     assert_eq!(app.get_api("/readyz").await.status(), 503);
+    assert_eq!(
+        app.get_api("/api/v1/jobs").await.status(),
+        503,
+        "a read while the database is away is unavailable, not a defect"
+    );
     relay.up().await;
     let until = Instant::now() + Duration::from_secs(15);
     while post_test(2).await != 200 {
@@ -707,6 +712,14 @@ async fn a_job_row_held_by_another_transaction_gets_503_without_taking_the_repli
     held.recv().unwrap();
 
     assert_eq!(post_as_test(&app, "held-job", 2).await, 503);
+    let registration = app
+        .register(serde_json::json!({"request_id": "held-job", "operation": "activate"}))
+        .await;
+    assert_eq!(
+        registration.status(),
+        503,
+        "a held row is retried later, not a fault of the request"
+    );
     assert_eq!(
         app.get_api("/readyz").await.status(),
         200,

@@ -7,61 +7,18 @@ use std::time::Duration;
 
 use deadpool_postgres::Transaction;
 use time::OffsetDateTime;
-use tokio_postgres::Row;
 
-use super::Failure;
-use super::write::{clean, clean_key, count, reserve_ids};
+use super::error::Failure;
+use super::ids::reserve_ids;
+use super::text::{clean_key, clean_option};
+use crate::domain::{DeviceIdentifier, OutcomeStatus};
+use crate::jobs::JobState;
+use crate::storage::jobs::{JOB_COLUMNS, JobCompletion, JobRow, RegistrationPlan, TouchedJob};
+use crate::storage::{DeliveryContent, NewDelivery, Registered, timestamp};
 
 /// [`clean_key`] owned: map keys of the job bookkeeping.
 fn key_text(value: &str) -> String {
     clean_key(value).into_owned()
-}
-
-/// [`clean`] owned: fields of a job row.
-fn owned_text(value: &str) -> String {
-    clean(value).into_owned()
-}
-use crate::domain::{DeviceIdentifier, OutcomeStatus, UploadSummary};
-use crate::jobs::{JobState, Registration};
-use crate::storage::rows::{JobCompletion, JobRow, TouchedJob, counter_of};
-use crate::storage::{DeliveryContent, NewDelivery, Registered, timestamp};
-
-pub(super) const JOB_COLUMNS: &str = "id, request_id, registered, operation, account, label, state, expected_devices,
-     devices_reported, succeeded, failed, accepted, deliveries, duplicates, is_upload, total_lines, pending_lines,
-     success_lines, failed_lines, package_error, timeout_s, created_at, registered_at, first_callback_at,
-     last_callback_at, completed_at, deadline";
-
-/// A `jobs` row selected with [`JOB_COLUMNS`].
-pub(super) fn job_row(row: &Row) -> Result<JobRow, tokio_postgres::Error> {
-    Ok(JobRow {
-        id: row.try_get(0)?,
-        request_id: row.try_get(1)?,
-        registered: row.try_get(2)?,
-        operation: row.try_get(3)?,
-        account: row.try_get(4)?,
-        label: row.try_get(5)?,
-        state: row.try_get(6)?,
-        expected_devices: row.try_get(7)?,
-        devices_reported: row.try_get(8)?,
-        succeeded: row.try_get(9)?,
-        failed: row.try_get(10)?,
-        accepted: row.try_get(11)?,
-        deliveries: row.try_get(12)?,
-        duplicates: row.try_get(13)?,
-        is_upload: row.try_get(14)?,
-        total_lines: row.try_get(15)?,
-        pending_lines: row.try_get(16)?,
-        success_lines: row.try_get(17)?,
-        failed_lines: row.try_get(18)?,
-        package_error: row.try_get(19)?,
-        timeout_s: row.try_get(20)?,
-        created_at: row.try_get(21)?,
-        registered_at: row.try_get(22)?,
-        first_callback_at: row.try_get(23)?,
-        last_callback_at: row.try_get(24)?,
-        completed_at: row.try_get(25)?,
-        deadline: row.try_get(26)?,
-    })
 }
 
 /// Creates the jobs not stored yet and locks all of them, in `request_id` order. Returns the
@@ -101,7 +58,7 @@ pub(super) async fn create_and_lock(
         .await?;
     let mut rows = HashMap::with_capacity(jobs.len());
     for row in transaction.query(&lock, &[&request_ids]).await? {
-        let row = job_row(&row)?;
+        let row = JobRow::from_row(&row)?;
         rows.insert(row.request_id.clone(), row);
     }
     Ok((rows, created))
@@ -251,17 +208,7 @@ impl DeviceUpdates {
             self.add_identifiers(job_id, device, identifiers);
             return;
         }
-        match self.status.get(&device).copied().flatten() {
-            None => job.counters[0] += 1,
-            Some(previous) => {
-                if let Some(index) = counter_of(previous) {
-                    job.counters[index] -= 1;
-                }
-            }
-        }
-        if let Some(index) = counter_of(status.as_str()) {
-            job.counters[index] += 1;
-        }
+        job.count_outcome(self.status.get(&device).copied().flatten(), status);
         self.status.insert(device, Some(status.as_str()));
         self.latest.insert(device, (outcome_id, status.as_str()));
         self.add_identifiers(job_id, device, identifiers);
@@ -432,20 +379,8 @@ fn static_status(status: &str) -> Option<&'static str> {
     OutcomeStatus::from_label(status).map(OutcomeStatus::as_str)
 }
 
-/// The latest upload report sets the job's line counts; a package-level error sticks.
-pub(super) fn record_upload(row: &mut JobRow, upload: &UploadSummary) {
-    row.is_upload = true;
-    row.total_lines = count(upload.total_lines).or(row.total_lines);
-    row.pending_lines = count(upload.pending_lines).or(row.pending_lines);
-    row.success_lines = count(upload.success_lines).or(row.success_lines);
-    row.failed_lines = count(upload.failed_lines).or(row.failed_lines);
-    if row.package_error.is_none() {
-        row.package_error = upload.package_error.as_deref().map(owned_text);
-    }
-}
-
-/// Applies each job's batch changes, recomputes the state of jobs that received a first delivery,
-/// and writes the rows back.
+/// Applies each job's batch changes (recomputing the state of jobs that received a first
+/// delivery) and writes the rows back.
 pub(super) async fn finish(
     transaction: &Transaction<'_>,
     rows: &mut HashMap<String, JobRow>,
@@ -453,36 +388,8 @@ pub(super) async fn finish(
     completions: &mut Vec<JobCompletion>,
 ) -> Result<(), tokio_postgres::Error> {
     for (request_id, job) in touched {
-        let Some(row) = rows.get_mut(&request_id) else {
-            continue;
-        };
-        row.deliveries += job.deliveries;
-        row.duplicates += job.duplicates;
-        row.operation = row.operation.take().or(job.operation.map(str::to_owned));
-        let first_at = timestamp(job.first_at);
-        if row
-            .first_callback_at
-            .as_ref()
-            .is_none_or(|first| *first > first_at)
-        {
-            row.first_callback_at = Some(first_at);
-        }
-        let last_at = timestamp(job.last_at);
-        if row
-            .last_callback_at
-            .as_ref()
-            .is_none_or(|last| *last < last_at)
-        {
-            row.last_callback_at = Some(last_at);
-        }
-        let [reported, succeeded, failed, accepted] = job.counters;
-        row.devices_reported += reported;
-        row.succeeded += succeeded;
-        row.failed += failed;
-        row.accepted += accepted;
-        if job.deliveries > job.duplicates {
-            let (_, completion) = row.recompute(job.last_at);
-            completions.extend(completion);
+        if let Some(row) = rows.get_mut(&request_id) {
+            completions.extend(job.apply_to(row));
         }
     }
     write_jobs(transaction, rows.values()).await
@@ -539,7 +446,10 @@ async fn write_jobs<'a>(
                 &column!(pending_lines),
                 &column!(success_lines),
                 &column!(failed_lines),
-                &column!(package_error),
+                &rows
+                    .iter()
+                    .map(|row| clean_option(row.package_error.as_deref()))
+                    .collect::<Vec<_>>(),
                 &column!(first_callback_at),
                 &column!(last_callback_at),
                 &column!(completed_at),
@@ -549,31 +459,24 @@ async fn write_jobs<'a>(
     Ok(())
 }
 
-/// Registers a job, or adopts the unregistered one earlier callbacks created. `canonical` is the
-/// registration's JSON form, what "the same registration again" is compared on.
+/// Registers a job as `plan` says, or adopts the unregistered one earlier callbacks created.
 pub(super) async fn register(
     transaction: &Transaction<'_>,
-    registration: &Registration,
-    canonical: &str,
+    plan: &RegistrationPlan<'_>,
     now: OffsetDateTime,
-    default_timeout: Duration,
     completions: &mut Vec<JobCompletion>,
 ) -> Result<Registered, Failure> {
-    let timeout = registration
-        .timeout_s
-        .map(Duration::from_secs)
-        .unwrap_or(default_timeout);
-    let operation = registration.operation.as_str();
+    let registration = plan.registration();
     let request_id = registration.request_id.clone();
     let (mut rows, created) = create_and_lock(
         transaction,
-        vec![(request_id.clone(), Some(operation), now)],
-        timeout,
+        vec![(request_id.clone(), Some(plan.operation()), now)],
+        plan.timeout,
     )
     .await?;
     let Some(mut row) = rows.remove(&request_id) else {
         return Err(Failure::Defect(
-            "a job created and locked a moment ago is not there".to_owned(),
+            "a job created and locked a moment ago is not there",
         ));
     };
     if row.registered {
@@ -581,24 +484,11 @@ pub(super) async fn register(
             .query_one("SELECT registration FROM jobs WHERE id = $1", &[&row.id])
             .await?
             .try_get(0)?;
-        return Ok(if stored.as_deref() == Some(canonical) {
-            Registered::Unchanged(row.into_record())
-        } else {
-            Registered::Conflict(row.into_record())
-        });
+        return Ok(plan.repeated(row, stored.as_deref()));
     }
-    row.registered = true;
-    row.operation = Some(operation.to_owned());
-    row.account = registration.account.as_deref().map(owned_text);
-    row.label = registration.label.as_deref().map(owned_text);
-    row.expected_devices = registration
-        .expected()
-        .and_then(|expected| i64::try_from(expected).ok());
-    row.timeout_s = registration
-        .timeout_s
-        .and_then(|timeout| i64::try_from(timeout).ok());
-    row.registered_at = Some(timestamp(now));
-    row.deadline = timestamp(now + timeout);
+    plan.apply(&mut row);
+    row.account = clean_option(row.account.as_deref()).map(Into::into);
+    row.label = clean_option(row.label.as_deref()).map(Into::into);
     transaction
         .execute(
             "UPDATE jobs SET registered = TRUE, operation = $2, account = $3, label = $4, expected_devices = $5,
@@ -611,7 +501,7 @@ pub(super) async fn register(
                 &row.label,
                 &row.expected_devices,
                 &row.timeout_s,
-                &canonical,
+                &plan.canonical,
                 &row.registered_at,
                 &row.deadline,
             ],
@@ -664,7 +554,7 @@ pub(super) async fn sweep_chunk(
         .query(&statement, &[&timestamp(now), &limit])
         .await?
         .iter()
-        .map(job_row)
+        .map(JobRow::from_row)
         .collect::<Result<Vec<_>, _>>()?;
     let locked = rows.len();
     let mut changed = Vec::new();

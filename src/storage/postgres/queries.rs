@@ -1,23 +1,51 @@
-//! Read queries for the API, and pruning.
+//! Read queries for the API. The rows are mapped in [`crate::storage::rows`], as
+//! the SQLite backend's are.
 
-use std::collections::HashMap;
-
-use deadpool_postgres::{GenericClient, Object, Transaction};
+use deadpool_postgres::{GenericClient, Object};
 use tokio_postgres::Row;
 use tokio_postgres::types::{IsNull, ToSql, Type};
 
-use super::jobs::{JOB_COLUMNS, job_row};
-use super::write::clean_key;
+use super::text::clean_key;
 use crate::domain::DeviceIdentifier;
+use crate::storage::jobs::{JOB_COLUMNS, JobRow};
 use crate::storage::rows::{
-    Conditions, FilterValue, HISTORY_LIMIT, fault_record, identifier_candidates, page,
-    parse_details, unreported_outcome,
+    Conditions, FilterValue, HISTORY_LIMIT, History, JobDevices, OUTCOME_COLUMNS, RAW_BODY_COLUMNS,
+    RowReader, delivery_columns, delivery_from_row, identifier_candidates, job_device_columns,
+    page, raw_body_from_row,
 };
 use crate::storage::{
     DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord, OutcomeRecord, Page, RawBody,
 };
 
 type Error = tokio_postgres::Error;
+
+impl RowReader for Row {
+    type Error = Error;
+
+    fn text(&self, column: usize) -> Result<String, Error> {
+        self.try_get(column)
+    }
+
+    fn optional_text(&self, column: usize) -> Result<Option<String>, Error> {
+        self.try_get(column)
+    }
+
+    fn integer(&self, column: usize) -> Result<i64, Error> {
+        self.try_get(column)
+    }
+
+    fn optional_integer(&self, column: usize) -> Result<Option<i64>, Error> {
+        self.try_get(column)
+    }
+
+    fn flag(&self, column: usize) -> Result<bool, Error> {
+        self.try_get(column)
+    }
+
+    fn optional_bytes(&self, column: usize) -> Result<Option<Vec<u8>>, Error> {
+        self.try_get(column)
+    }
+}
 
 impl ToSql for FilterValue {
     fn to_sql(
@@ -70,65 +98,36 @@ pub(super) async fn list_deliveries(
 ) -> Result<Page<DeliveryRecord>, Error> {
     let limit = i64::from(query.limit.max(1));
     let (clause, limit_placeholder, values) = filtered(Conditions::deliveries(query), limit);
+    // Re-deliveries are counted, not kept on the first delivery's row: a counter there would
+    // make every replica storing a re-delivery wait for that row.
+    let columns =
+        delivery_columns("(SELECT count(*) FROM deliveries x WHERE x.duplicate_of = d.id)");
     let statement = client
         .prepare_cached(&format!(
-            "SELECT id, received_at, form, kind, operation, request_id, callback_count, max_callback_threshold,
-                    result, duplicate_of,
-                    (SELECT count(*) FROM deliveries x WHERE x.duplicate_of = d.id),
-                    size, content_type, account, status, fault_code, parse_error
-             FROM deliveries d {clause}
-             ORDER BY id DESC
-             LIMIT {limit_placeholder}"
+            "SELECT {columns} FROM deliveries d {clause} ORDER BY id DESC LIMIT {limit_placeholder}"
         ))
         .await?;
     let items = client
         .query(&statement, &parameters(&values))
         .await?
         .iter()
-        .map(|row| {
-            Ok(DeliveryRecord {
-                id: row.try_get(0)?,
-                received_at: row.try_get(1)?,
-                form: row.try_get(2)?,
-                kind: row.try_get(3)?,
-                operation: row.try_get(4)?,
-                request_id: row.try_get(5)?,
-                callback_count: row.try_get(6)?,
-                max_callback_threshold: row.try_get(7)?,
-                result: row.try_get(8)?,
-                duplicate_of: row.try_get(9)?,
-                duplicates: row.try_get(10)?,
-                size: row.try_get(11)?,
-                content_type: row.try_get(12)?,
-                account: row.try_get(13)?,
-                status: row.try_get(14)?,
-                fault_code: row.try_get(15)?,
-                parse_error: row.try_get(16)?,
-            })
-        })
+        .map(delivery_from_row)
         .collect::<Result<Vec<_>, Error>>()?;
     Ok(page(items, limit, |delivery| delivery.id))
 }
 
 pub(super) async fn raw_body(client: &Object, delivery_id: i64) -> Result<RawBody, Error> {
     let statement = client
-        .prepare_cached(
-            "SELECT d.content_type, d.duplicate_of, r.body
+        .prepare_cached(&format!(
+            "SELECT {RAW_BODY_COLUMNS}
              FROM deliveries d LEFT JOIN raw_bodies r ON r.delivery_id = d.id
-             WHERE d.id = $1",
-        )
+             WHERE d.id = $1"
+        ))
         .await?;
-    let Some(row) = client.query_opt(&statement, &[&delivery_id]).await? else {
-        return Ok(RawBody::NotFound);
-    };
-    let content_type: Option<String> = row.try_get(0)?;
-    let duplicate_of: Option<i64> = row.try_get(1)?;
-    let body: Option<Vec<u8>> = row.try_get(2)?;
-    Ok(match (body, duplicate_of) {
-        (Some(body), _) => RawBody::Found { content_type, body },
-        (None, Some(duplicate_of)) => RawBody::Duplicate { duplicate_of },
-        (None, None) => RawBody::Pruned,
-    })
+    match client.query_opt(&statement, &[&delivery_id]).await? {
+        Some(row) => raw_body_from_row(&row),
+        None => Ok(RawBody::NotFound),
+    }
 }
 
 pub(super) async fn job_by_request_id(
@@ -143,7 +142,7 @@ pub(super) async fn job_by_request_id(
     client
         .query_opt(&statement, &[&clean_key(request_id)])
         .await?
-        .map(|row| job_row(&row).map(|job| job.into_record()))
+        .map(|row| JobRow::from_row(&row).map(JobRow::into_record))
         .transpose()
 }
 
@@ -159,36 +158,9 @@ pub(super) async fn list_jobs(client: &Object, query: &JobQuery) -> Result<Page<
         .query(&statement, &parameters(&values))
         .await?
         .iter()
-        .map(|row| job_row(row).map(|job| job.into_record()))
+        .map(|row| JobRow::from_row(row).map(JobRow::into_record))
         .collect::<Result<Vec<_>, Error>>()?;
     Ok(page(items, limit, |job| job.id))
-}
-
-const OUTCOME_COLUMNS: &str =
-    "o.id, o.request_id, o.operation, o.status, o.line_status, o.fault_code, o.fault_message,
-     o.state, o.service_plan, o.ip_address, o.mdn, o.received_at, o.delivery_id, o.details";
-
-/// An outcome row (columns as in `OUTCOME_COLUMNS`, starting at `first`), identifiers left empty.
-fn outcome_from_row(row: &Row, first: usize) -> Result<OutcomeRecord, Error> {
-    Ok(OutcomeRecord {
-        request_id: row.try_get(first + 1)?,
-        operation: row.try_get(first + 2)?,
-        identifiers: Vec::new(),
-        status: row.try_get(first + 3)?,
-        line_status: row.try_get(first + 4)?,
-        fault: fault_record(row.try_get(first + 5)?, row.try_get(first + 6)?),
-        state: row.try_get(first + 7)?,
-        service_plan: row.try_get(first + 8)?,
-        ip_address: row.try_get(first + 9)?,
-        mdn: row.try_get(first + 10)?,
-        received_at: row.try_get(first + 11)?,
-        delivery_id: row.try_get(first + 12)?,
-        details: parse_details(row.try_get(first + 13)?),
-    })
-}
-
-fn sort_identifiers(identifiers: &mut [DeviceIdentifier]) {
-    identifiers.sort_by(|left, right| (&left.kind, &left.id).cmp(&(&right.kind, &right.id)));
 }
 
 /// Every device of a job, in the order they became known, with its latest outcome.
@@ -200,42 +172,27 @@ pub(super) async fn job_devices(
     let Some(job) = job_by_request_id(client, request_id).await? else {
         return Ok(None);
     };
+    let mut devices = JobDevices::new(&job, now);
     let statement = client
         .prepare_cached(
             "SELECT job_device_id, kind, identifier FROM job_device_identifiers WHERE job_id = $1",
         )
         .await?;
-    let mut identifiers: HashMap<i64, Vec<DeviceIdentifier>> = HashMap::new();
     for row in client.query(&statement, &[&job.id]).await? {
-        identifiers
-            .entry(row.try_get(0)?)
-            .or_default()
-            .push(DeviceIdentifier {
-                kind: row.try_get(1)?,
-                id: row.try_get(2)?,
-            });
+        devices.add_identifier(&row)?;
     }
     let statement = client
         .prepare_cached(&format!(
-            "SELECT d.id, o.id IS NOT NULL, {OUTCOME_COLUMNS}
+            "SELECT {}
              FROM job_devices d LEFT JOIN device_outcomes o ON o.id = d.latest_outcome_id
-             WHERE d.job_id = $1 ORDER BY d.id"
+             WHERE d.job_id = $1 ORDER BY d.id",
+            job_device_columns()
         ))
         .await?;
-    let mut devices = Vec::new();
     for row in client.query(&statement, &[&job.id]).await? {
-        let device_id: i64 = row.try_get(0)?;
-        let reported: bool = row.try_get(1)?;
-        let mut outcome = if reported {
-            outcome_from_row(&row, 2)?
-        } else {
-            unreported_outcome(&job, now)
-        };
-        outcome.identifiers = identifiers.remove(&device_id).unwrap_or_default();
-        sort_identifiers(&mut outcome.identifiers);
-        devices.push(outcome);
+        devices.add(&row)?;
     }
-    Ok(Some(devices))
+    Ok(Some(devices.devices))
 }
 
 pub(super) async fn device_history(
@@ -274,39 +231,14 @@ pub(super) async fn device_history(
             "SELECT outcome_id, kind, identifier FROM outcome_identifiers WHERE outcome_id = ANY($1)",
         )
         .await?;
-    let mut identifiers_of: HashMap<i64, Vec<DeviceIdentifier>> = HashMap::new();
+    let mut history = History::default();
     for row in client.query(&identifiers, &[&outcome_ids]).await? {
-        identifiers_of
-            .entry(row.try_get(0)?)
-            .or_default()
-            .push(DeviceIdentifier {
-                kind: row.try_get(1)?,
-                id: row.try_get(2)?,
-            });
+        history.add_identifier(&row)?;
     }
-    let mut history = Vec::with_capacity(outcome_ids.len());
-    let mut all_identifiers: Vec<DeviceIdentifier> = Vec::new();
     for row in client.query(&outcomes, &[&outcome_ids]).await? {
-        let outcome_id: i64 = row.try_get(0)?;
-        let mut outcome = outcome_from_row(&row, 0)?;
-        outcome.identifiers = identifiers_of.remove(&outcome_id).unwrap_or_default();
-        sort_identifiers(&mut outcome.identifiers);
-        for found in &outcome.identifiers {
-            if !all_identifiers.contains(found) {
-                all_identifiers.push(found.clone());
-            }
-        }
-        history.push(outcome);
+        history.add(&row)?;
     }
-    sort_identifiers(&mut all_identifiers);
-    let Some(latest) = history.first().cloned() else {
-        return Ok(None);
-    };
-    Ok(Some(DeviceHistory {
-        identifiers: all_identifiers,
-        latest,
-        history,
-    }))
+    Ok(history.finish())
 }
 
 /// How many jobs are in each state (for the `m2m_jobs` gauge).
@@ -320,31 +252,4 @@ pub(super) async fn job_counts(client: &Object) -> Result<Vec<(String, i64)>, Er
         .iter()
         .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
         .collect()
-}
-
-/// Deletes up to `chunk` raw bodies of stored deliveries received before `cutoff`, keeping
-/// quarantined bodies and those of jobs still pending or in progress (as the SQLite backend does).
-/// Replicas pruning at once skip each other's rows.
-pub(super) async fn prune_chunk(
-    transaction: &Transaction<'_>,
-    cutoff: &str,
-    chunk: i64,
-) -> Result<usize, Error> {
-    let statement = transaction
-        .prepare_cached(
-            "DELETE FROM raw_bodies WHERE delivery_id IN (
-                 SELECT r.delivery_id
-                 FROM raw_bodies r
-                 JOIN deliveries d ON d.id = r.delivery_id
-                 LEFT JOIN jobs j ON j.request_id = d.request_id
-                 WHERE d.received_at < $1
-                   AND d.result = 'stored'
-                   AND (j.id IS NULL OR j.state NOT IN ('pending', 'in_progress'))
-                 ORDER BY r.delivery_id
-                 LIMIT $2
-                 FOR UPDATE OF r SKIP LOCKED)",
-        )
-        .await?;
-    let deleted = transaction.execute(&statement, &[&cutoff, &chunk]).await?;
-    Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
 }

@@ -7,8 +7,13 @@
 //! (`DEFERRABLE INITIALLY DEFERRED`): a batch sends its inserts pipelined, in one round trip, and
 //! their order on the wire must not matter.
 
+use deadpool_postgres::Object;
+
+use super::error::store_error;
+use crate::storage::StoreError;
+
 /// Schema versions, applied in order. Never edit an applied migration: add a new one.
-pub(super) const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE deliveries (
     id                     BIGSERIAL PRIMARY KEY,
     received_at            TEXT NOT NULL,
@@ -142,3 +147,61 @@ CREATE TABLE job_device_identifiers (
     PRIMARY KEY (job_id, kind, identifier)
 );
 "#];
+
+/// Applies the migrations not yet recorded, under an advisory lock: replicas starting together
+/// apply each one once, the others wait and find it applied.
+pub(super) async fn migrate(client: &mut Object) -> Result<(), StoreError> {
+    let migrate = async {
+        let transaction = client.transaction().await?;
+        // A migration (or waiting for another replica's) may take longer than a write may.
+        transaction
+            .batch_execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")
+            .await?;
+        transaction
+            .execute(
+                "SELECT pg_advisory_xact_lock(hashtext('m2m-listener migrations ' || current_schema()))",
+                &[],
+            )
+            .await?;
+        transaction
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (
+                     version    INTEGER PRIMARY KEY,
+                     applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                 )",
+            )
+            .await?;
+        let applied: i32 = transaction
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM schema_migrations",
+                &[],
+            )
+            .await?
+            .try_get(0)?;
+        let applied = usize::try_from(applied).unwrap_or(0);
+        if applied > MIGRATIONS.len() {
+            return Ok(Err(StoreError::internal(format!(
+                "the database schema is version {applied}, newer than this build knows ({}): upgrade m2m-listener",
+                MIGRATIONS.len()
+            ))));
+        }
+        for (index, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
+            transaction.batch_execute(migration).await?;
+            let version = i32::try_from(index + 1).unwrap_or(i32::MAX);
+            transaction
+                .execute(
+                    "INSERT INTO schema_migrations (version) VALUES ($1)",
+                    &[&version],
+                )
+                .await?;
+            tracing::info!(version, "applied database migration");
+        }
+        transaction.commit().await?;
+        Ok::<_, tokio_postgres::Error>(Ok(()))
+    };
+    match migrate.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(refused) => refused,
+        Err(error) => Err(store_error(error)),
+    }
+}

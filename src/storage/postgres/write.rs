@@ -12,86 +12,14 @@ use std::time::Duration;
 use deadpool_postgres::{Object, Transaction};
 use time::OffsetDateTime;
 
-use super::Failure;
+use super::error::Failure;
+use super::ids::reserve_ids;
 use super::jobs::{self, DeviceUpdates};
-use crate::domain::{DeliveryResult, Operation};
-use crate::storage::rows::{JobCompletion, TouchedJob};
+use super::text::{clean_key, clean_option, clean_owned};
+use crate::domain::DeliveryResult;
+use crate::storage::batch::{DedupPlan, Fate};
+use crate::storage::jobs::{JobCompletion, TouchedJob, stored_count};
 use crate::storage::{DeliveryContent, NewDelivery, Receipt, timestamp};
-
-/// Text as PostgreSQL stores it: `text` cannot hold NUL, which a JSON callback can carry
-/// (`\u0000`); it becomes U+FFFD. The raw body keeps the original bytes.
-/// Borrowed unless there was a NUL to replace: nothing is copied in the usual case.
-pub(super) fn clean(value: &str) -> Cow<'_, str> {
-    if value.contains('\0') {
-        Cow::Owned(value.replace('\0', "\u{FFFD}"))
-    } else {
-        Cow::Borrowed(value)
-    }
-}
-
-pub(super) fn clean_option(value: Option<&str>) -> Option<Cow<'_, str>> {
-    value.map(clean)
-}
-
-/// [`clean`] for text made here (a JSON rendering), without copying it again.
-fn clean_owned(value: String) -> Cow<'static, str> {
-    match clean(&value) {
-        Cow::Borrowed(_) => Cow::Owned(value),
-        Cow::Owned(cleaned) => Cow::Owned(cleaned),
-    }
-}
-
-/// Longest indexed text (request ids, device identifiers) kept as sent: PostgreSQL's B-tree
-/// refuses entries past about 2,700 bytes, which would refuse such a callback on every retry.
-const MAX_KEY_BYTES: usize = 1024;
-
-/// Text of an indexed column: [`clean`], and past [`MAX_KEY_BYTES`] a prefix and a digest of the
-/// whole (lookups apply the same, so the full value still finds it).
-pub(super) fn clean_key(value: &str) -> Cow<'_, str> {
-    use sha2::Digest;
-    let cleaned = clean(value);
-    if cleaned.len() <= MAX_KEY_BYTES {
-        return cleaned;
-    }
-    let digest = hex::encode(&sha2::Sha256::digest(cleaned.as_bytes())[..16]);
-    let mut end = MAX_KEY_BYTES - digest.len() - 4;
-    while !cleaned.is_char_boundary(end) {
-        end -= 1;
-    }
-    Cow::Owned(format!("{}…{digest}", &cleaned[..end]))
-}
-
-/// A count as a `bigint` (counts past `i64::MAX` do not occur; they read as unknown).
-pub(super) fn count(value: Option<u64>) -> Option<i64> {
-    value.and_then(|value| i64::try_from(value).ok())
-}
-
-/// Fresh ids of deliveries, device outcomes and job devices (as many of each as asked), ascending,
-/// in one round trip. Ids reserved and not used leave gaps, which nothing minds.
-pub(super) async fn reserve_ids(
-    transaction: &Transaction<'_>,
-    [deliveries, outcomes, devices]: [usize; 3],
-) -> Result<[Vec<i64>; 3], tokio_postgres::Error> {
-    let statement = transaction
-        .prepare_cached(
-            "SELECT ARRAY(SELECT nextval('deliveries_id_seq') FROM generate_series(1, $1)),
-                    ARRAY(SELECT nextval('device_outcomes_id_seq') FROM generate_series(1, $2)),
-                    ARRAY(SELECT nextval('job_devices_id_seq') FROM generate_series(1, $3))",
-        )
-        .await?;
-    let count = |value: usize| i32::try_from(value).unwrap_or(i32::MAX);
-    let row = transaction
-        .query_one(
-            &statement,
-            &[&count(deliveries), &count(outcomes), &count(devices)],
-        )
-        .await?;
-    let mut reserved: [Vec<i64>; 3] = [row.try_get(0)?, row.try_get(1)?, row.try_get(2)?];
-    for ids in &mut reserved {
-        ids.sort_unstable();
-    }
-    Ok(reserved)
-}
 
 /// The `deliveries` columns of several rows, one array per column.
 #[derive(Default)]
@@ -231,14 +159,6 @@ impl<'a> DeliveryColumns<'a> {
     }
 }
 
-/// What became of one delivery of the batch.
-enum Fate {
-    /// The first delivery of its message (stored or quarantined).
-    First,
-    /// A re-delivery of the message stored as `original`.
-    Duplicate { original: i64 },
-}
-
 /// Writes `deliveries` in one transaction and commits. `Ok` holds one receipt per delivery, in
 /// order, and the jobs that completed.
 pub(super) async fn write_batch(
@@ -250,40 +170,23 @@ pub(super) async fn write_batch(
     // Enough outcome and job device ids for every outcome of the batch.
     let outcomes: usize = deliveries
         .iter()
-        .map(|delivery| match &delivery.content {
-            DeliveryContent::Callback(callback) => callback.outcomes.len(),
-            DeliveryContent::Quarantined(_) => 0,
-        })
+        .map(|delivery| delivery.content.outcome_count())
         .sum();
     let [ids, outcome_ids, device_ids] =
         reserve_ids(&transaction, [deliveries.len(), outcomes, outcomes]).await?;
 
-    // Within the batch, the first delivery of each message is its candidate first delivery;
-    // later ones are re-deliveries of it.
-    let mut first_in_batch: HashMap<&[u8; 32], usize> = HashMap::new();
-    let mut earlier: Vec<Option<usize>> = Vec::with_capacity(deliveries.len());
-    for (index, delivery) in deliveries.iter().enumerate() {
-        let key = delivery.content.dedup_key();
-        earlier.push(first_in_batch.get(key).copied());
-        first_in_batch.entry(key).or_insert(index);
-    }
-    let mut candidates: Vec<usize> = (0..deliveries.len())
-        .filter(|index| earlier[*index].is_none())
-        .collect();
-    candidates.sort_by_key(|index| deliveries[*index].content.dedup_key());
+    let plan = DedupPlan::new(deliveries);
     let mut firsts = DeliveryColumns::default();
-    for &index in &candidates {
-        let result = match deliveries[index].content {
-            DeliveryContent::Callback(_) => DeliveryResult::Stored,
-            DeliveryContent::Quarantined(_) => DeliveryResult::Quarantined,
-        };
-        firsts.push(ids[index], deliveries[index], result, None);
+    for &index in plan.candidates() {
+        let delivery = deliveries[index];
+        firsts.push(ids[index], delivery, delivery.content.first_result(), None);
     }
     let inserted = firsts.insert(&transaction).await?;
 
     // Candidates not inserted are re-deliveries of a message stored before (by any replica);
     // the conflicting insert has committed by now, so this statement sees it.
-    let stored_before: Vec<Vec<u8>> = candidates
+    let stored_before: Vec<Vec<u8>> = plan
+        .candidates()
         .iter()
         .filter(|index| !inserted.contains(&ids[**index]))
         .map(|index| deliveries[*index].content.dedup_key().to_vec())
@@ -299,35 +202,32 @@ pub(super) async fn write_batch(
             originals.insert(row.try_get(0)?, row.try_get(1)?);
         }
     }
-    let mut fates = Vec::with_capacity(deliveries.len());
+    let fates = plan
+        .fates(
+            &ids,
+            |id| inserted.contains(&id),
+            |index| {
+                originals
+                    .get(&deliveries[index].content.dedup_key()[..])
+                    .copied()
+            },
+        )
+        .ok_or_else(missing_original)?;
     let mut duplicates = DeliveryColumns::default();
-    for (index, delivery) in deliveries.iter().enumerate() {
-        let first = earlier[index].unwrap_or(index);
-        let original = if inserted.contains(&ids[first]) {
-            (first != index).then_some(ids[first])
-        } else {
-            match originals.get(&delivery.content.dedup_key()[..]) {
-                Some(original) => Some(*original),
-                None => return Err(missing_original()),
-            }
-        };
-        fates.push(match original {
-            None => Fate::First,
-            Some(original) => {
-                duplicates.push(
-                    ids[index],
-                    delivery,
-                    DeliveryResult::Duplicate,
-                    Some(original),
-                );
-                Fate::Duplicate { original }
-            }
-        });
+    for (index, fate) in fates.iter().enumerate() {
+        if let Fate::Duplicate { original } = fate {
+            duplicates.push(
+                ids[index],
+                deliveries[index],
+                DeliveryResult::Duplicate,
+                Some(*original),
+            );
+        }
     }
     duplicates.insert(&transaction).await?;
 
     let new_deliveries: Vec<usize> = (0..deliveries.len())
-        .filter(|index| matches!(fates[*index], Fate::First))
+        .filter(|index| fates[*index] == Fate::First)
         .collect();
     let outcome_ids =
         insert_contents(&transaction, deliveries, &ids, &new_deliveries, outcome_ids).await?;
@@ -339,12 +239,7 @@ pub(super) async fn write_batch(
         let Some(request_id) = delivery.content.request_id() else {
             continue;
         };
-        let operation = match &delivery.content {
-            DeliveryContent::Callback(callback) if callback.operation != Operation::Other => {
-                Some(callback.operation.as_str())
-            }
-            _ => None,
-        };
+        let operation = delivery.content.job_operation();
         let request_id = clean_key(request_id).into_owned();
         if !touched.contains_key(&request_id) {
             creating.push((request_id.clone(), operation, delivery.received_at));
@@ -388,7 +283,7 @@ pub(super) async fn write_batch(
                 );
             }
             if let Some(upload) = &callback.upload {
-                jobs::record_upload(row, upload);
+                row.record_upload(upload);
             }
         }
         // Pipelined: the device rows and the job rows are written in one round trip.
@@ -402,21 +297,7 @@ pub(super) async fn write_batch(
     let receipts = fates
         .iter()
         .enumerate()
-        .map(|(index, fate)| match fate {
-            Fate::First => Receipt {
-                delivery_id: ids[index],
-                result: match deliveries[index].content {
-                    DeliveryContent::Callback(_) => DeliveryResult::Stored,
-                    DeliveryContent::Quarantined(_) => DeliveryResult::Quarantined,
-                },
-                duplicate_of: None,
-            },
-            Fate::Duplicate { original } => Receipt {
-                delivery_id: ids[index],
-                result: DeliveryResult::Duplicate,
-                duplicate_of: Some(*original),
-            },
-        })
+        .map(|(index, fate)| fate.receipt(ids[index], &deliveries[index].content))
         .collect();
     Ok((receipts, completions))
 }
@@ -424,7 +305,7 @@ pub(super) async fn write_batch(
 /// A conflict on a message that then cannot be found: not expected (deliveries are never
 /// deleted); a defect, so that the batch is retried one delivery at a time.
 fn missing_original() -> Failure {
-    Failure::Defect("a stored message could not be found again".to_owned())
+    Failure::Defect("a stored message could not be found again")
 }
 
 /// Inserts the raw bodies, outcomes, identifiers and upload reports of the new deliveries, in one
@@ -466,9 +347,7 @@ async fn insert_contents(
         let mut these = Vec::with_capacity(callback.outcomes.len());
         for outcome in &callback.outcomes {
             let Some(outcome_id) = fresh.next() else {
-                return Err(Failure::Defect(
-                    "fewer outcome ids than outcomes".to_owned(),
-                ));
+                return Err(Failure::Defect("fewer outcome ids than outcomes"));
             };
             outcomes.push(outcome_id, ids[*index], received_at, callback, outcome);
             for identifier in &outcome.identifiers {
@@ -648,10 +527,10 @@ impl<'a> UploadColumns<'a> {
             .push(clean_option(upload.account_name.as_deref()));
         self.device_sku
             .push(clean_option(upload.device_sku.as_deref()));
-        self.total_lines.push(count(upload.total_lines));
-        self.pending_lines.push(count(upload.pending_lines));
-        self.success_lines.push(count(upload.success_lines));
-        self.failed_lines.push(count(upload.failed_lines));
+        self.total_lines.push(stored_count(upload.total_lines));
+        self.pending_lines.push(stored_count(upload.pending_lines));
+        self.success_lines.push(stored_count(upload.success_lines));
+        self.failed_lines.push(stored_count(upload.failed_lines));
         self.package_error
             .push(clean_option(upload.package_error.as_deref()));
     }

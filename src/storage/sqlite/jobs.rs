@@ -1,35 +1,33 @@
-//! Job writes: correlation of stored callbacks with jobs, registration (and adoption), the state
-//! recompute and the deadline sweep. Always called on the writer thread, inside its transaction.
-
-use std::time::Duration;
+//! Job writes on SQLite: correlation of a batch with its jobs, registration (and adoption), the
+//! deadline sweep. Always on the writer thread, inside its transaction: it is the only writer,
+//! so a job row read in this transaction is the job as stored; what the row becomes is decided
+//! by [`crate::storage::jobs`], and it is written back once per batch.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, ToSql, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
-use super::{insert_rows, queries, sql_count};
 use crate::domain::{DeviceIdentifier, OutcomeStatus, UploadSummary};
-use crate::jobs::{JobFacts, JobState, Registration, UploadCounts};
-use crate::storage::rows::{JobCompletion, TouchedJob, counter_of, seconds_between, transition};
+use crate::jobs::JobState;
+use crate::storage::jobs::{JOB_COLUMNS, JobCompletion, JobRow, RegistrationPlan, TouchedJob};
 use crate::storage::{Registered, timestamp};
 
-/// What one write batch does to the jobs it touches. Deliveries, re-deliveries, callback times
-/// and device counters are accumulated here and written once per job when the batch ends, where
-/// each touched job's state is recomputed once: a batch of 64 callbacks of one job costs one job
-/// update, not 64 (and no recount of its devices).
+/// What one write batch does to the jobs it touches: each job's row is read (or created) at its
+/// first delivery in the batch, deliveries, re-deliveries, callback times, device counters and
+/// upload reports are applied to it in memory, and each is written once when the batch ends: a
+/// batch of 64 callbacks of one job costs one job update, not 64 (and no recount of its devices).
 #[derive(Clone, Default)]
 pub(super) struct JobBatch {
     job_ids: HashMap<String, i64>,
+    rows: HashMap<i64, JobRow>,
     touched: HashMap<i64, TouchedJob>,
 }
 
-/// Positions in [`TouchedJob::counters`].
-const REPORTED: usize = 0;
-
 impl JobBatch {
     /// Finds or creates the job for `request_id` and counts this delivery on it. Returns its id.
-    pub(super) fn record_delivery(
+    pub fn record_delivery(
         &mut self,
         connection: &Connection,
         request_id: &str,
@@ -41,14 +39,19 @@ impl JobBatch {
         let job_id = match self.job_ids.get(request_id) {
             Some(job_id) => *job_id,
             None => {
-                let job_id = find_or_create_job(
-                    connection,
-                    request_id,
-                    operation,
-                    received_at,
-                    default_timeout,
-                )?;
+                let row = match job_row(connection, request_id)? {
+                    Some(row) => row,
+                    None => create_job(
+                        connection,
+                        request_id,
+                        operation,
+                        received_at,
+                        default_timeout,
+                    )?,
+                };
+                let job_id = row.id;
                 self.job_ids.insert(request_id.to_owned(), job_id);
+                self.rows.insert(job_id, row);
                 job_id
             }
         };
@@ -62,7 +65,7 @@ impl JobBatch {
     /// Makes `outcome_id` the latest outcome of the job's device it names, matching the device by
     /// any of its identifiers (a registered IMEI finds the device a callback reports by IMEI and
     /// ICCID).
-    pub(super) fn record_outcome(
+    pub fn record_outcome(
         &mut self,
         connection: &Connection,
         job_id: i64,
@@ -82,98 +85,120 @@ impl JobBatch {
                         "UPDATE job_devices SET latest_outcome_id = ?2, status = ?3 WHERE id = ?1",
                     )?
                     .execute(params![device_id, outcome_id, status.as_str()])?;
-                match previous.as_deref() {
-                    None => touched.counters[REPORTED] += 1,
-                    Some(previous) => {
-                        if let Some(index) = counter_of(previous) {
-                            touched.counters[index] -= 1;
-                        }
-                    }
-                }
+                touched.count_outcome(previous.as_deref(), status);
                 device_id
             }
             None => {
                 connection
                     .prepare_cached("INSERT INTO job_devices (job_id, latest_outcome_id, status) VALUES (?1, ?2, ?3)")?
                     .execute(params![job_id, outcome_id, status.as_str()])?;
-                touched.counters[REPORTED] += 1;
+                touched.count_outcome(None, status);
                 connection.last_insert_rowid()
             }
         };
-        if let Some(index) = counter_of(status.as_str()) {
-            touched.counters[index] += 1;
-        }
         add_identifiers(connection, job_id, device_id, identifiers)
     }
 
-    /// Writes the accumulated changes and recomputes each touched job's state.
-    pub(super) fn finish(
+    /// The job's latest upload report (see [`JobRow::record_upload`]).
+    pub fn record_upload(&mut self, job_id: i64, upload: &UploadSummary) {
+        if let Some(row) = self.rows.get_mut(&job_id) {
+            row.record_upload(upload);
+        }
+    }
+
+    /// Applies each touched job's batch to its row (the state rule included) and writes it.
+    pub fn finish(
         self,
         connection: &Connection,
         completions: &mut Vec<JobCompletion>,
     ) -> rusqlite::Result<()> {
-        for (job_id, touched) in self.touched {
-            let [reported, succeeded, failed, accepted] = touched.counters;
-            connection
-                .prepare_cached(
-                    "UPDATE jobs SET
-                         deliveries = deliveries + ?2,
-                         duplicates = duplicates + ?3,
-                         operation = coalesce(operation, ?4),
-                         first_callback_at = CASE WHEN first_callback_at IS NULL OR first_callback_at > ?5
-                                                  THEN ?5 ELSE first_callback_at END,
-                         last_callback_at = CASE WHEN last_callback_at IS NULL OR last_callback_at < ?6
-                                                 THEN ?6 ELSE last_callback_at END,
-                         devices_reported = devices_reported + ?7,
-                         succeeded = succeeded + ?8,
-                         failed = failed + ?9,
-                         accepted = accepted + ?10
-                     WHERE id = ?1",
-                )?
-                .execute(params![
-                    job_id,
-                    touched.deliveries,
-                    touched.duplicates,
-                    touched.operation,
-                    timestamp(touched.first_at),
-                    timestamp(touched.last_at),
-                    reported,
-                    succeeded,
-                    failed,
-                    accepted,
-                ])?;
-            if touched.deliveries > touched.duplicates {
-                recompute(connection, job_id, touched.last_at, completions)?;
-            }
+        let JobBatch {
+            mut rows, touched, ..
+        } = self;
+        for (job_id, job) in touched {
+            let Some(mut row) = rows.remove(&job_id) else {
+                continue;
+            };
+            completions.extend(job.apply_to(&mut row));
+            write_job(connection, &row)?;
         }
         Ok(())
     }
 }
 
-fn find_or_create_job(
+fn job_row(connection: &Connection, request_id: &str) -> rusqlite::Result<Option<JobRow>> {
+    connection
+        .prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE request_id = ?1"
+        ))?
+        .query_row([request_id], |row| JobRow::from_row(row))
+        .optional()
+}
+
+/// A new job, pending, with its deadline `timeout` after `received_at`.
+fn create_job(
     connection: &Connection,
     request_id: &str,
     operation: Option<&str>,
     received_at: OffsetDateTime,
-    default_timeout: Duration,
-) -> rusqlite::Result<i64> {
-    let existing: Option<i64> = connection
-        .prepare_cached("SELECT id FROM jobs WHERE request_id = ?1")?
-        .query_row([request_id], |row| row.get(0))
-        .optional()?;
-    if let Some(job_id) = existing {
-        return Ok(job_id);
-    }
+    timeout: Duration,
+) -> rusqlite::Result<JobRow> {
     connection
-        .prepare_cached("INSERT INTO jobs (request_id, operation, state, created_at, deadline) VALUES (?1, ?2, ?3, ?4, ?5)")?
+        .prepare_cached(&format!(
+            "INSERT INTO jobs (request_id, operation, state, created_at, deadline) VALUES (?1, ?2, ?3, ?4, ?5)
+             RETURNING {JOB_COLUMNS}"
+        ))?
+        .query_row(
+            params![
+                request_id,
+                operation,
+                JobState::Pending.as_str(),
+                timestamp(received_at),
+                timestamp(received_at + timeout)
+            ],
+            |row| JobRow::from_row(row),
+        )
+}
+
+/// Writes the columns a batch changes on a job row.
+fn write_job(connection: &Connection, row: &JobRow) -> rusqlite::Result<()> {
+    connection
+        .prepare_cached(
+            "UPDATE jobs SET operation = ?2, state = ?3, devices_reported = ?4, succeeded = ?5, failed = ?6,
+                 accepted = ?7, deliveries = ?8, duplicates = ?9, is_upload = ?10, total_lines = ?11,
+                 pending_lines = ?12, success_lines = ?13, failed_lines = ?14, package_error = ?15,
+                 first_callback_at = ?16, last_callback_at = ?17, completed_at = ?18
+             WHERE id = ?1",
+        )?
         .execute(params![
-            request_id,
-            operation,
-            JobState::Pending.as_str(),
-            timestamp(received_at),
-            timestamp(received_at + default_timeout)
+            row.id,
+            row.operation,
+            row.state,
+            row.devices_reported,
+            row.succeeded,
+            row.failed,
+            row.accepted,
+            row.deliveries,
+            row.duplicates,
+            row.is_upload,
+            row.total_lines,
+            row.pending_lines,
+            row.success_lines,
+            row.failed_lines,
+            row.package_error,
+            row.first_callback_at,
+            row.last_callback_at,
+            row.completed_at,
         ])?;
-    Ok(connection.last_insert_rowid())
+    Ok(())
+}
+
+/// Writes what the state rule changes on a job row (registration, sweep).
+fn write_state(connection: &Connection, row: &JobRow) -> rusqlite::Result<()> {
+    connection
+        .prepare_cached("UPDATE jobs SET state = ?2, completed_at = ?3 WHERE id = ?1")?
+        .execute(params![row.id, row.state, row.completed_at])?;
+    Ok(())
 }
 
 /// The job's device one of `identifiers` names, with its latest status. One primary-key lookup
@@ -207,169 +232,44 @@ fn add_identifiers(
     device_id: i64,
     identifiers: &[DeviceIdentifier],
 ) -> rusqlite::Result<()> {
-    let rows: Vec<[&dyn ToSql; 4]> = identifiers
-        .iter()
-        .map(|identifier| {
-            [
-                &job_id as &dyn ToSql,
-                &identifier.kind,
-                &identifier.id,
-                &device_id,
-            ]
-        })
-        .collect();
-    insert_rows(
-        connection,
-        "INSERT INTO job_device_identifiers (job_id, kind, identifier, job_device_id)",
-        "ON CONFLICT DO NOTHING",
-        &rows,
-    )
-}
-
-/// The latest upload report sets the job's line counts; a package-level error sticks.
-pub(super) fn record_upload(
-    connection: &Connection,
-    job_id: i64,
-    upload: &UploadSummary,
-) -> rusqlite::Result<()> {
-    let count = sql_count;
-    connection
-        .prepare_cached(
-            "UPDATE jobs SET is_upload = 1,
-                 total_lines = coalesce(?2, total_lines),
-                 pending_lines = coalesce(?3, pending_lines),
-                 success_lines = coalesce(?4, success_lines),
-                 failed_lines = coalesce(?5, failed_lines),
-                 package_error = coalesce(package_error, ?6)
-             WHERE id = ?1",
-        )?
-        .execute(params![
-            job_id,
-            count(upload.total_lines),
-            count(upload.pending_lines),
-            count(upload.success_lines),
-            count(upload.failed_lines),
-            upload.package_error,
-        ])?;
+    let mut insert = connection.prepare_cached(
+        "INSERT INTO job_device_identifiers (job_id, kind, identifier, job_device_id)
+         VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+    )?;
+    for identifier in identifiers {
+        insert.execute(params![job_id, identifier.kind, identifier.id, device_id])?;
+    }
     Ok(())
 }
 
-/// Recounts the job's devices and applies the state rule as of `now`. Returns whether the state
-/// changed; a job that just completed (not timed out) is added to `completions`.
-pub(super) fn recompute(
-    connection: &Connection,
-    job_id: i64,
-    now: OffsetDateTime,
-    completions: &mut Vec<JobCompletion>,
-) -> rusqlite::Result<bool> {
-    let now_text = timestamp(now);
-    let (facts, old_state, completed_at) = connection
-        .prepare_cached(
-            "SELECT expected_devices, is_upload, total_lines, pending_lines, success_lines, failed_lines,
-                    package_error IS NOT NULL, deadline < ?2, state, completed_at,
-                    devices_reported, succeeded, failed, accepted
-             FROM jobs WHERE id = ?1",
-        )?
-        .query_row(params![job_id, now_text], |row| {
-            let unsigned = |index: usize| -> rusqlite::Result<Option<u64>> {
-                Ok(row.get::<_, Option<i64>>(index)?.and_then(|value| u64::try_from(value).ok()))
-            };
-            let count = |index: usize| -> rusqlite::Result<u64> { Ok(unsigned(index)?.unwrap_or(0)) };
-            let is_upload: bool = row.get(1)?;
-            let facts = JobFacts {
-                registered_expected: unsigned(0)?,
-                reported: count(10)?,
-                succeeded: count(11)?,
-                failed: count(12)?,
-                accepted: count(13)?,
-                upload: if is_upload {
-                    Some(UploadCounts {
-                        total: unsigned(2)?,
-                        pending: unsigned(3)?,
-                        success: unsigned(4)?,
-                        failed: unsigned(5)?,
-                    })
-                } else {
-                    None
-                },
-                package_error: row.get(6)?,
-                deadline_passed: row.get(7)?,
-            };
-            Ok((facts, row.get::<_, String>(8)?, row.get::<_, Option<String>>(9)?))
-        })?;
-    let transition = transition(&facts, &old_state, completed_at.as_deref(), &now_text);
-    if transition.write {
-        connection
-            .prepare_cached("UPDATE jobs SET state = ?2, completed_at = ?3 WHERE id = ?1")?
-            .execute(params![
-                job_id,
-                transition.state.as_str(),
-                transition.completed_at
-            ])?;
-    }
-    let changed = transition.changed;
-    if changed && transition.state.is_terminal() && transition.state != JobState::TimedOut {
-        let (operation, started): (Option<String>, String) = connection
-            .prepare_cached(
-                "SELECT operation, coalesce(registered_at, created_at) FROM jobs WHERE id = ?1",
-            )?
-            .query_row([job_id], |row| Ok((row.get(0)?, row.get(1)?)))?;
-        completions.push(JobCompletion {
-            operation: operation.unwrap_or_else(|| "other".to_owned()),
-            seconds: seconds_between(&started, &now_text),
-        });
-    }
-    Ok(changed)
-}
-
-/// Registers a job, or adopts the unregistered one earlier callbacks created.
+/// Registers a job as `plan` says, or adopts the unregistered one earlier callbacks created.
 pub(super) fn register(
     connection: &Connection,
-    registration: &Registration,
+    plan: &RegistrationPlan<'_>,
     now: OffsetDateTime,
-    default_timeout: Duration,
     completions: &mut Vec<JobCompletion>,
 ) -> rusqlite::Result<Registered> {
-    let canonical = serde_json::to_string(registration)
-        .map_err(|error| rusqlite::Error::ToSqlConversionFailure(Box::new(error)))?;
-    let existing: Option<(i64, bool, Option<String>)> = connection
-        .prepare_cached("SELECT id, registered, registration FROM jobs WHERE request_id = ?1")?
-        .query_row([&registration.request_id], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-        })
-        .optional()?;
-    if let Some((job_id, true, stored)) = &existing {
-        let job = queries::job_by_id(connection, *job_id)?;
-        return Ok(if stored.as_deref() == Some(canonical.as_str()) {
-            Registered::Unchanged(job)
-        } else {
-            Registered::Conflict(job)
-        });
+    let registration = plan.registration();
+    let existing = job_row(connection, &registration.request_id)?;
+    if let Some(row) = existing.as_ref().filter(|row| row.registered) {
+        let stored: Option<String> = connection
+            .prepare_cached("SELECT registration FROM jobs WHERE id = ?1")?
+            .query_row([row.id], |row| row.get(0))?;
+        return Ok(plan.repeated(row.clone(), stored.as_deref()));
     }
-    let timeout = registration
-        .timeout_s
-        .map(Duration::from_secs)
-        .unwrap_or(default_timeout);
-    let at = timestamp(now);
-    let deadline = timestamp(now + timeout);
-    let expected = registration
-        .expected()
-        .and_then(|expected| i64::try_from(expected).ok());
-    let timeout_s = registration
-        .timeout_s
-        .and_then(|timeout| i64::try_from(timeout).ok());
-    let operation = registration.operation.as_str();
+    let adopted = existing.is_some();
     // One row for both paths: a new job is created first, and then registered like an adopted one.
-    let job_id = match existing {
-        Some((job_id, _, _)) => job_id,
-        None => find_or_create_job(
+    let mut row = match existing {
+        Some(row) => row,
+        None => create_job(
             connection,
             &registration.request_id,
-            Some(operation),
+            Some(plan.operation()),
             now,
-            timeout,
+            plan.timeout,
         )?,
     };
+    plan.apply(&mut row);
     connection
         .prepare_cached(
             "UPDATE jobs SET registered = 1, operation = ?2, account = ?3, label = ?4, expected_devices = ?5,
@@ -377,19 +277,19 @@ pub(super) fn register(
              WHERE id = ?1",
         )?
         .execute(params![
-            job_id,
-            operation,
-            registration.account,
-            registration.label,
-            expected,
-            timeout_s,
-            canonical,
-            at,
-            deadline
+            row.id,
+            row.operation,
+            row.account,
+            row.label,
+            row.expected_devices,
+            row.timeout_s,
+            plan.canonical,
+            row.registered_at,
+            row.deadline
         ])?;
     for device in &registration.devices {
         let identifiers = std::slice::from_ref(device);
-        match find_job_device(connection, job_id, identifiers)? {
+        match find_job_device(connection, row.id, identifiers)? {
             Some((device_id, _)) => {
                 connection
                     .prepare_cached("UPDATE job_devices SET registered = 1 WHERE id = ?1")?
@@ -398,40 +298,46 @@ pub(super) fn register(
             None => {
                 connection
                     .prepare_cached("INSERT INTO job_devices (job_id, registered) VALUES (?1, 1)")?
-                    .execute([job_id])?;
+                    .execute([row.id])?;
                 add_identifiers(
                     connection,
-                    job_id,
+                    row.id,
                     connection.last_insert_rowid(),
                     identifiers,
                 )?;
             }
         }
     }
-    recompute(connection, job_id, now, completions)?;
-    let job = queries::job_by_id(connection, job_id)?;
-    Ok(if existing.is_some() {
-        Registered::Adopted(job)
+    let (write, completion) = row.recompute(now);
+    completions.extend(completion);
+    if write {
+        write_state(connection, &row)?;
+    }
+    Ok(if adopted {
+        Registered::Adopted(row.into_record())
     } else {
-        Registered::Created(job)
+        Registered::Created(row.into_record())
     })
 }
 
-/// Applies the state rule to every open job whose deadline has passed.
+/// Applies the state rule to every open job whose deadline has passed; returns how many changed.
 pub(super) fn sweep(
     connection: &Connection,
     now: OffsetDateTime,
     completions: &mut Vec<JobCompletion>,
 ) -> rusqlite::Result<u64> {
-    let overdue: Vec<i64> = connection
-        .prepare_cached(
-            "SELECT id FROM jobs WHERE state IN ('pending', 'in_progress') AND deadline < ?1",
-        )?
-        .query_map([timestamp(now)], |row| row.get(0))?
+    let overdue: Vec<JobRow> = connection
+        .prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('pending', 'in_progress') AND deadline < ?1"
+        ))?
+        .query_map([timestamp(now)], |row| JobRow::from_row(row))?
         .collect::<rusqlite::Result<_>>()?;
     let mut changed = 0;
-    for job_id in overdue {
-        if recompute(connection, job_id, now, completions)? {
+    for mut row in overdue {
+        let (write, completion) = row.recompute(now);
+        completions.extend(completion);
+        if write {
+            write_state(connection, &row)?;
             changed += 1;
         }
     }

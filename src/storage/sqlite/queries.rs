@@ -1,17 +1,46 @@
-//! Read queries for the API, run on read-only connections.
-
-use std::collections::HashMap;
+//! Read queries for the API, run on read-only connections. The rows are mapped in
+//! [`crate::storage::rows`], as the PostgreSQL backend's are.
 
 use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 
 use crate::domain::DeviceIdentifier;
+use crate::storage::jobs::{JOB_COLUMNS, JobRow};
 use crate::storage::rows::{
-    Conditions, FilterValue, HISTORY_LIMIT, JobRow, fault_record, identifier_candidates, page,
-    parse_details, unreported_outcome,
+    Conditions, FilterValue, HISTORY_LIMIT, History, JobDevices, OUTCOME_COLUMNS, RAW_BODY_COLUMNS,
+    RowReader, delivery_columns, delivery_from_row, identifier_candidates, job_device_columns,
+    page, raw_body_from_row,
 };
 use crate::storage::{
     DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord, OutcomeRecord, Page, RawBody,
 };
+
+impl RowReader for rusqlite::Row<'_> {
+    type Error = rusqlite::Error;
+
+    fn text(&self, column: usize) -> rusqlite::Result<String> {
+        self.get(column)
+    }
+
+    fn optional_text(&self, column: usize) -> rusqlite::Result<Option<String>> {
+        self.get(column)
+    }
+
+    fn integer(&self, column: usize) -> rusqlite::Result<i64> {
+        self.get(column)
+    }
+
+    fn optional_integer(&self, column: usize) -> rusqlite::Result<Option<i64>> {
+        self.get(column)
+    }
+
+    fn flag(&self, column: usize) -> rusqlite::Result<bool> {
+        self.get(column)
+    }
+
+    fn optional_bytes(&self, column: usize) -> rusqlite::Result<Option<Vec<u8>>> {
+        self.get(column)
+    }
+}
 
 impl ToSql for FilterValue {
     fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
@@ -37,112 +66,41 @@ pub(super) fn list_deliveries(
 ) -> rusqlite::Result<Page<DeliveryRecord>> {
     let limit = i64::from(query.limit.max(1));
     let (clause, values) = filtered(Conditions::deliveries(query), limit);
-    let mut statement = connection.prepare_cached(&format!(
-        "SELECT id, received_at, form, kind, operation, request_id, callback_count, max_callback_threshold,
-                result, duplicate_of, duplicates, size, content_type, account, status, fault_code, parse_error
-         FROM deliveries {clause}
-         ORDER BY id DESC
-         LIMIT ?"
-    ))?;
-    let items = statement
+    let columns = delivery_columns("d.duplicates");
+    let items = connection
+        .prepare_cached(&format!(
+            "SELECT {columns} FROM deliveries d {clause} ORDER BY id DESC LIMIT ?"
+        ))?
         .query_map(params_from_iter(values.iter()), |row| {
-            Ok(DeliveryRecord {
-                id: row.get(0)?,
-                received_at: row.get(1)?,
-                form: row.get(2)?,
-                kind: row.get(3)?,
-                operation: row.get(4)?,
-                request_id: row.get(5)?,
-                callback_count: row.get(6)?,
-                max_callback_threshold: row.get(7)?,
-                result: row.get(8)?,
-                duplicate_of: row.get(9)?,
-                duplicates: row.get(10)?,
-                size: row.get(11)?,
-                content_type: row.get(12)?,
-                account: row.get(13)?,
-                status: row.get(14)?,
-                fault_code: row.get(15)?,
-                parse_error: row.get(16)?,
-            })
+            delivery_from_row(row)
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(page(items, limit, |delivery| delivery.id))
 }
 
 pub(super) fn raw_body(connection: &Connection, delivery_id: i64) -> rusqlite::Result<RawBody> {
-    type RawRow = (Option<String>, Option<i64>, Option<Vec<u8>>);
-    let row: Option<RawRow> = connection
-        .prepare_cached(
-            "SELECT d.content_type, d.duplicate_of, r.body
+    let found = connection
+        .prepare_cached(&format!(
+            "SELECT {RAW_BODY_COLUMNS}
              FROM deliveries d LEFT JOIN raw_bodies r ON r.delivery_id = d.id
-             WHERE d.id = ?1",
-        )?
-        .query_row([delivery_id], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-        })
+             WHERE d.id = ?1"
+        ))?
+        .query_row([delivery_id], |row| raw_body_from_row(row))
         .optional()?;
-    Ok(match row {
-        None => RawBody::NotFound,
-        Some((content_type, _, Some(body))) => RawBody::Found { content_type, body },
-        Some((_, Some(duplicate_of), None)) => RawBody::Duplicate { duplicate_of },
-        Some((_, None, None)) => RawBody::Pruned,
-    })
-}
-
-const JOB_COLUMNS: &str = "id, request_id, registered, operation, account, label, state, expected_devices, devices_reported,
-     succeeded, failed, accepted, deliveries, duplicates, is_upload, total_lines, pending_lines, success_lines,
-     failed_lines, package_error, timeout_s, registered_at, first_callback_at, last_callback_at, completed_at, deadline";
-
-fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<JobRecord> {
-    Ok(JobRow {
-        id: row.get(0)?,
-        request_id: row.get(1)?,
-        registered: row.get(2)?,
-        operation: row.get(3)?,
-        account: row.get(4)?,
-        label: row.get(5)?,
-        state: row.get(6)?,
-        expected_devices: row.get(7)?,
-        devices_reported: row.get(8)?,
-        succeeded: row.get(9)?,
-        failed: row.get(10)?,
-        accepted: row.get(11)?,
-        deliveries: row.get(12)?,
-        duplicates: row.get(13)?,
-        is_upload: row.get(14)?,
-        total_lines: row.get(15)?,
-        pending_lines: row.get(16)?,
-        success_lines: row.get(17)?,
-        failed_lines: row.get(18)?,
-        package_error: row.get(19)?,
-        timeout_s: row.get(20)?,
-        created_at: String::new(),
-        registered_at: row.get(21)?,
-        first_callback_at: row.get(22)?,
-        last_callback_at: row.get(23)?,
-        completed_at: row.get(24)?,
-        deadline: row.get(25)?,
-    }
-    .into_record())
-}
-
-pub(super) fn job_by_id(connection: &Connection, job_id: i64) -> rusqlite::Result<JobRecord> {
-    connection
-        .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?
-        .query_row([job_id], job_from_row)
+    Ok(found.unwrap_or(RawBody::NotFound))
 }
 
 pub(super) fn job_by_request_id(
     connection: &Connection,
     request_id: &str,
 ) -> rusqlite::Result<Option<JobRecord>> {
-    connection
+    Ok(connection
         .prepare_cached(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE request_id = ?1"
         ))?
-        .query_row([request_id], job_from_row)
-        .optional()
+        .query_row([request_id], |row| JobRow::from_row(row))
+        .optional()?
+        .map(JobRow::into_record))
 }
 
 pub(super) fn list_jobs(
@@ -155,32 +113,11 @@ pub(super) fn list_jobs(
         .prepare_cached(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs {clause} ORDER BY id DESC LIMIT ?"
         ))?
-        .query_map(params_from_iter(values.iter()), job_from_row)?
+        .query_map(params_from_iter(values.iter()), |row| {
+            JobRow::from_row(row).map(JobRow::into_record)
+        })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(page(items, limit, |job| job.id))
-}
-
-const OUTCOME_COLUMNS: &str =
-    "o.id, o.request_id, o.operation, o.status, o.line_status, o.fault_code, o.fault_message,
-     o.state, o.service_plan, o.ip_address, o.mdn, o.received_at, o.delivery_id, o.details";
-
-/// An outcome row (columns as in `OUTCOME_COLUMNS`, starting at `first`), identifiers left empty.
-fn outcome_from_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<OutcomeRecord> {
-    Ok(OutcomeRecord {
-        request_id: row.get(first + 1)?,
-        operation: row.get(first + 2)?,
-        identifiers: Vec::new(),
-        status: row.get(first + 3)?,
-        line_status: row.get(first + 4)?,
-        fault: fault_record(row.get(first + 5)?, row.get(first + 6)?),
-        state: row.get(first + 7)?,
-        service_plan: row.get(first + 8)?,
-        ip_address: row.get(first + 9)?,
-        mdn: row.get(first + 10)?,
-        received_at: row.get(first + 11)?,
-        delivery_id: row.get(first + 12)?,
-        details: parse_details(row.get(first + 13)?),
-    })
 }
 
 /// Every device of a job, in the order they became known, with its latest outcome.
@@ -192,42 +129,25 @@ pub(super) fn job_devices(
     let Some(job) = job_by_request_id(connection, request_id)? else {
         return Ok(None);
     };
-    let mut identifiers: HashMap<i64, Vec<DeviceIdentifier>> = HashMap::new();
-    let mut rows = connection.prepare_cached(
+    let mut devices = JobDevices::new(&job, now);
+    let mut statement = connection.prepare_cached(
         "SELECT job_device_id, kind, identifier FROM job_device_identifiers WHERE job_id = ?1",
     )?;
-    let mut found = rows.query([job.id])?;
-    while let Some(row) = found.next()? {
-        identifiers
-            .entry(row.get(0)?)
-            .or_default()
-            .push(DeviceIdentifier {
-                kind: row.get(1)?,
-                id: row.get(2)?,
-            });
+    let mut rows = statement.query([job.id])?;
+    while let Some(row) = rows.next()? {
+        devices.add_identifier(row)?;
     }
     let mut statement = connection.prepare_cached(&format!(
-        "SELECT d.id, o.id IS NOT NULL, {OUTCOME_COLUMNS}
+        "SELECT {}
          FROM job_devices d LEFT JOIN device_outcomes o ON o.id = d.latest_outcome_id
-         WHERE d.job_id = ?1 ORDER BY d.id"
+         WHERE d.job_id = ?1 ORDER BY d.id",
+        job_device_columns()
     ))?;
-    let devices = statement
-        .query_map([job.id], |row| {
-            let device_id: i64 = row.get(0)?;
-            let reported: bool = row.get(1)?;
-            let mut outcome = if reported {
-                outcome_from_row(row, 2)?
-            } else {
-                unreported_outcome(&job, now)
-            };
-            outcome.identifiers = identifiers.remove(&device_id).unwrap_or_default();
-            outcome
-                .identifiers
-                .sort_by(|left, right| (&left.kind, &left.id).cmp(&(&right.kind, &right.id)));
-            Ok(outcome)
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(Some(devices))
+    let mut rows = statement.query([job.id])?;
+    while let Some(row) = rows.next()? {
+        devices.add(row)?;
+    }
+    Ok(Some(devices.devices))
 }
 
 pub(super) fn device_history(
@@ -250,43 +170,25 @@ pub(super) fn device_history(
             break;
         }
     }
-    if outcome_ids.is_empty() {
-        return Ok(None);
-    }
-    let mut history = Vec::with_capacity(outcome_ids.len());
-    let mut all_identifiers: Vec<DeviceIdentifier> = Vec::new();
+    let mut history = History::default();
     let mut outcome_statement = connection.prepare_cached(&format!(
         "SELECT {OUTCOME_COLUMNS} FROM device_outcomes o WHERE o.id = ?1"
     ))?;
-    let mut identifier_statement =
-        connection.prepare_cached("SELECT kind, identifier FROM outcome_identifiers WHERE outcome_id = ?1 ORDER BY kind, identifier")?;
+    let mut identifier_statement = connection.prepare_cached(
+        "SELECT outcome_id, kind, identifier FROM outcome_identifiers WHERE outcome_id = ?1",
+    )?;
+    // One primary-key lookup per outcome, newest first.
     for outcome_id in outcome_ids {
-        let mut outcome =
-            outcome_statement.query_row([outcome_id], |row| outcome_from_row(row, 0))?;
-        outcome.identifiers = identifier_statement
-            .query_map([outcome_id], |row| {
-                Ok(DeviceIdentifier {
-                    kind: row.get(0)?,
-                    id: row.get(1)?,
-                })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        for found in &outcome.identifiers {
-            if !all_identifiers.contains(found) {
-                all_identifiers.push(found.clone());
-            }
+        let mut rows = identifier_statement.query([outcome_id])?;
+        while let Some(row) = rows.next()? {
+            history.add_identifier(row)?;
         }
-        history.push(outcome);
+        let mut rows = outcome_statement.query([outcome_id])?;
+        while let Some(row) = rows.next()? {
+            history.add(row)?;
+        }
     }
-    all_identifiers.sort_by(|left, right| (&left.kind, &left.id).cmp(&(&right.kind, &right.id)));
-    let Some(latest) = history.first().cloned() else {
-        return Ok(None);
-    };
-    Ok(Some(DeviceHistory {
-        identifiers: all_identifiers,
-        latest,
-        history,
-    }))
+    Ok(history.finish())
 }
 
 /// How many jobs are in each state (for the `m2m_jobs` gauge).
@@ -317,7 +219,7 @@ mod tests {
     #[test]
     fn filtered_listings_use_their_indexes() {
         let mut connection = Connection::open_in_memory().unwrap();
-        super::super::migrate(&mut connection).unwrap();
+        super::super::schema::migrate(&mut connection).unwrap();
         let columns = "SELECT id FROM deliveries";
         let by_request = plan(
             &connection,
@@ -340,5 +242,92 @@ mod tests {
             &[&"pending"],
         );
         assert!(by_state.contains("jobs_state"), "{by_state}");
+    }
+
+    fn migrated() -> Connection {
+        let mut connection = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut connection).unwrap();
+        connection
+    }
+
+    #[test]
+    fn a_job_row_is_read_whole_created_at_included() {
+        let connection = migrated();
+        connection
+            .execute_batch(
+                "INSERT INTO jobs (request_id, registered, operation, state, expected_devices,
+                     devices_reported, succeeded, is_upload, total_lines, created_at, registered_at,
+                     deadline)
+                 VALUES ('r-1', 1, 'activate', 'in_progress', 3, 2, 2, 1, 5,
+                     '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:01.000000Z',
+                     '2026-01-02T00:00:00.000000Z')",
+            )
+            .unwrap();
+        let row = connection
+            .query_row(&format!("SELECT {JOB_COLUMNS} FROM jobs"), [], |row| {
+                JobRow::from_row(row)
+            })
+            .unwrap();
+        assert_eq!(row.created_at, "2026-01-01T00:00:00.000000Z");
+        assert_eq!(
+            row.registered_at.as_deref(),
+            Some("2026-01-01T00:00:01.000000Z")
+        );
+        assert!(row.registered && row.is_upload);
+        assert_eq!(
+            (row.expected_devices, row.devices_reported, row.succeeded),
+            (Some(3), 2, 2)
+        );
+        let record = row.into_record();
+        assert_eq!(record.pending, Some(1));
+        assert_eq!(record.upload.and_then(|upload| upload.total_lines), Some(5));
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_the_drivers_error_not_a_default() {
+        let connection = migrated();
+        connection
+            .execute_batch(
+                "INSERT INTO jobs (request_id, label, state, created_at, deadline)
+                 VALUES ('r-2', x'ff', 'pending', 't0', 't1')",
+            )
+            .unwrap();
+        let read = connection.query_row(&format!("SELECT {JOB_COLUMNS} FROM jobs"), [], |row| {
+            JobRow::from_row(row)
+        });
+        assert!(
+            matches!(read, Err(rusqlite::Error::InvalidColumnType(5, _, _))),
+            "{read:?}"
+        );
+    }
+
+    #[test]
+    fn a_raw_body_row_says_found_duplicate_or_pruned() {
+        let connection = migrated();
+        connection
+            .execute_batch(
+                "INSERT INTO deliveries (id, received_at, dedup_key, result, size, content_type)
+                     VALUES (1, 't', x'01', 'stored', 3, 'text/xml');
+                 INSERT INTO raw_bodies (delivery_id, body) VALUES (1, x'616263');
+                 INSERT INTO deliveries (id, received_at, dedup_key, result, duplicate_of, size)
+                     VALUES (2, 't', x'01', 'duplicate', 1, 3);
+                 INSERT INTO deliveries (id, received_at, dedup_key, result, size)
+                     VALUES (3, 't', x'03', 'stored', 3);",
+            )
+            .unwrap();
+        assert!(matches!(
+            raw_body(&connection, 1).unwrap(),
+            RawBody::Found { content_type: Some(content_type), body }
+                if content_type == "text/xml" && body == b"abc"
+        ));
+        assert!(matches!(
+            raw_body(&connection, 2).unwrap(),
+            RawBody::Duplicate { duplicate_of: 1 }
+        ));
+        assert!(matches!(raw_body(&connection, 3).unwrap(), RawBody::Pruned));
+        assert!(matches!(
+            raw_body(&connection, 4).unwrap(),
+            RawBody::NotFound
+        ));
     }
 }

@@ -6,10 +6,8 @@ use anyhow::Context;
 use rusqlite::{Connection, OpenFlags, params};
 use time::OffsetDateTime;
 
+use crate::storage::batch::PRUNE_CHUNK;
 use crate::storage::timestamp;
-
-/// Raw bodies deleted per transaction, so that pruning never holds the writer for long.
-pub(super) const PRUNE_CHUNK: i64 = 2_000;
 
 /// Deletes up to [`PRUNE_CHUNK`] raw bodies of stored deliveries received before `cutoff`.
 /// Kept whatever their age: quarantined bodies (the only copy of what was sent) and bodies of
@@ -40,21 +38,6 @@ pub(super) fn prune_chunk(
     Ok(deleted)
 }
 
-/// Prunes everything due, chunk by chunk, on a connection of its own (the `prune` command).
-pub fn prune_database(path: &Path, cutoff: OffsetDateTime) -> anyhow::Result<usize> {
-    let connection = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
-        .with_context(|| format!("failed to open database at {}", path.display()))?;
-    connection.busy_timeout(std::time::Duration::from_secs(10))?;
-    let mut total = 0;
-    loop {
-        let deleted = prune_chunk(&connection, cutoff).context("pruning failed")?;
-        total += deleted;
-        if deleted < PRUNE_CHUNK as usize {
-            return Ok(total);
-        }
-    }
-}
-
 /// Copies the database to `target` consistently while the listener keeps writing: the SQLite
 /// backup API, all pages in one step (a step that copies everything reads one snapshot, and so
 /// is not restarted by concurrent commits).
@@ -63,7 +46,7 @@ pub fn prune_database(path: &Path, cutoff: OffsetDateTime) -> anyhow::Result<usi
 /// passwords), checked, synced, and only then given its name, so `target` is either absent or a
 /// complete, checked copy. On any failure the temporary file (and SQLite's journal of it) is
 /// removed, and a retry starts afresh. An existing `target` is never replaced.
-pub fn backup_database(path: &Path, target: &Path) -> anyhow::Result<()> {
+pub(super) fn backup_database(path: &Path, target: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(
         !target.exists(),
         "{} exists already; not overwriting it",

@@ -1,8 +1,10 @@
-//! The schema, as an ordered list of migrations.
+//! The schema, as an ordered list of migrations, and how they are applied.
+
+use rusqlite::{Connection, TransactionBehavior};
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many have been applied.
 /// Never edit an applied migration: add a new one.
-pub(super) const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE deliveries (
     id                     INTEGER PRIMARY KEY,
@@ -153,3 +155,32 @@ DROP INDEX deliveries_result;
 CREATE INDEX deliveries_unusual_result ON deliveries (result, id) WHERE result <> 'stored';
 "#,
 ];
+
+/// Refuses a database whose schema is newer than this build knows (a downgrade).
+pub(super) fn check_version(connection: &Connection) -> anyhow::Result<()> {
+    let applied: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    anyhow::ensure!(
+        usize::try_from(applied).unwrap_or(usize::MAX) <= MIGRATIONS.len(),
+        "the database schema is version {applied}, newer than this build knows ({}): upgrade m2m-listener",
+        MIGRATIONS.len()
+    );
+    Ok(())
+}
+
+/// Applies the migrations not yet recorded in `PRAGMA user_version`.
+pub(super) fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
+    let applied: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    let applied = usize::try_from(applied).unwrap_or(usize::MAX);
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        transaction.execute_batch(migration)?;
+        transaction.pragma_update(
+            None,
+            "user_version",
+            i64::try_from(index + 1).unwrap_or(i64::MAX),
+        )?;
+        transaction.commit()?;
+        tracing::info!(version = index + 1, "applied database migration");
+    }
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! Connections to the file: the writer's (opened, and migrated when serving), the readers'
+//! read-only ones (reused, and retired when the writer reopens its own), and the checkpointer's.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::error::{self, is_storage_wide, store_error};
+use super::schema;
+use crate::configuration::StorageSettings;
+use crate::storage::StoreError;
+
+/// Idle read-only connections kept for reuse.
+const MAX_IDLE_READERS: usize = 4;
+
+/// Creates the database file 0600 before SQLite does (SQLite would make it 0644, and gives its
+/// `-wal` and `-shm` files the database file's mode, so all three are private this way); warns
+/// about an existing one that others can read.
+pub(super) fn create_private_database(path: &Path) -> anyhow::Result<()> {
+    if path.exists() {
+        crate::private_files::warn_if_shared(path, "database file");
+        return Ok(());
+    }
+    match crate::private_files::create_new(path) {
+        // An empty file is an empty database to SQLite.
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(anyhow::Error::new(error)
+            .context(format!("failed to create database at {}", path.display()))),
+    }
+}
+
+pub(super) fn open_writer(path: &Path, settings: &StorageSettings) -> rusqlite::Result<Connection> {
+    let connection = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    connection.busy_timeout(Duration::from_millis(settings.busy_timeout_ms))?;
+    // Takes effect only on a new database (before its first table): pruned raw bodies then give
+    // their space back through incremental vacuum.
+    connection.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", settings.synchronous.pragma_value())?;
+    connection.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)?;
+    // Once a checkpoint has caught up, the WAL is cut back to this size (bytes).
+    connection.pragma_update(None, "journal_size_limit", 16 * 1024 * 1024)?;
+    connection.pragma_update(None, "foreign_keys", "ON")?;
+    // Statement journals (savepoints) in memory, not in temporary files.
+    connection.pragma_update(None, "temp_store", "MEMORY")?;
+    // A stable query plan: without it SQLite recompiles a statement whenever a rebound parameter
+    // might change its plan (partial indexes, STAT4), which profiling showed on most statements
+    // of the writer. The plans here are simple index lookups that no binding improves.
+    connection.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
+    connection.set_prepared_statement_cache_capacity(64);
+    Ok(connection)
+}
+
+/// How often the checkpointer copies committed WAL frames into the database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+/// The writer checkpoints by itself only past this many WAL pages (~40 MiB): a safety net for
+/// when the checkpointer cannot run.
+const WRITER_AUTOCHECKPOINT_PAGES: i64 = 10_000;
+
+/// Checkpoints the WAL from a connection of its own, so that copying pages into the database
+/// file does not hold up the writer thread (and with it every acknowledgement). PASSIVE never
+/// blocks the writer. Stops when `stop` is dropped.
+///
+/// A connection of an older [`Readers::generation`] is closed, and so is one whose checkpoint
+/// failed: opened while the volume was read-only, it would keep a read-only `-shm` mapping that
+/// the writer's next connection shares.
+pub(super) fn run_checkpoints(
+    path: &Path,
+    generation: &AtomicU64,
+    stop: &std::sync::mpsc::Receiver<()>,
+) {
+    let mut connection: Option<(u64, Connection)> = None;
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        stop.recv_timeout(CHECKPOINT_INTERVAL)
+    {
+        let current = generation.load(Ordering::Acquire);
+        if connection
+            .as_ref()
+            .is_some_and(|(opened_in, _)| *opened_in != current)
+        {
+            connection = None;
+        }
+        if connection.is_none() {
+            connection = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .and_then(|opened| {
+                opened.busy_timeout(Duration::from_millis(100))?;
+                Ok((current, opened))
+            })
+            .ok();
+        }
+        let Some((_, open)) = &connection else {
+            continue;
+        };
+        if let Err(error) = open.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(%error, "checkpoint failed; retrying");
+            connection = None;
+        }
+    }
+}
+
+/// The writer's connection to a database brought to this build's schema.
+pub(super) fn open_and_migrate(
+    path: &Path,
+    settings: &StorageSettings,
+) -> anyhow::Result<Connection> {
+    let mut connection = open_writer(path, settings)?;
+    schema::check_version(&connection)?;
+    schema::migrate(&mut connection)?;
+    Ok(connection)
+}
+
+/// A database that exists but cannot be written right now (read-only volume, lock held by
+/// another process): a fault to ride out, not a configuration error.
+pub(super) fn is_transient_open_failure(error: &anyhow::Error) -> bool {
+    error
+        .downcast_ref::<rusqlite::Error>()
+        .is_some_and(is_storage_wide)
+}
+
+/// Read-only connections for the API, reused across requests.
+///
+/// SQLite's unix VFS shares one mapping of the `-shm` file (the WAL index) among all connections
+/// of the process to a database, and opens it read-only when the volume is read-only. A reader
+/// opened then (a listener started on a read-only volume after a crash left the `-wal` and `-shm`
+/// behind, which is when reads work) would keep that read-only mapping alive in the idle pool,
+/// and the writer's connection, reopened once the volume is writable again, would share it and
+/// fail with "read-only" on every commit until a restart. So connections belong to a generation,
+/// which the writer advances each time it (re)opens its connection: idle readers are closed then,
+/// readers in use when they come back, and the checkpointer closes its own.
+pub(super) struct Readers {
+    path: PathBuf,
+    /// Idle connections, each with the generation it was opened in.
+    idle: Mutex<Vec<(u64, Connection)>>,
+    /// Advanced by [`Readers::retire`]; the checkpointer watches it too.
+    pub generation: Arc<AtomicU64>,
+}
+
+impl Readers {
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            idle: Mutex::new(Vec::new()),
+            generation: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Closes every connection opened so far (idle ones now, those in use when they are returned),
+    /// so that the next connection maps the WAL index anew. Called by the writer thread before it
+    /// (re)opens its connection.
+    pub fn retire(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let retired = self
+            .idle
+            .lock()
+            .map(|mut idle| std::mem::take(&mut *idle))
+            .unwrap_or_default();
+        drop(retired);
+    }
+
+    pub fn with<T>(
+        &self,
+        query: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let current = self.generation.load(Ordering::Acquire);
+        let idle = self
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut idle| idle.pop())
+            .filter(|(opened_in, _)| *opened_in == current);
+        let (generation, connection) = match idle {
+            Some(idle) => idle,
+            None => Connection::open_with_flags(
+                &self.path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .and_then(|connection| {
+                connection.busy_timeout(Duration::from_secs(5))?;
+                Ok((current, connection))
+            })
+            .map_err(|error| StoreError::Unavailable(error::cause(error)))?,
+        };
+        let result = query(&connection).map_err(store_error);
+        let reusable = result.is_ok() && generation == self.generation.load(Ordering::Acquire);
+        if let Ok(mut idle) = self.idle.lock() {
+            if reusable && idle.len() < MAX_IDLE_READERS {
+                idle.push((generation, connection));
+            }
+        }
+        result
+    }
+}

@@ -1,0 +1,208 @@
+//! One delivery's rows: the delivery (or its duplicate row), raw body, outcomes with their
+//! identifiers, upload report; and what it adds to its job, through [`JobBatch`]. Inside the
+//! writer's transaction.
+
+use std::time::Duration;
+
+use rusqlite::{Connection, ToSql, params, params_from_iter};
+
+use super::jobs::JobBatch;
+use crate::domain::{Callback, DeliveryResult, DeviceOutcome};
+use crate::storage::batch::Fate;
+use crate::storage::jobs::stored_count;
+use crate::storage::{DeliveryContent, NewDelivery, Receipt, timestamp};
+
+/// Inserts `rows` with one cached single-row statement `head VALUES (?, ...) tail`. (Multi-row
+/// statements built per call measured slower: their SQL text is formatted and looked up each time.)
+fn insert_rows<const WIDTH: usize>(
+    connection: &Connection,
+    head: &str,
+    tail: &str,
+    rows: &[[&dyn ToSql; WIDTH]],
+) -> rusqlite::Result<()> {
+    let placeholders = format!("({})", vec!["?"; WIDTH].join(", "));
+    let mut statement =
+        connection.prepare_cached(&format!("{head} VALUES {placeholders} {tail}"))?;
+    for row in rows {
+        statement.execute(params_from_iter(row.iter()))?;
+    }
+    Ok(())
+}
+
+/// Inserts one delivery: its row (a duplicate row, if its message is stored already), its raw
+/// body, outcomes and upload report, and counts it on its job.
+pub(super) fn insert_delivery(
+    transaction: &Connection,
+    delivery: &NewDelivery,
+    job_timeout: Duration,
+    jobs: &mut JobBatch,
+) -> rusqlite::Result<Receipt> {
+    let received_at = timestamp(delivery.received_at);
+    let (callback, parse_error) = match &delivery.content {
+        DeliveryContent::Callback(callback) => (Some(callback.as_ref()), None),
+        DeliveryContent::Quarantined(unreadable) => (None, Some(unreadable.reason.as_str())),
+    };
+    let fault = callback.and_then(|callback| callback.fault.as_ref());
+    let job_operation = delivery.content.job_operation();
+    let insert = |result: DeliveryResult, duplicate_of: Option<i64>| -> rusqlite::Result<usize> {
+        transaction.prepare_cached(
+            "INSERT INTO deliveries (received_at, form, kind, operation, request_id, callback_count,
+                 max_callback_threshold, dedup_key, result, duplicate_of, size, content_type, source_address,
+                 account, status, fault_code, fault_message, comment, details, parse_error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)
+             ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![
+            received_at,
+            callback.map(|callback| callback.form.as_str()),
+            callback.map(|callback| callback.kind.as_str()),
+            callback.map(|callback| callback.operation.as_str()),
+            delivery.content.request_id(),
+            delivery.content.callback_count(),
+            callback.and_then(|callback| callback.max_callback_threshold),
+            &delivery.content.dedup_key()[..],
+            result.as_str(),
+            duplicate_of,
+            i64::try_from(delivery.body.len()).unwrap_or(i64::MAX),
+            delivery.content_type,
+            delivery.source_address,
+            delivery.account,
+            callback.and_then(|callback| callback.status.as_deref()),
+            fault.map(|fault| fault.code.as_str()),
+            fault.map(|fault| fault.message.as_str()),
+            callback.and_then(|callback| callback.comment.as_deref()),
+            callback.and_then(|callback| callback.details.as_ref()).map(|details| details.to_string()),
+            parse_error,
+        ])
+    };
+
+    if insert(delivery.content.first_result(), None)? == 0 {
+        // The message is already stored: record this re-delivery against the first one.
+        let original: i64 = transaction
+            .prepare_cached(
+                "SELECT id FROM deliveries WHERE dedup_key = ?1 AND duplicate_of IS NULL",
+            )?
+            .query_row([&delivery.content.dedup_key()[..]], |row| row.get(0))?;
+        transaction
+            .prepare_cached("UPDATE deliveries SET duplicates = duplicates + 1 WHERE id = ?1")?
+            .execute([original])?;
+        insert(DeliveryResult::Duplicate, Some(original))?;
+        let delivery_id = transaction.last_insert_rowid();
+        if let Some(request_id) = delivery.content.request_id() {
+            jobs.record_delivery(
+                transaction,
+                request_id,
+                job_operation,
+                delivery.received_at,
+                true,
+                job_timeout,
+            )?;
+        }
+        return Ok(Fate::Duplicate { original }.receipt(delivery_id, &delivery.content));
+    }
+    let delivery_id = transaction.last_insert_rowid();
+    transaction
+        .prepare_cached("INSERT INTO raw_bodies (delivery_id, body) VALUES (?1, ?2)")?
+        .execute(params![delivery_id, &delivery.body[..]])?;
+    let job_id = match delivery.content.request_id() {
+        Some(request_id) => Some(jobs.record_delivery(
+            transaction,
+            request_id,
+            job_operation,
+            delivery.received_at,
+            false,
+            job_timeout,
+        )?),
+        None => None,
+    };
+    if let Some(callback) = callback {
+        insert_outcomes(
+            transaction,
+            delivery_id,
+            &received_at,
+            callback,
+            job_id.map(|job_id| (job_id, jobs)),
+        )?;
+    }
+    Ok(Fate::First.receipt(delivery_id, &delivery.content))
+}
+
+fn insert_outcomes(
+    transaction: &Connection,
+    delivery_id: i64,
+    received_at: &str,
+    callback: &Callback,
+    mut job: Option<(i64, &mut JobBatch)>,
+) -> rusqlite::Result<()> {
+    let mut insert_outcome = transaction.prepare_cached(
+        "INSERT INTO device_outcomes (delivery_id, request_id, operation, status, line_status, fault_code,
+             fault_message, state, service_plan, ip_address, mdn, details, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )?;
+    for outcome in &callback.outcomes {
+        let DeviceOutcome {
+            identifiers,
+            status,
+            line_status,
+            fault,
+            state,
+            service_plan,
+            ip_address,
+            mdn,
+            details,
+        } = outcome;
+        insert_outcome.execute(params![
+            delivery_id,
+            callback.request_id,
+            callback.operation.as_str(),
+            status.as_str(),
+            line_status,
+            fault.as_ref().map(|fault| fault.code.as_str()),
+            fault.as_ref().map(|fault| fault.message.as_str()),
+            state,
+            service_plan,
+            ip_address,
+            mdn,
+            details.as_ref().map(|details| details.to_string()),
+            received_at,
+        ])?;
+        let outcome_id = transaction.last_insert_rowid();
+        let rows: Vec<[&dyn ToSql; 3]> = identifiers
+            .iter()
+            .map(|identifier| [&identifier.kind as &dyn ToSql, &identifier.id, &outcome_id])
+            .collect();
+        insert_rows(
+            transaction,
+            "INSERT INTO outcome_identifiers (kind, identifier, outcome_id)",
+            "ON CONFLICT DO NOTHING",
+            &rows,
+        )?;
+        if let Some((job_id, jobs)) = job.as_mut() {
+            jobs.record_outcome(transaction, *job_id, outcome_id, identifiers, *status)?;
+        }
+    }
+    if let (Some((job_id, jobs)), Some(upload)) = (job.as_mut(), &callback.upload) {
+        jobs.record_upload(*job_id, upload);
+    }
+    if let Some(upload) = &callback.upload {
+        let count = stored_count;
+        transaction
+            .prepare_cached(
+                "INSERT INTO upload_summaries (delivery_id, request_id, account_name, device_sku, total_lines,
+                     pending_lines, success_lines, failed_lines, package_error)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                delivery_id,
+                callback.request_id,
+                upload.account_name,
+                upload.device_sku,
+                count(upload.total_lines),
+                count(upload.pending_lines),
+                count(upload.success_lines),
+                count(upload.failed_lines),
+                upload.package_error,
+            ])?;
+    }
+    Ok(())
+}
