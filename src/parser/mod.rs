@@ -538,9 +538,9 @@ mod tests {
         assert_eq!(retry.dedup_key, unreadable.dedup_key);
     }
 
-    /// The fastest of three runs of `work`, in seconds.
+    /// The fastest of five runs of `work`, in seconds (the least disturbed by a busy machine).
     fn fastest(work: impl Fn()) -> f64 {
-        (0..3)
+        (0..5)
             .map(|_| {
                 let started = std::time::Instant::now();
                 work();
@@ -588,7 +588,7 @@ mod tests {
         };
         for (name, ratio) in [("json", growth(json, 5_000)), ("soap", growth(soap, 5_000))] {
             assert!(
-                ratio < 8.0,
+                ratio < 10.0, // linear is about 4, quadratic about 16; the margin is for a busy machine
                 "{name}: 4x the identifiers took {ratio:.1}x as long"
             );
         }
@@ -606,7 +606,7 @@ mod tests {
             let (small, large) = (body(20_000), body(80_000));
             let ratio = fastest(|| scan(&large)) / fastest(|| scan(&small));
             assert!(
-                ratio < 8.0,
+                ratio < 10.0,
                 "{shape:?}: 4x the body took {ratio:.1}x as long"
             );
         }

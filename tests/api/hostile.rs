@@ -59,7 +59,7 @@ fn flat_like(structured: &str, json: bool) -> String {
 /// The fastest of a few answers to `body` (the least disturbed by the rest of the machine).
 async fn fastest_refusal(app: &crate::helpers::TestApp, body: &str) -> Duration {
     let mut fastest = Duration::MAX;
-    for _ in 0..3 {
+    for _ in 0..5 {
         let started = Instant::now();
         let response = app.post_callback(body.to_owned()).await;
         let elapsed = started.elapsed();
@@ -86,8 +86,9 @@ async fn a_wrong_password_is_refused_in_time_that_does_not_depend_on_the_bodys_s
         // Both bodies are a few MB: reading them dominates when only credentials are looked at.
         // A parse of 40,000 identifiers (let alone a quadratic one) before the check does not fit.
         let ratio = structured_time.as_secs_f64() / flat_time.as_secs_f64();
+        // Before the credentials were read first, it was several hundred times.
         assert!(
-            ratio < 4.0,
+            ratio < 10.0,
             "json={json}: {structured_time:?} for 40,000 identifiers vs {flat_time:?} for as many bytes without structure"
         );
     }
