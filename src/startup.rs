@@ -27,18 +27,27 @@ const API_LIMITS: ConnectionLimits = ConnectionLimits {
 };
 
 pub struct Application {
+    /// Bound in `build`, so that a test configures port 0 and reads the real address.
     callback_listener: TcpListener,
+    /// The operator API and `/metrics`, bound like the callback port.
     api_listener: TcpListener,
+    /// Shared by both ports and the background tasks; closed (drained) after both stop.
     store: Arc<dyn Store>,
     /// The SQLite file, when that backend is used.
     database_path: Option<std::path::PathBuf>,
+    /// What every callback connection needs (store, metrics, credentials, limits, budget).
     callback_state: Arc<CallbackState>,
+    /// What every API connection needs (store, metrics, token).
     api_state: Arc<ApiState>,
+    /// How long in-flight requests may finish after a stop signal (`shutdown.drain_timeout_s`).
     drain_timeout: Duration,
+    /// How often job deadlines are applied (`jobs.sweep_interval_ms`).
     sweep_interval: Duration,
     /// How often raw bodies past `retention` are pruned.
     prune_interval: Duration,
+    /// How long raw bodies are kept (`storage.retention_days`).
     retention: Duration,
+    /// Timeouts and connection limits of the callback port (`callback.*`).
     callback_limits: ConnectionLimits,
     /// Present when `callback.tls` is configured.
     callback_tls: Option<tokio_rustls::TlsAcceptor>,

@@ -28,7 +28,9 @@ const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
 
 pub struct ApiState {
+    /// Every read, registrations and the readiness probe.
     pub store: Arc<dyn Store>,
+    /// Rendered on `/metrics` (job counts refreshed from the store at scrape time).
     pub metrics: Arc<Metrics>,
     /// Digest of the bearer token, when one is configured: every `/api/` request must carry it.
     token_digest: Option<[u8; 32]>,

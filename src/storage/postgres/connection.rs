@@ -28,6 +28,7 @@ pub(super) struct Shared {
     pub job_timeout: Duration,
     /// The most deliveries a writer commits in one transaction (`storage.max_batch`).
     pub max_batch: usize,
+    /// Commit times, batch sizes and job completions, counted after the commit.
     pub metrics: Arc<Metrics>,
 }
 
