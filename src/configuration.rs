@@ -50,8 +50,8 @@ pub struct CallbackSettings {
     /// Larger bodies are refused with 413. A 10,000-device upload callback is about 3 MB.
     pub max_body_bytes: u64,
     /// Memory for callback bodies in flight (read, checked, parsed, waiting for their commit),
-    /// all connections together. Past it a new body waits up to `inflight_wait_ms`, then is
-    /// answered 503 (the platform retries) instead of being read.
+    /// all connections together, reserved as their bytes arrive. Past it a body waits up to
+    /// `inflight_wait_ms`, then is answered 503 (the platform retries) instead of being read.
     pub max_inflight_bytes: u64,
     /// How long a body waits for room under `max_inflight_bytes` before its 503.
     pub inflight_wait_ms: u64,

@@ -49,6 +49,8 @@ const LARGE_CALLBACKS_IN_FLIGHT: usize = 2;
 const UNAUTHORIZED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// The in-flight budget is counted in units of this many bytes (a semaphore's permits).
 const BUDGET_UNIT: u64 = 1024;
+/// A body's first buffer (or its declared length, if smaller); it doubles from there.
+const FIRST_BUFFER: usize = 64 * 1024;
 
 pub struct CallbackState {
     /// Where deliveries are committed; the answer waits for it.
@@ -218,11 +220,9 @@ async fn receive(
             limit: state.max_body_bytes,
         }));
     }
-    let mut budget = state
-        .inflight
-        .reserve(declared_length.unwrap_or(0))
-        .await
-        .map_err(refused)?;
+    // Room is reserved as bytes arrive, not for the declared length: a sender that declares
+    // 15 MiB and sends nothing holds nothing.
+    let mut budget = BudgetReservation::default();
 
     // Read.
     let body = tokio::time::timeout(
@@ -310,10 +310,11 @@ async fn read_body(
     declared_length: Option<u64>,
 ) -> Result<Bytes, Refusal> {
     let limit = usize::try_from(state.max_body_bytes).unwrap_or(usize::MAX);
+    // The buffer never grows past the declared length (hyper refuses a body longer than that).
+    let ceiling = declared_length
+        .and_then(|length| usize::try_from(length).ok())
+        .map_or(limit, |length| length.min(limit));
     let mut buffer: Vec<u8> = Vec::new();
-    if let Some(length) = declared_length {
-        buffer.reserve_exact(usize::try_from(length).unwrap_or(limit).min(limit));
-    }
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|error| Refusal::BodyUnreadable {
             error: error.to_string(),
@@ -328,8 +329,12 @@ async fn read_body(
             });
         }
         if needed > buffer.capacity() {
-            // Double, as a Vec would, but within the limit and only with room reserved first.
-            let grown = needed.max(buffer.capacity().saturating_mul(2)).min(limit);
+            // Double, as a Vec would (from a first 64 KiB), within the declared length and only
+            // with room reserved first.
+            let grown = needed
+                .max(buffer.capacity().saturating_mul(2))
+                .max(FIRST_BUFFER)
+                .min(ceiling.max(needed));
             state.inflight.grow(budget, grown as u64).await?;
             buffer.reserve_exact(grown - buffer.len());
         }
@@ -538,6 +543,7 @@ struct InflightBudget {
 }
 
 /// Room reserved for one body; returned when dropped.
+#[derive(Default)]
 struct BudgetReservation {
     permit: Option<OwnedSemaphorePermit>,
     bytes: u64,
@@ -552,16 +558,6 @@ impl InflightBudget {
             units: Arc::new(Semaphore::new(units)),
             wait,
         }
-    }
-
-    /// Room for `bytes` (none for zero).
-    async fn reserve(&self, bytes: u64) -> Result<BudgetReservation, Refusal> {
-        let mut reservation = BudgetReservation {
-            permit: None,
-            bytes: 0,
-        };
-        self.grow(&mut reservation, bytes).await?;
-        Ok(reservation)
     }
 
     /// Grows `reservation` to `bytes`.

@@ -141,7 +141,7 @@ async fn past_the_in_flight_budget_a_body_waits_then_gets_503_and_the_budget_com
     })
     .await;
     let valid = fixture("deactivate_bare.xml");
-    // Two half-sent bodies of 300 KiB hold the whole budget.
+    // Two bodies of 300 KiB, all but their last bytes sent, hold the whole budget.
     let padded = |size: usize| {
         let mut body = valid.clone();
         body.extend(std::iter::repeat_n(b' ', size - valid.len()));
@@ -149,8 +149,9 @@ async fn past_the_in_flight_budget_a_body_waits_then_gets_503_and_the_budget_com
     };
     let large = padded(300 * 1024);
     let mut holders = Vec::new();
+    let held = large.len() - 10;
     for _ in 0..2 {
-        holders.push(start_post(&app.callback_url, large.len(), &large[..1000]).await);
+        holders.push(start_post(&app.callback_url, large.len(), &large[..held]).await);
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
 
@@ -163,7 +164,7 @@ async fn past_the_in_flight_budget_a_body_waits_then_gets_503_and_the_budget_com
 
     // The holders finish and are stored; their room is returned.
     for mut holder in holders {
-        holder.write_all(&large[1000..]).await.unwrap();
+        holder.write_all(&large[held..]).await.unwrap();
         assert_eq!(status_of(&mut holder).await, "200");
     }
     let response = app.post_callback(large.clone()).await;
@@ -188,9 +189,10 @@ async fn a_chunked_body_is_held_to_the_budget_as_it_grows() {
         settings.callback.inflight_wait_ms = 200;
     })
     .await;
-    // One declared body takes all the room...
+    // One body, all but its last bytes sent, takes all the room...
     let holder_body = vec![b' '; 300 * 1024];
-    let mut holder = start_post(&app.callback_url, holder_body.len(), &holder_body[..10]).await;
+    let held = holder_body.len() - 10;
+    let mut holder = start_post(&app.callback_url, holder_body.len(), &holder_body[..held]).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     // ... so a chunked one gets 503 once its first bytes need room.
@@ -206,8 +208,29 @@ async fn a_chunked_body_is_held_to_the_budget_as_it_grows() {
     chunked.write_all(&[b' '; 0x400]).await.unwrap();
     chunked.write_all(b"\r\n").await.unwrap();
     assert_eq!(status_of(&mut chunked).await, "503");
-    drop(holder.write_all(&holder_body[10..]).await);
+    drop(holder.write_all(&holder_body[held..]).await);
     assert_eq!(status_of(&mut holder).await, "400");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_length_holds_no_room_before_its_bytes_arrive() {
+    let app = spawn_app_with(|settings| {
+        settings.callback.max_body_bytes = 300 * 1024;
+        settings.callback.max_inflight_bytes = 600 * 1024;
+        settings.callback.inflight_wait_ms = 300;
+    })
+    .await;
+    // Ten senders declare 300 KiB each (five times the budget) and send a few bytes...
+    let mut idle = Vec::new();
+    for _ in 0..10 {
+        idle.push(start_post(&app.callback_url, 300 * 1024, b"<Callback").await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // ... and a real callback still finds room.
+    let response = app.post_callback(fixture("deactivate_bare.xml")).await;
+    assert_eq!(response.status(), 200);
+    drop(idle);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
