@@ -49,8 +49,8 @@ const LARGE_CALLBACKS_IN_FLIGHT: usize = 2;
 const UNAUTHORIZED_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// The in-flight budget is counted in units of this many bytes (a semaphore's permits).
 const BUDGET_UNIT: u64 = 1024;
-/// A body's first buffer (or its declared length, if smaller); it doubles from there.
-const FIRST_BUFFER: usize = 64 * 1024;
+/// A body's room in the budget grows in steps of this many bytes.
+const BUDGET_STEP: usize = 64 * 1024;
 
 pub struct CallbackState {
     /// Where deliveries are committed; the answer waits for it.
@@ -221,7 +221,7 @@ async fn receive(
         }));
     }
     // Room is reserved as bytes arrive, not for the declared length: a sender that declares
-    // 15 MiB and sends nothing holds nothing.
+    // 15 MiB and sends nothing holds nothing (see `read_body`).
     let mut budget = BudgetReservation::default();
 
     // Read.
@@ -301,8 +301,11 @@ fn authenticate(state: &CallbackState, body: &[u8]) -> Result<Authenticated, Ref
         })
 }
 
-/// Reads the body into one buffer, growing its room in the in-flight budget before the buffer
-/// grows (a body without a declared length reserves as it arrives).
+/// Reads the body into one buffer, reserving room in the in-flight budget for its bytes before
+/// they are stored. What counts is memory written, not memory asked for: the buffer of a declared
+/// length is allocated at once, but its pages (a mapping of its own, see `memory.rs`) take memory
+/// only as bytes arrive; a chunked body's buffer grows by `realloc`, which moves a mapping's pages
+/// rather than copying them.
 async fn read_body(
     mut body: Incoming,
     state: &CallbackState,
@@ -310,11 +313,10 @@ async fn read_body(
     declared_length: Option<u64>,
 ) -> Result<Bytes, Refusal> {
     let limit = usize::try_from(state.max_body_bytes).unwrap_or(usize::MAX);
-    // The buffer never grows past the declared length (hyper refuses a body longer than that).
-    let ceiling = declared_length
-        .and_then(|length| usize::try_from(length).ok())
-        .map_or(limit, |length| length.min(limit));
     let mut buffer: Vec<u8> = Vec::new();
+    if let Some(length) = declared_length.and_then(|length| usize::try_from(length).ok()) {
+        buffer.reserve_exact(length.min(limit));
+    }
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|error| Refusal::BodyUnreadable {
             error: error.to_string(),
@@ -328,15 +330,9 @@ async fn read_body(
                 limit: state.max_body_bytes,
             });
         }
-        if needed > buffer.capacity() {
-            // Double, as a Vec would (from a first 64 KiB), within the declared length and only
-            // with room reserved first.
-            let grown = needed
-                .max(buffer.capacity().saturating_mul(2))
-                .max(FIRST_BUFFER)
-                .min(ceiling.max(needed));
-            state.inflight.grow(budget, grown as u64).await?;
-            buffer.reserve_exact(grown - buffer.len());
+        if needed as u64 > budget.bytes {
+            let step = needed.next_multiple_of(BUDGET_STEP).min(limit.max(needed));
+            state.inflight.grow(budget, step as u64).await?;
         }
         buffer.extend_from_slice(&chunk);
     }
