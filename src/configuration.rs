@@ -565,7 +565,7 @@ impl Settings {
             ));
         }
         if let Some(tls) = &self.callback.tls {
-            crate::tls::acceptor(tls).map_err(|error| {
+            crate::tls::acceptor(&tls.cert_path, &tls.key_path).map_err(|error| {
                 SettingsError(format!("invalid configuration: callback.tls: {error:#}"))
             })?;
         }

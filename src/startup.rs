@@ -115,7 +115,7 @@ impl Application {
                 .callback
                 .tls
                 .as_ref()
-                .map(crate::tls::acceptor)
+                .map(|tls| crate::tls::acceptor(&tls.cert_path, &tls.key_path))
                 .transpose()?,
             callback_limits: ConnectionLimits {
                 header_read_timeout: Duration::from_millis(

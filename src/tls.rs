@@ -9,15 +9,13 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
-use crate::configuration::TlsSettings;
-
 /// The acceptor for the configured certificate chain and key (PEM files).
-pub fn acceptor(settings: &TlsSettings) -> anyhow::Result<TlsAcceptor> {
-    let certificates = read_certificates(&settings.cert_path)?;
-    let key = PrivateKeyDer::from_pem_file(&settings.key_path).with_context(|| {
+pub fn acceptor(cert_path: &Path, key_path: &Path) -> anyhow::Result<TlsAcceptor> {
+    let certificates = read_certificates(cert_path)?;
+    let key = PrivateKeyDer::from_pem_file(key_path).with_context(|| {
         format!(
             "failed to read a private key from {} (callback.tls.key_path)",
-            settings.key_path.display()
+            key_path.display()
         )
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
