@@ -2,7 +2,8 @@
 //!
 //! Side by side, in one run, on the same load of unique callbacks and the same `synchronous`:
 //! (a) a bare probe — hyper plus one group-commit writer inserting the raw body into SQLite — and
-//! (b) the listener. Both run as their own processes; the load generator is this process. Then: the
+//! (b) the listener; in two loads of single-device callbacks: jobs of ten callbacks, and one new
+//! job per callback (every callback creates its job row and its first device). Both run as their own processes; the load generator is this process. Then: the
 //! time to acknowledge a 10,000-line upload, resident memory under load, how cost grows with the
 //! number of devices in a callback, and database bytes per callback.
 //!
@@ -486,11 +487,13 @@ fn envelope() -> Envelope<'static> {
     }
 }
 
-/// `count` unique activation callbacks (jobs of 10 devices), `tag` keeping runs apart.
-fn carrier_bodies(count: usize, tag: &str) -> Vec<Bytes> {
+/// `count` unique activation callbacks of one device each, `devices_per_job` callbacks per job
+/// (10: today's jobs of ten; 1: one new job per callback), `tag` keeping runs apart.
+fn carrier_bodies_per_job(count: usize, devices_per_job: usize, tag: &str) -> Vec<Bytes> {
+    let devices_per_job = devices_per_job.max(1);
     (0..count)
         .map(|index| {
-            let request_id = format!("bench-{tag}-{:06}", index / 10);
+            let request_id = format!("bench-{tag}-{:06}", index / devices_per_job);
             let imei = format!("35{index:013}");
             let iccid = format!("8914{index:016}");
             let mdn = format!("5{index:09}");
@@ -503,6 +506,11 @@ fn carrier_bodies(count: usize, tag: &str) -> Vec<Bytes> {
             Bytes::from(body)
         })
         .collect()
+}
+
+/// `count` unique activation callbacks in jobs of 10 devices.
+fn carrier_bodies(count: usize, tag: &str) -> Vec<Bytes> {
+    carrier_bodies_per_job(count, 10, tag)
 }
 
 /// `count` unique upload callbacks of `lines` lines each.
@@ -568,67 +576,78 @@ async fn benchmark(options: Options) {
         return;
     }
 
-    // (1) Side by side: probe, listener, alternating, fresh databases.
-    line("## Durable throughput, side by side\n".to_owned());
-    line(
+    // (1) Side by side: probe, listener, alternating, fresh databases; in jobs of ten callbacks,
+    // and with one new job per callback (a job row and its first device written by every one).
+    for (load_name, devices_per_job) in [("jobs of ten", 10), ("one new job per callback", 1)] {
+        line(format!(
+            "## Durable throughput, side by side: {load_name}\n"
+        ));
+        line(
         "| round | server | acknowledged/s | p50 ms | p99 ms | max ms | failed | peak RSS MiB |"
             .to_owned(),
     );
-    line("|---|---|---|---|---|---|---|---|".to_owned());
-    let mut probe_rates = Vec::new();
-    let mut listener_rates = Vec::new();
-    let mut listener_p99 = Vec::new();
-    let mut listener_peak = 0u64;
-    let mut database_bytes_per_callback = 0.0;
-    for round in 1..=options.rounds {
-        for start in [start_probe as fn(&str) -> Server, start_listener] {
-            let server = start(&options.synchronous);
-            let warm_up = Arc::new(carrier_bodies(
-                500,
-                &format!("warm-{round}-{}", server.name),
-            ));
-            load(&server, warm_up, options.connections).await;
-            let bodies = Arc::new(carrier_bodies(options.callbacks, &format!("round-{round}")));
-            let result = load(&server, bodies, options.connections).await;
-            line(format!(
-                "| {round} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.1} |",
-                server.name,
-                result.per_second(),
-                result.latency.p50,
-                result.latency.p99,
-                result.latency.max,
-                result.failed,
-                mebibytes(result.peak_resident_bytes)
-            ));
-            if server.name == "probe" {
-                probe_rates.push(result.per_second());
-                drop(server);
-            } else {
-                listener_rates.push(result.per_second());
-                listener_p99.push(result.latency.p99);
-                listener_peak = listener_peak.max(result.peak_resident_bytes);
-                let callbacks = (options.callbacks + 500) as f64;
-                database_bytes_per_callback = server.stop_and_measure_database() as f64 / callbacks;
+        line("|---|---|---|---|---|---|---|---|".to_owned());
+        let mut probe_rates = Vec::new();
+        let mut listener_rates = Vec::new();
+        let mut listener_p99 = Vec::new();
+        let mut listener_peak = 0u64;
+        let mut database_bytes_per_callback = 0.0;
+        for round in 1..=options.rounds {
+            for start in [start_probe as fn(&str) -> Server, start_listener] {
+                let server = start(&options.synchronous);
+                let warm_up = Arc::new(carrier_bodies_per_job(
+                    500,
+                    devices_per_job,
+                    &format!("warm-{round}-{devices_per_job}-{}", server.name),
+                ));
+                load(&server, warm_up, options.connections).await;
+                let bodies = Arc::new(carrier_bodies_per_job(
+                    options.callbacks,
+                    devices_per_job,
+                    &format!("round-{round}-{devices_per_job}"),
+                ));
+                let result = load(&server, bodies, options.connections).await;
+                line(format!(
+                    "| {round} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.1} |",
+                    server.name,
+                    result.per_second(),
+                    result.latency.p50,
+                    result.latency.p99,
+                    result.latency.max,
+                    result.failed,
+                    mebibytes(result.peak_resident_bytes)
+                ));
+                if server.name == "probe" {
+                    probe_rates.push(result.per_second());
+                    drop(server);
+                } else {
+                    listener_rates.push(result.per_second());
+                    listener_p99.push(result.latency.p99);
+                    listener_peak = listener_peak.max(result.peak_resident_bytes);
+                    let callbacks = (options.callbacks + 500) as f64;
+                    database_bytes_per_callback =
+                        server.stop_and_measure_database() as f64 / callbacks;
+                }
             }
         }
-    }
-    let median = |values: &mut Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        values.get(values.len() / 2).copied().unwrap_or(0.0)
-    };
-    let (probe, listener) = (median(&mut probe_rates), median(&mut listener_rates));
-    line(format!(
-        "\nthroughput ratio listener/probe: **{:.2}** (median {listener:.0}/s vs {probe:.0}/s; target ≥ 0.80)  \n\
+        let median = |values: &mut Vec<f64>| {
+            values.sort_by(f64::total_cmp);
+            values.get(values.len() / 2).copied().unwrap_or(0.0)
+        };
+        let (probe, listener) = (median(&mut probe_rates), median(&mut listener_rates));
+        line(format!(
+            "\nthroughput ratio listener/probe ({load_name}): **{:.2}** (median {listener:.0}/s vs {probe:.0}/s; target ≥ 0.80)  \n\
          listener p99 at {} connections: **{:.2} ms** (worst round; target < 25 ms)  \n\
          listener peak RSS under load: **{:.1} MiB** (target < 64 MiB)  \n\
          database: **{:.0} bytes per callback** = {:.2} GB per million callbacks (raw bodies included)\n",
-        listener / probe.max(1e-9),
-        options.connections,
-        listener_p99.iter().cloned().fold(0.0, f64::max),
-        mebibytes(listener_peak),
-        database_bytes_per_callback,
-        database_bytes_per_callback * 1e6 / 1e9
-    ));
+            listener / probe.max(1e-9),
+            options.connections,
+            listener_p99.iter().cloned().fold(0.0, f64::max),
+            mebibytes(listener_peak),
+            database_bytes_per_callback,
+            database_bytes_per_callback * 1e6 / 1e9
+        ));
+    }
 
     // (2) The 10,000-line upload, one at a time.
     let server = start_listener(&options.synchronous);

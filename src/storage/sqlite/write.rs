@@ -12,17 +12,15 @@ use crate::storage::batch::Fate;
 use crate::storage::jobs::stored_count;
 use crate::storage::{DeliveryContent, NewDelivery, Receipt, timestamp};
 
-/// Inserts `rows` with one cached single-row statement `head VALUES (?, ...) tail`. (Multi-row
-/// statements built per call measured slower: their SQL text is formatted and looked up each time.)
+/// Inserts `rows` with one cached single-row statement `sql` (with `WIDTH` placeholders).
+/// (Multi-row statements built per call measured slower: their SQL text is formatted and looked
+/// up each time.)
 fn insert_rows<const WIDTH: usize>(
     connection: &Connection,
-    head: &str,
-    tail: &str,
+    sql: &str,
     rows: &[[&dyn ToSql; WIDTH]],
 ) -> rusqlite::Result<()> {
-    let placeholders = format!("({})", vec!["?"; WIDTH].join(", "));
-    let mut statement =
-        connection.prepare_cached(&format!("{head} VALUES {placeholders} {tail}"))?;
+    let mut statement = connection.prepare_cached(sql)?;
     for row in rows {
         statement.execute(params_from_iter(row.iter()))?;
     }
@@ -173,8 +171,8 @@ fn insert_outcomes(
             .collect();
         insert_rows(
             transaction,
-            "INSERT INTO outcome_identifiers (kind, identifier, outcome_id)",
-            "ON CONFLICT DO NOTHING",
+            "INSERT INTO outcome_identifiers (kind, identifier, outcome_id) VALUES (?, ?, ?)
+             ON CONFLICT DO NOTHING",
             &rows,
         )?;
         if let Some((job_id, jobs)) = job.as_mut() {
