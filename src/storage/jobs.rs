@@ -112,6 +112,47 @@ pub(crate) fn seconds_between(start: &str, end: &str) -> f64 {
 }
 
 impl JobRow {
+    /// A job a callback creates (no registration yet), pending: the row the `jobs` table holds
+    /// after an `INSERT` of these columns, the others at their defaults. A backend that inserts
+    /// the row builds it with this rather than reading it back.
+    pub(crate) fn created_by_callback(
+        id: i64,
+        request_id: &str,
+        operation: Option<&str>,
+        created_at: String,
+        deadline: String,
+    ) -> Self {
+        Self {
+            id,
+            request_id: request_id.to_owned(),
+            registered: false,
+            operation: operation.map(str::to_owned),
+            account: None,
+            label: None,
+            state: JobState::Pending.as_str().to_owned(),
+            expected_devices: None,
+            devices_reported: 0,
+            succeeded: 0,
+            failed: 0,
+            accepted: 0,
+            deliveries: 0,
+            duplicates: 0,
+            is_upload: false,
+            total_lines: None,
+            pending_lines: None,
+            success_lines: None,
+            failed_lines: None,
+            package_error: None,
+            timeout_s: None,
+            created_at,
+            registered_at: None,
+            first_callback_at: None,
+            last_callback_at: None,
+            completed_at: None,
+            deadline,
+        }
+    }
+
     /// A `jobs` row selected with [`JOB_COLUMNS`].
     pub fn from_row<R: RowReader>(row: &R) -> Result<Self, R::Error> {
         Ok(JobRow {
@@ -432,35 +473,7 @@ mod tests {
 
     /// A job callbacks created at T0, with its deadline a day later.
     fn row() -> JobRow {
-        JobRow {
-            id: 1,
-            request_id: "r-1".to_owned(),
-            registered: false,
-            operation: None,
-            account: None,
-            label: None,
-            state: "pending".to_owned(),
-            expected_devices: None,
-            devices_reported: 0,
-            succeeded: 0,
-            failed: 0,
-            accepted: 0,
-            deliveries: 0,
-            duplicates: 0,
-            is_upload: false,
-            total_lines: None,
-            pending_lines: None,
-            success_lines: None,
-            failed_lines: None,
-            package_error: None,
-            timeout_s: None,
-            created_at: T0.to_owned(),
-            registered_at: None,
-            first_callback_at: None,
-            last_callback_at: None,
-            completed_at: None,
-            deadline: timestamp(at(86_400)),
-        }
+        JobRow::created_by_callback(1, "r-1", None, T0.to_owned(), timestamp(at(86_400)))
     }
 
     fn registration_of(expected: u64) -> Registration {

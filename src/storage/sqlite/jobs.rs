@@ -156,35 +156,13 @@ fn create_job(
             "INSERT INTO jobs (request_id, operation, state, created_at, deadline) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
         .execute(params![request_id, operation, state, created_at, deadline])?;
-    Ok(JobRow {
-        id: connection.last_insert_rowid(),
-        request_id: request_id.to_owned(),
-        registered: false,
-        operation: operation.map(str::to_owned),
-        account: None,
-        label: None,
-        state: state.to_owned(),
-        expected_devices: None,
-        devices_reported: 0,
-        succeeded: 0,
-        failed: 0,
-        accepted: 0,
-        deliveries: 0,
-        duplicates: 0,
-        is_upload: false,
-        total_lines: None,
-        pending_lines: None,
-        success_lines: None,
-        failed_lines: None,
-        package_error: None,
-        timeout_s: None,
+    Ok(JobRow::created_by_callback(
+        connection.last_insert_rowid(),
+        request_id,
+        operation,
         created_at,
-        registered_at: None,
-        first_callback_at: None,
-        last_callback_at: None,
-        completed_at: None,
         deadline,
-    })
+    ))
 }
 
 /// Writes the columns a batch changes on a job row.
