@@ -1,11 +1,10 @@
 //! The real binary: first start on embedded defaults, `check-config`, exit codes, SIGTERM, and no
 //! secret in its output.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::io::{BufReader, Read};
+use std::process::{Command, Stdio};
 
-use crate::helpers::fixture;
+use crate::helpers::{fixture, read_until, terminate};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_m2m-listener");
 
@@ -24,30 +23,6 @@ fn listener_command(directory: &std::path::Path) -> Command {
 }
 
 /// Reads stdout lines until one contains `marker`; returns everything read.
-fn read_until(reader: &mut impl BufRead, marker: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seen = String::new();
-    while Instant::now() < deadline {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            break;
-        }
-        seen.push_str(&line);
-        if line.contains(marker) {
-            break;
-        }
-    }
-    seen
-}
-
-fn terminate(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
-}
-
 fn value_after<'a>(text: &'a str, label: &str) -> &'a str {
     let start = text
         .find(label)

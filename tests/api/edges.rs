@@ -6,13 +6,12 @@
 //! They are about settings, routing and the command line, not about storage (the API answers
 //! here come before any storage call), so they run on SQLite only.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::io::{BufReader, Read};
+use std::process::{Command, Output, Stdio};
 
 use m2m_listener::domain::Secret;
 
-use crate::helpers::{fixture, spawn_app, spawn_app_with};
+use crate::helpers::{fixture, read_until, spawn_app, spawn_app_with, terminate};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_m2m-listener");
 
@@ -63,30 +62,6 @@ fn described(output: Output) -> (Option<i32>, String, String) {
 }
 
 /// Reads lines until one contains `marker`; returns everything read.
-fn read_until(reader: &mut impl BufRead, marker: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seen = String::new();
-    while Instant::now() < deadline {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            break;
-        }
-        seen.push_str(&line);
-        if line.contains(marker) {
-            break;
-        }
-    }
-    seen
-}
-
-fn terminate(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
-}
-
 async fn json_body(response: reqwest::Response) -> serde_json::Value {
     let bytes = response.bytes().await.expect("a body");
     serde_json::from_slice(&bytes)

@@ -586,3 +586,30 @@ pub fn cannot_mount() {
     // Only a machine that forbids mounting gets here; CI runs as root and mounts.
     eprintln!("this test needs permission to mount a tmpfs (root); not run here");
 }
+
+/// What a process writes on `reader` up to the first line containing `marker` (or its end, or
+/// 30 seconds).
+pub fn read_until(reader: &mut impl std::io::BufRead, marker: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = String::new();
+    while std::time::Instant::now() < deadline {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        seen.push_str(&line);
+        if line.contains(marker) {
+            break;
+        }
+    }
+    seen
+}
+
+/// SIGTERM, as an operator or a service manager stops the listener (it drains, then exits).
+pub fn terminate(child: &std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}

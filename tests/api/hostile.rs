@@ -115,6 +115,17 @@ async fn many_identifiers_with_the_right_password_are_stored_once_each() {
     );
 }
 
+/// An app that takes bodies of up to 300 KiB, `budget` bytes of them in flight, waiting
+/// `wait_ms` for room.
+async fn app_with_budget(budget: u64, wait_ms: u64) -> crate::helpers::TestApp {
+    spawn_app_with(|settings| {
+        settings.callback.max_body_bytes = 300 * 1024;
+        settings.callback.max_inflight_bytes = budget;
+        settings.callback.inflight_wait_ms = wait_ms;
+    })
+    .await
+}
+
 /// Sends the head of a POST with `Content-Length: length` and `sent` bytes of its body.
 async fn start_post(callback_url: &str, length: usize, sent: &[u8]) -> TcpStream {
     let mut stream = TcpStream::connect(address(callback_url)).await.unwrap();
@@ -134,12 +145,7 @@ async fn status_of(stream: &mut TcpStream) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_in_flight_budget_a_body_waits_then_gets_503_and_the_budget_comes_back() {
-    let app = spawn_app_with(|settings| {
-        settings.callback.max_body_bytes = 300 * 1024;
-        settings.callback.max_inflight_bytes = 600 * 1024;
-        settings.callback.inflight_wait_ms = 300;
-    })
-    .await;
+    let app = app_with_budget(600 * 1024, 300).await;
     let valid = fixture("deactivate_bare.xml");
     // Two bodies of 300 KiB, all but their last bytes sent, hold the whole budget.
     let padded = |size: usize| {
@@ -183,12 +189,7 @@ async fn past_the_in_flight_budget_a_body_waits_then_gets_503_and_the_budget_com
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_body_is_held_to_the_budget_as_it_grows() {
-    let app = spawn_app_with(|settings| {
-        settings.callback.max_body_bytes = 300 * 1024;
-        settings.callback.max_inflight_bytes = 300 * 1024;
-        settings.callback.inflight_wait_ms = 200;
-    })
-    .await;
+    let app = app_with_budget(300 * 1024, 200).await;
     // One body, all but its last bytes sent, takes all the room...
     let holder_body = vec![b' '; 300 * 1024];
     let held = holder_body.len() - 10;
@@ -214,12 +215,7 @@ async fn a_chunked_body_is_held_to_the_budget_as_it_grows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_declared_length_holds_no_room_before_its_bytes_arrive() {
-    let app = spawn_app_with(|settings| {
-        settings.callback.max_body_bytes = 300 * 1024;
-        settings.callback.max_inflight_bytes = 600 * 1024;
-        settings.callback.inflight_wait_ms = 300;
-    })
-    .await;
+    let app = app_with_budget(600 * 1024, 300).await;
     // Five senders declare 300 KiB each (two and a half times the budget) and send a few
     // bytes: each holds one 64 KiB step, not its declared length...
     let mut idle = Vec::new();
@@ -348,9 +344,7 @@ fn stop_and_read(
     mut child: std::process::Child,
     output: std::thread::JoinHandle<String>,
 ) -> String {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    crate::helpers::terminate(&child);
     let _ = child.wait();
     output.join().unwrap_or_default()
 }
