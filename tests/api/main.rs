@@ -13,6 +13,7 @@ mod file_modes;
 mod hardening;
 mod helpers;
 mod hostile;
+mod integrity;
 mod jobs;
 mod json_callbacks;
 mod observability;

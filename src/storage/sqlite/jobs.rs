@@ -6,8 +6,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, ToSql, params};
 use time::OffsetDateTime;
+
+use super::connection::insert_rows;
 
 use crate::domain::{DeviceIdentifier, OutcomeStatus, UploadSummary};
 use crate::jobs::JobState;
@@ -18,11 +20,30 @@ use crate::storage::{Registered, timestamp};
 /// first delivery in the batch, deliveries, re-deliveries, callback times, device counters and
 /// upload reports are applied to it in memory, and each is written once when the batch ends: a
 /// batch of 64 callbacks of one job costs one job update, not 64 (and no recount of its devices).
+///
+/// A job the batch creates is not inserted until the batch ends either: it gets its id here (the
+/// next rowid, which is what SQLite would give it; the writer is the only writer) and its row is
+/// inserted once, final state included, rather than inserted pending and updated at once. Its
+/// devices are all known to the batch, so they are matched in memory rather than looked up.
 #[derive(Clone, Default)]
 pub(super) struct JobBatch {
     job_ids: HashMap<String, i64>,
-    rows: HashMap<i64, JobRow>,
+    rows: HashMap<i64, BatchJob>,
     touched: HashMap<i64, TouchedJob>,
+    /// The id the next job created by this batch gets; read from the table at the first one.
+    next_job_id: Option<i64>,
+    /// The devices of the jobs this batch created, by each of their identifiers: the device's id
+    /// and its latest status.
+    new_job_devices: HashMap<(i64, DeviceIdentifier), (i64, &'static str)>,
+}
+
+/// A job row as the batch holds it.
+#[derive(Clone)]
+struct BatchJob {
+    row: JobRow,
+    /// The state and completion time as stored, to tell whether the state columns (and with them
+    /// two indexes) need writing; `None` for a job this batch creates.
+    stored: Option<(String, Option<String>)>,
 }
 
 impl JobBatch {
@@ -39,19 +60,25 @@ impl JobBatch {
         let job_id = match self.job_ids.get(request_id) {
             Some(job_id) => *job_id,
             None => {
-                let row = match job_row(connection, request_id)? {
-                    Some(row) => row,
-                    None => create_job(
-                        connection,
-                        request_id,
-                        operation,
-                        received_at,
-                        default_timeout,
-                    )?,
+                let job = match job_row(connection, request_id)? {
+                    Some(row) => BatchJob {
+                        stored: Some((row.state.clone(), row.completed_at.clone())),
+                        row,
+                    },
+                    None => BatchJob {
+                        row: JobRow::created_by_callback(
+                            self.new_job_id(connection)?,
+                            request_id,
+                            operation,
+                            timestamp(received_at),
+                            timestamp(received_at + default_timeout),
+                        ),
+                        stored: None,
+                    },
                 };
-                let job_id = row.id;
+                let job_id = job.row.id;
                 self.job_ids.insert(request_id.to_owned(), job_id);
-                self.rows.insert(job_id, row);
+                self.rows.insert(job_id, job);
                 job_id
             }
         };
@@ -60,6 +87,17 @@ impl JobBatch {
             .or_insert_with(|| TouchedJob::new(received_at))
             .record_delivery(operation, received_at, duplicate);
         Ok(job_id)
+    }
+
+    fn new_job_id(&mut self, connection: &Connection) -> rusqlite::Result<i64> {
+        let next = match self.next_job_id {
+            Some(next) => next,
+            None => connection
+                .prepare_cached("SELECT coalesce(max(id), 0) + 1 FROM jobs")?
+                .query_row([], |row| row.get(0))?,
+        };
+        self.next_job_id = Some(next + 1);
+        Ok(next)
     }
 
     /// Makes `outcome_id` the latest outcome of the job's device it names, matching the device by
@@ -78,7 +116,20 @@ impl JobBatch {
                 "job {job_id} was not recorded first"
             )));
         };
-        let device_id = match find_job_device(connection, job_id, identifiers)? {
+        let created_here = self
+            .rows
+            .get(&job_id)
+            .is_some_and(|job| job.stored.is_none());
+        let found = if created_here {
+            identifiers.iter().find_map(|identifier| {
+                self.new_job_devices
+                    .get(&(job_id, identifier.clone()))
+                    .map(|(device, previous)| (*device, Some((*previous).to_owned())))
+            })
+        } else {
+            find_job_device(connection, job_id, identifiers)?
+        };
+        let device_id = match found {
             Some((device_id, previous)) => {
                 connection
                     .prepare_cached(
@@ -96,17 +147,34 @@ impl JobBatch {
                 connection.last_insert_rowid()
             }
         };
+        if created_here {
+            let mut new = Vec::new();
+            for identifier in identifiers {
+                let key = (job_id, identifier.clone());
+                if self
+                    .new_job_devices
+                    .insert(key, (device_id, status.as_str()))
+                    .is_none()
+                {
+                    new.push(identifier.clone());
+                }
+            }
+            return add_identifiers(connection, job_id, device_id, &new);
+        }
+        // A device just found may hold some of these already (`DO NOTHING`); a new one none.
         add_identifiers(connection, job_id, device_id, identifiers)
     }
 
     /// The job's latest upload report (see [`JobRow::record_upload`]).
     pub fn record_upload(&mut self, job_id: i64, upload: &UploadSummary) {
-        if let Some(row) = self.rows.get_mut(&job_id) {
-            row.record_upload(upload);
+        if let Some(job) = self.rows.get_mut(&job_id) {
+            job.row.record_upload(upload);
         }
     }
 
-    /// Applies each touched job's batch to its row (the state rule included) and writes it.
+    /// Applies each touched job's batch to its row (the state rule included) and writes it: a
+    /// job the batch created is inserted, one whose state changed updated with its state, any
+    /// other updated without (its state columns, and the two indexes on them, stay as they are).
     pub fn finish(
         self,
         connection: &Connection,
@@ -116,11 +184,17 @@ impl JobBatch {
             mut rows, touched, ..
         } = self;
         for (job_id, job) in touched {
-            let Some(mut row) = rows.remove(&job_id) else {
+            let Some(BatchJob { mut row, stored }) = rows.remove(&job_id) else {
                 continue;
             };
             completions.extend(job.apply_to(&mut row));
-            write_job(connection, &row)?;
+            match stored {
+                None => insert_job(connection, &row)?,
+                Some((state, completed_at)) => {
+                    let state_changed = state != row.state || completed_at != row.completed_at;
+                    write_job(connection, &row, state_changed)?;
+                }
+            }
         }
         Ok(())
     }
@@ -135,7 +209,7 @@ fn job_row(connection: &Connection, request_id: &str) -> rusqlite::Result<Option
         .optional()
 }
 
-/// A new job, pending, with its deadline `timeout` after `received_at`.
+/// A new job, pending, with its deadline `timeout` after `received_at` (a registration's).
 ///
 /// The row is built here rather than read back with `RETURNING`: SQLite answers `RETURNING` through
 /// an ephemeral table, which with one new job per callback was a tenth of the job's creation on the
@@ -165,18 +239,19 @@ fn create_job(
     ))
 }
 
-/// Writes the columns a batch changes on a job row.
-fn write_job(connection: &Connection, row: &JobRow) -> rusqlite::Result<()> {
+/// Inserts a job a batch created, as the batch leaves it (never registered: a registration is a
+/// transaction of its own).
+fn insert_job(connection: &Connection, row: &JobRow) -> rusqlite::Result<()> {
     connection
         .prepare_cached(
-            "UPDATE jobs SET operation = ?2, state = ?3, devices_reported = ?4, succeeded = ?5, failed = ?6,
-                 accepted = ?7, deliveries = ?8, duplicates = ?9, is_upload = ?10, total_lines = ?11,
-                 pending_lines = ?12, success_lines = ?13, failed_lines = ?14, package_error = ?15,
-                 first_callback_at = ?16, last_callback_at = ?17, completed_at = ?18
-             WHERE id = ?1",
+            "INSERT INTO jobs (id, request_id, operation, state, devices_reported, succeeded, failed, accepted,
+                 deliveries, duplicates, is_upload, total_lines, pending_lines, success_lines, failed_lines,
+                 package_error, created_at, first_callback_at, last_callback_at, completed_at, deadline)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
         )?
         .execute(params![
             row.id,
+            row.request_id,
             row.operation,
             row.state,
             row.devices_reported,
@@ -191,9 +266,45 @@ fn write_job(connection: &Connection, row: &JobRow) -> rusqlite::Result<()> {
             row.success_lines,
             row.failed_lines,
             row.package_error,
+            row.created_at,
             row.first_callback_at,
             row.last_callback_at,
             row.completed_at,
+            row.deadline,
+        ])?;
+    Ok(())
+}
+
+/// Writes the columns a batch changes on a job row; the state columns only if they changed.
+fn write_job(connection: &Connection, row: &JobRow, state_changed: bool) -> rusqlite::Result<()> {
+    if state_changed {
+        write_state(connection, row)?;
+    }
+    connection
+        .prepare_cached(
+            "UPDATE jobs SET operation = ?2, devices_reported = ?3, succeeded = ?4, failed = ?5,
+                 accepted = ?6, deliveries = ?7, duplicates = ?8, is_upload = ?9, total_lines = ?10,
+                 pending_lines = ?11, success_lines = ?12, failed_lines = ?13, package_error = ?14,
+                 first_callback_at = ?15, last_callback_at = ?16
+             WHERE id = ?1",
+        )?
+        .execute(params![
+            row.id,
+            row.operation,
+            row.devices_reported,
+            row.succeeded,
+            row.failed,
+            row.accepted,
+            row.deliveries,
+            row.duplicates,
+            row.is_upload,
+            row.total_lines,
+            row.pending_lines,
+            row.success_lines,
+            row.failed_lines,
+            row.package_error,
+            row.first_callback_at,
+            row.last_callback_at,
         ])?;
     Ok(())
 }
@@ -237,15 +348,24 @@ fn add_identifiers(
     device_id: i64,
     identifiers: &[DeviceIdentifier],
 ) -> rusqlite::Result<()> {
-    let mut insert = connection.prepare_cached(
-        "INSERT INTO job_device_identifiers (job_id, kind, identifier, job_device_id)
-         VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
-    )?;
-    for identifier in identifiers {
-        insert.execute(params![job_id, identifier.kind, identifier.id, device_id])?;
-    }
-    Ok(())
+    let rows: Vec<[&dyn ToSql; 4]> = identifiers
+        .iter()
+        .map(|identifier| {
+            [
+                &job_id as &dyn ToSql,
+                &identifier.kind,
+                &identifier.id,
+                &device_id,
+            ]
+        })
+        .collect();
+    insert_rows(connection, JOB_DEVICE_IDENTIFIER, &rows)
 }
+
+/// An identifier of a job's device; one already known is left alone.
+const JOB_DEVICE_IDENTIFIER: &str =
+    "INSERT INTO job_device_identifiers (job_id, kind, identifier, job_device_id)
+     VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING";
 
 /// Registers a job as `plan` says, or adopts the unregistered one earlier callbacks created.
 pub(super) fn register(

@@ -2,10 +2,22 @@
 
 use rusqlite::{Connection, TransactionBehavior};
 
+/// One schema version: SQL, or a change SQL cannot make.
+enum Migration {
+    Sql(&'static str),
+    /// Replaces `old` by `new` in the `CREATE TABLE` text of `table` (see [`rewrite_table_sql`]).
+    RewriteTable {
+        table: &'static str,
+        old: &'static str,
+        new: &'static str,
+    },
+}
+
 /// Schema versions, applied in order; `PRAGMA user_version` records how many have been applied.
 /// Never edit an applied migration: add a new one.
-const MIGRATIONS: &[&str] = &[
-    r#"
+const MIGRATIONS: &[Migration] = &[
+    Migration::Sql(
+        r#"
 CREATE TABLE deliveries (
     id                     INTEGER PRIMARY KEY,
     received_at            TEXT NOT NULL,
@@ -88,7 +100,9 @@ CREATE TABLE heartbeat (
     checked_at TEXT NOT NULL
 );
 "#,
-    r#"
+    ),
+    Migration::Sql(
+        r#"
 -- A job: one platform request, keyed by RequestId; registered by the operator or created by the
 -- first callback naming it. Counters and state are recomputed inside every transaction that adds
 -- an outcome, so they are never behind.
@@ -146,7 +160,9 @@ CREATE TABLE job_device_identifiers (
 ) WITHOUT ROWID;
 CREATE INDEX job_device_identifiers_device ON job_device_identifiers (job_device_id);
 "#,
-    r#"
+    ),
+    Migration::Sql(
+        r#"
 -- Indexes no query uses cost every insert: drop them. Listing by result is for the rare
 -- results (duplicates, quarantined); stored deliveries are found through the primary key.
 DROP INDEX device_outcomes_delivery;
@@ -154,6 +170,15 @@ DROP INDEX job_device_identifiers_device;
 DROP INDEX deliveries_result;
 CREATE INDEX deliveries_unusual_result ON deliveries (result, id) WHERE result <> 'stored';
 "#,
+    ),
+    // SQLite checks `result IN (<three values>)` through an ephemeral table, a B-tree created and
+    // dropped for every delivery inserted (5% of the writer's work): the same rule as comparisons.
+    // Every stored row satisfies both, so the table's rows need no rewriting.
+    Migration::RewriteTable {
+        table: "deliveries",
+        old: "CHECK (result IN ('stored', 'duplicate', 'quarantined'))",
+        new: "CHECK (result = 'stored' OR result = 'duplicate' OR result = 'quarantined')",
+    },
 ];
 
 /// Refuses a database whose schema is newer than this build knows (a downgrade).
@@ -173,7 +198,12 @@ pub(super) fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
     let applied = usize::try_from(applied).unwrap_or(usize::MAX);
     for (index, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
         let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        transaction.execute_batch(migration)?;
+        match migration {
+            Migration::Sql(sql) => transaction.execute_batch(sql)?,
+            Migration::RewriteTable { table, old, new } => {
+                rewrite_table_sql(&transaction, table, old, new)?;
+            }
+        }
         transaction.pragma_update(
             None,
             "user_version",
@@ -183,4 +213,122 @@ pub(super) fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
         tracing::info!(version = index + 1, "applied database migration");
     }
     Ok(())
+}
+
+/// Changes a table's definition where its rows do not depend on the change (a constraint they all
+/// satisfy either way), the way SQLite documents for such changes: the `CREATE TABLE` text in
+/// `sqlite_schema` is edited under `writable_schema` and the schema version bumped, so that every
+/// connection reloads it. Inside the migration's transaction; checked before it commits.
+fn rewrite_table_sql(
+    connection: &Connection,
+    table: &str,
+    old: &str,
+    new: &str,
+) -> rusqlite::Result<()> {
+    let sql: String = connection.query_row(
+        "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+        [table],
+        |row| row.get(0),
+    )?;
+    if !sql.contains(old) {
+        return Err(migration_failure(format!(
+            "the definition of table {table} does not hold the text this migration changes"
+        )));
+    }
+    let version: i64 = connection.query_row("PRAGMA schema_version", [], |row| row.get(0))?;
+    connection.pragma_update(None, "writable_schema", true)?;
+    let rewritten = connection.execute(
+        "UPDATE sqlite_schema SET sql = ?2 WHERE type = 'table' AND name = ?1",
+        [table, &sql.replacen(old, new, 1)],
+    );
+    connection.pragma_update(None, "writable_schema", false)?;
+    rewritten?;
+    connection.pragma_update(None, "schema_version", version + 1)?;
+    let check: String = connection.query_row("PRAGMA integrity_check", [], |row| row.get(0))?;
+    if check != "ok" {
+        return Err(migration_failure(format!(
+            "the schema change to table {table} failed its integrity check: {check}"
+        )));
+    }
+    Ok(())
+}
+
+fn migration_failure(message: String) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+        Some(message),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn migrated() -> Connection {
+        let mut connection = Connection::open_in_memory().unwrap();
+        migrate(&mut connection).unwrap();
+        connection
+    }
+
+    #[test]
+    fn inserting_a_delivery_opens_no_ephemeral_table() {
+        let connection = migrated();
+        let mut explain = connection
+            .prepare(&format!("EXPLAIN {}", super::super::write::INSERT_DELIVERY))
+            .unwrap();
+        let nulls = [rusqlite::types::Null; 20];
+        let program: Vec<String> = explain
+            .query_map(rusqlite::params_from_iter(nulls.iter()), |row| {
+                row.get::<_, String>(1)
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(
+            program.iter().any(|opcode| opcode == "Insert"),
+            "{program:?}"
+        );
+        assert!(
+            !program.iter().any(|opcode| opcode == "OpenEphemeral"),
+            "{program:?}"
+        );
+    }
+
+    #[test]
+    fn the_result_check_still_refuses_what_it_refused() {
+        let connection = migrated();
+        let insert = |result: &str| {
+            connection.execute(
+                "INSERT INTO deliveries (received_at, dedup_key, result, size) VALUES ('t', x'00', ?1, 1)",
+                [result],
+            )
+        };
+        for result in ["stored", "duplicate", "quarantined"] {
+            connection.execute("DELETE FROM deliveries", []).unwrap();
+            insert(result).unwrap();
+        }
+        assert!(insert("lost").is_err());
+        assert!(insert("").is_err());
+    }
+
+    #[test]
+    fn a_rewrite_that_does_not_find_its_text_changes_nothing() {
+        let connection = migrated();
+        let before: String = connection
+            .query_row(
+                "SELECT sql FROM sqlite_schema WHERE name = 'deliveries'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert!(rewrite_table_sql(&connection, "deliveries", "CHECK (nothing)", "x").is_err());
+        let after: String = connection
+            .query_row(
+                "SELECT sql FROM sqlite_schema WHERE name = 'deliveries'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(before, after);
+    }
 }

@@ -4,28 +4,25 @@
 
 use std::time::Duration;
 
-use rusqlite::{Connection, ToSql, params, params_from_iter};
+use rusqlite::{Connection, OptionalExtension, ToSql, params};
 
+use super::connection::insert_rows;
 use super::jobs::JobBatch;
 use crate::domain::{Callback, DeliveryResult, DeviceOutcome};
 use crate::storage::batch::Fate;
 use crate::storage::jobs::stored_count;
 use crate::storage::{DeliveryContent, NewDelivery, Receipt, timestamp};
 
-/// Inserts `rows` with one cached single-row statement `sql` (with `WIDTH` placeholders).
-/// (Multi-row statements built per call measured slower: their SQL text is formatted and looked
-/// up each time.)
-fn insert_rows<const WIDTH: usize>(
-    connection: &Connection,
-    sql: &str,
-    rows: &[[&dyn ToSql; WIDTH]],
-) -> rusqlite::Result<()> {
-    let mut statement = connection.prepare_cached(sql)?;
-    for row in rows {
-        statement.execute(params_from_iter(row.iter()))?;
-    }
-    Ok(())
-}
+/// An outcome is new, and its identifiers are distinct (the parser keeps each pair once), so
+/// nothing conflicts; `DO NOTHING` keeps a repeated pair from failing the delivery all the same.
+const OUTCOME_IDENTIFIER: &str = "INSERT INTO outcome_identifiers (kind, identifier, outcome_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING";
+
+/// A delivery's row. (Its plan opens no ephemeral table: see the migration that rewrote the
+/// `result` check, tested in [`super::schema`].)
+pub(super) const INSERT_DELIVERY: &str = "INSERT INTO deliveries (received_at, form, kind, operation, request_id,
+     callback_count, max_callback_threshold, dedup_key, result, duplicate_of, size, content_type, source_address,
+     account, status, fault_code, fault_message, comment, details, parse_error)
+ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)";
 
 /// Inserts one delivery: its row (a duplicate row, if its message is stored already), its raw
 /// body, outcomes and upload report, and counts it on its job.
@@ -43,44 +40,45 @@ pub(super) fn insert_delivery(
     let fault = callback.and_then(|callback| callback.fault.as_ref());
     let job_operation = delivery.content.job_operation();
     let insert = |result: DeliveryResult, duplicate_of: Option<i64>| -> rusqlite::Result<usize> {
-        transaction.prepare_cached(
-            "INSERT INTO deliveries (received_at, form, kind, operation, request_id, callback_count,
-                 max_callback_threshold, dedup_key, result, duplicate_of, size, content_type, source_address,
-                 account, status, fault_code, fault_message, comment, details, parse_error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)
-             ON CONFLICT DO NOTHING",
-        )?
-        .execute(params![
-            received_at,
-            callback.map(|callback| callback.form.as_str()),
-            callback.map(|callback| callback.kind.as_str()),
-            callback.map(|callback| callback.operation.as_str()),
-            delivery.content.request_id(),
-            delivery.content.callback_count(),
-            callback.and_then(|callback| callback.max_callback_threshold),
-            &delivery.content.dedup_key()[..],
-            result.as_str(),
-            duplicate_of,
-            i64::try_from(delivery.body.len()).unwrap_or(i64::MAX),
-            delivery.content_type,
-            delivery.source_address,
-            delivery.account,
-            callback.and_then(|callback| callback.status.as_deref()),
-            fault.map(|fault| fault.code.as_str()),
-            fault.map(|fault| fault.message.as_str()),
-            callback.and_then(|callback| callback.comment.as_deref()),
-            callback.and_then(|callback| callback.details.as_ref()).map(|details| details.to_string()),
-            parse_error,
-        ])
+        transaction
+            .prepare_cached(INSERT_DELIVERY)?
+            .execute(params![
+                received_at,
+                callback.map(|callback| callback.form.as_str()),
+                callback.map(|callback| callback.kind.as_str()),
+                callback.map(|callback| callback.operation.as_str()),
+                delivery.content.request_id(),
+                delivery.content.callback_count(),
+                callback.and_then(|callback| callback.max_callback_threshold),
+                &delivery.content.dedup_key()[..],
+                result.as_str(),
+                duplicate_of,
+                i64::try_from(delivery.body.len()).unwrap_or(i64::MAX),
+                delivery.content_type,
+                delivery.source_address,
+                delivery.account,
+                callback.and_then(|callback| callback.status.as_deref()),
+                fault.map(|fault| fault.code.as_str()),
+                fault.map(|fault| fault.message.as_str()),
+                callback.and_then(|callback| callback.comment.as_deref()),
+                callback
+                    .and_then(|callback| callback.details.as_ref())
+                    .map(|details| details.to_string()),
+                parse_error,
+            ])
     };
 
-    if insert(delivery.content.first_result(), None)? == 0 {
+    // The writer is the database's only writer, so a message not found here cannot be stored by
+    // anyone before this transaction commits: look it up, then insert. (`INSERT ... ON CONFLICT
+    // DO NOTHING` did both at once, but SQLite runs an upsert on a table with several unique
+    // indexes through an ephemeral table: a B-tree created and dropped per callback, 8% of the
+    // writer.) The unique index still refuses a second first delivery, whatever happens here.
+    let original: Option<i64> = transaction
+        .prepare_cached("SELECT id FROM deliveries WHERE dedup_key = ?1 AND duplicate_of IS NULL")?
+        .query_row([&delivery.content.dedup_key()[..]], |row| row.get(0))
+        .optional()?;
+    if let Some(original) = original {
         // The message is already stored: record this re-delivery against the first one.
-        let original: i64 = transaction
-            .prepare_cached(
-                "SELECT id FROM deliveries WHERE dedup_key = ?1 AND duplicate_of IS NULL",
-            )?
-            .query_row([&delivery.content.dedup_key()[..]], |row| row.get(0))?;
         transaction
             .prepare_cached("UPDATE deliveries SET duplicates = duplicates + 1 WHERE id = ?1")?
             .execute([original])?;
@@ -98,6 +96,7 @@ pub(super) fn insert_delivery(
         }
         return Ok(Fate::Duplicate { original }.receipt(delivery_id, &delivery.content));
     }
+    insert(delivery.content.first_result(), None)?;
     let delivery_id = transaction.last_insert_rowid();
     transaction
         .prepare_cached("INSERT INTO raw_bodies (delivery_id, body) VALUES (?1, ?2)")?
@@ -169,12 +168,7 @@ fn insert_outcomes(
             .iter()
             .map(|identifier| [&identifier.kind as &dyn ToSql, &identifier.id, &outcome_id])
             .collect();
-        insert_rows(
-            transaction,
-            "INSERT INTO outcome_identifiers (kind, identifier, outcome_id) VALUES (?, ?, ?)
-             ON CONFLICT DO NOTHING",
-            &rows,
-        )?;
+        insert_rows(transaction, OUTCOME_IDENTIFIER, &rows)?;
         if let Some((job_id, jobs)) = job.as_mut() {
             jobs.record_outcome(transaction, *job_id, outcome_id, identifiers, *status)?;
         }

@@ -251,11 +251,12 @@ fn write_deliveries(
     }
     let mut completions = Vec::new();
     jobs.finish(&transaction, &mut completions)?;
-    transaction.execute(
-        "INSERT INTO heartbeat (id, checked_at) VALUES (1, ?1)
-         ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
-        [timestamp(OffsetDateTime::now_utc())],
-    )?;
+    transaction
+        .prepare_cached(
+            "INSERT INTO heartbeat (id, checked_at) VALUES (1, ?1)
+             ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
+        )?
+        .execute([timestamp(OffsetDateTime::now_utc())])?;
     transaction.commit()?;
     Ok((results, completions))
 }
