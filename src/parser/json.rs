@@ -61,6 +61,8 @@ pub(crate) fn interpret(root: &Value) -> Result<Callback, String> {
             Value::Object(details)
         }),
         dedup_key: content_digest(object),
+        messages: Vec::new(),
+        repairs: Vec::new(),
     };
     if let Some(outcome) = device_outcome(&callback, response.map(|(_, value)| value)) {
         callback.outcomes.push(outcome);

@@ -83,6 +83,8 @@ pub(crate) fn interpret(form: CallbackForm, callback: &Element) -> Callback {
         upload: None,
         details: None,
         dedup_key,
+        messages: Vec::new(),
+        repairs: Vec::new(),
     };
 
     if callback.is("SmsCallbackRequest") {
