@@ -119,6 +119,8 @@ label_enum! {
         Usage => "usage",
         ResumeTracking => "resume_tracking",
         SmsMo => "sms_mo",
+        /// `NiddService` (REST API): uplinks, downlink delivery reports and line configuration.
+        Nidd => "nidd",
         Other => "other",
     }
 }
@@ -150,8 +152,14 @@ label_enum! {
         Usage => "usage",
         ResumeTracking => "resume_tracking",
         SmsMo => "sms_mo",
-        /// Non-IP data delivery (REST API).
+        /// Non-IP data delivery (REST API): a downlink the operator sent, whose delivery reports
+        /// (`niddMTDeliveryResponse`) are the device outcomes of its job.
         Nidd => "nidd",
+        /// The result of configuring a line for NIDD (`niddConfigResponse`), a request of its own.
+        NiddConfig => "nidd_config",
+        /// A NIDD uplink from a device (`niddMONotificationResponse`): a device message, not an
+        /// outcome, as `sms_mo` is for SMS.
+        NiddMo => "nidd_mo",
         Other => "other",
     }
 }
@@ -161,7 +169,9 @@ label_enum! {
     OutcomeStatus {
         Succeeded => "succeeded",
         Failed => "failed",
-        /// An upload line the platform accepted for processing but has not confirmed yet.
+        /// Reported, not final, not a failure: an upload line the platform accepted for processing
+        /// but has not confirmed yet, or a REST status `Pending` / `Queued` (a NIDD downlink
+        /// buffered until the device is reachable). The status text is in `line_status`.
         Accepted => "accepted",
     }
 }
@@ -192,7 +202,8 @@ pub struct DeviceOutcome {
     /// operation result (an activation adds MDN and MIN).
     pub identifiers: Vec<DeviceIdentifier>,
     pub status: OutcomeStatus,
-    /// The upload line status text, kept verbatim (trimmed).
+    /// The status text as sent (trimmed), for upload lines (`LineStatus`) and for REST statuses
+    /// that are not final (`Pending`, `Queued`): what an `accepted` outcome is waiting on.
     pub line_status: Option<String>,
     pub fault: Option<Fault>,
     pub state: Option<String>,
@@ -217,6 +228,31 @@ pub struct UploadSummary {
     pub package_error: Option<String>,
 }
 
+label_enum! {
+    /// How a device message reached the platform.
+    MessageChannel {
+        Sms => "sms",
+        /// Non-IP data delivery over the cellular control plane (REST `NiddService`).
+        Nidd => "nidd",
+    }
+}
+
+/// A message a device sent (a device-to-platform uplink), as a callback delivered it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceMessage {
+    /// Every identifier the callback names for the sending device, each once.
+    pub identifiers: Vec<DeviceIdentifier>,
+    pub channel: MessageChannel,
+    /// The payload as sent: base64 of the device's bytes for NIDD, the text for SMS.
+    pub payload: Option<String>,
+    /// The payload as text when it is text: for NIDD the base64-decoded bytes when they are valid
+    /// UTF-8 without control characters other than tab, CR and LF; for SMS the message text.
+    pub text: Option<String>,
+    /// When the device sent it, as the callback gives it (SMS `Timestamp`); `None` if it gives
+    /// no time.
+    pub sent_at: Option<String>,
+}
+
 /// A fully parsed callback.
 #[derive(Clone, Debug)]
 /// The callback's credentials are not here: they are read and checked before the parse
@@ -238,8 +274,22 @@ pub struct Callback {
     pub upload: Option<UploadSummary>,
     /// Kind-specific fields that have no column of their own (promo change, SMS message, summary...).
     pub details: Option<serde_json::Value>,
+    /// Device messages (uplinks) the callback carries: one per MO SMS `SmsMessage`, one for a
+    /// NIDD `niddMONotificationResponse`. Empty for every other kind.
+    pub messages: Vec<DeviceMessage>,
+    /// What the lenient XML reader repaired to read the body, one human-readable line each
+    /// (``"`</MaxCallbackThreshold/>` read as `</MaxCallbackThreshold>` at byte 1234"``); empty
+    /// when the body was well-formed. The raw body is stored as received all the same.
+    pub repairs: Vec<String>,
     /// Identifies the message across re-deliveries: a digest of its content without
     /// `CallbackCount`, `MaxCallbackThreshold` and the callback credentials.
+    ///
+    /// A repaired body's key is the digest of the content as repaired, not of its raw bytes:
+    /// the same broken body sent again repairs the same way and so gets the same key, and a later
+    /// well-formed re-delivery of the same message (the platform fixed its serializer, or support
+    /// re-sent it) has the same content and is recognised as a duplicate rather than stored twice.
+    /// That is safe only because a repair is made where the meaning is unambiguous: a body whose
+    /// meaning is in doubt is not repaired but quarantined under a digest of its raw bytes.
     pub dedup_key: [u8; 32],
 }
 

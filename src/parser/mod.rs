@@ -112,10 +112,45 @@ fn scan_unreadable_json(body: &[u8], reason: String) -> UnreadableBody {
 fn parse_xml(body: &[u8]) -> Result<Callback, String> {
     let text = std::str::from_utf8(body).map_err(|error| format!("body is not UTF-8: {error}"))?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let root = tree::build(text)?;
-    let (form, callback) = soap::find_callback(&root)
-        .ok_or_else(|| format!("root element <{}> holds no CallbackRequest", root.name))?;
-    Ok(soap::interpret(form, callback))
+    let document = tree::build(text, body.len() - text.len())?;
+    let root = &document.root;
+    let (form, callback) = soap::find_callback(root).ok_or_else(|| {
+        format!(
+            "root element <{}> holds no CallbackRequest",
+            tree::shown(&root.name)
+        )
+    })?;
+    if let Some(reason) = cut_short(callback) {
+        return Err(reason);
+    }
+    let mut parsed = soap::interpret(form, callback);
+    parsed.repairs = document.repairs;
+    Ok(parsed)
+}
+
+/// Why a callback whose end was repaired may be missing content, if it may: the repair closes
+/// what the body left open at its end only when nothing of the callback can be missing, that is
+/// when only the callback element and its envelope were left open and the callback element
+/// already holds its content (`Data`, or an MO SMS's `SmsMessage`). A body cut inside its content
+/// is ambiguous (how much is missing?) and stays unreadable.
+fn cut_short(callback: &tree::Element) -> Option<String> {
+    if let Some(child) = callback.children.iter().find(|child| child.closed_at_end) {
+        return Some(format!(
+            "the body ends inside <{}>: the callback may be cut short",
+            tree::shown(&child.name)
+        ));
+    }
+    let content = if callback.is("SmsCallbackRequest") {
+        "SmsMessage"
+    } else {
+        "Data"
+    };
+    (callback.closed_at_end && callback.child(content).is_none()).then(|| {
+        format!(
+            "the body ends inside <{}> before its <{content}>: the callback may be cut short",
+            callback.name
+        )
+    })
 }
 
 /// Recovers what it can from a body that does not parse: the `RequestId` and `CallbackCount` (to
@@ -222,7 +257,10 @@ fn raw_digest(body: &[u8]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{CallbackForm, CallbackKind, DeviceIdentifier, Operation, OutcomeStatus};
+    use crate::domain::{
+        CallbackForm, CallbackKind, DeviceIdentifier, DeviceMessage, MessageChannel, Operation,
+        OutcomeStatus,
+    };
 
     fn fixture(name: &str) -> Vec<u8> {
         let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -406,12 +444,143 @@ mod tests {
         assert_ne!(other.dedup_key, first);
     }
 
+    fn unreadable(body: &[u8]) -> UnreadableBody {
+        match parse(body) {
+            Parsed::Unreadable(unreadable) => *unreadable,
+            Parsed::Callback(callback) => panic!("parsed, with repairs {:?}", callback.repairs),
+        }
+    }
+
+    fn seed_004() -> String {
+        String::from_utf8(fixture("activate_seed004.xml")).unwrap()
+    }
+
     #[test]
-    fn the_malformed_seed_004_example_is_unreadable_with_its_request_id() {
+    fn the_malformed_seed_004_example_is_read_as_repaired_and_says_what_was_repaired() {
         let body = fixture("activate_seed004_malformed.xml");
-        let Parsed::Unreadable(unreadable) = parse(&body) else {
-            panic!("parsed a malformed body")
+        let at = String::from_utf8(body.clone())
+            .unwrap()
+            .find("</MaxCallbackThreshold/>")
+            .unwrap();
+
+        let repaired = callback("activate_seed004_malformed.xml");
+
+        assert_eq!(
+            repaired.repairs,
+            vec![format!(
+                "`</MaxCallbackThreshold/>` read as `</MaxCallbackThreshold>` at byte {at}"
+            )]
+        );
+        let well_formed = callback("activate_seed004.xml");
+        assert!(well_formed.repairs.is_empty());
+        assert_eq!(repaired.operation, Operation::Activate);
+        assert_eq!(repaired.outcomes, well_formed.outcomes);
+        assert_eq!(repaired.max_callback_threshold, Some(4));
+        assert_eq!(
+            repaired.dedup_key, well_formed.dedup_key,
+            "a later well-formed re-delivery of the message is its duplicate"
+        );
+        let retry = String::from_utf8(body)
+            .unwrap()
+            .replace("<CallbackCount>1<", "<CallbackCount>2<");
+        let Parsed::Callback(retry) = parse(retry.as_bytes()) else {
+            panic!("the re-delivery did not parse")
         };
+        assert_eq!(retry.dedup_key, repaired.dedup_key);
+    }
+
+    #[test]
+    fn a_stray_end_tag_is_ignored_and_reported() {
+        let body = seed_004().replace(
+            "<Status>Success</Status>",
+            "<Status>Success</Status></Stray >",
+        );
+        let at = body.find("</Stray >").unwrap();
+
+        let Parsed::Callback(repaired) = parse(body.as_bytes()) else {
+            panic!("did not parse")
+        };
+
+        assert_eq!(
+            repaired.repairs,
+            vec![format!("stray `</Stray>` at byte {at} ignored")]
+        );
+        assert_eq!(repaired.status.as_deref(), Some("Success"));
+        assert_eq!(
+            repaired.dedup_key,
+            callback("activate_seed004.xml").dedup_key
+        );
+    }
+
+    #[test]
+    fn envelope_elements_left_open_at_the_end_are_closed_and_reported() {
+        let whole = seed_004();
+        let cut = &whole[..whole.find("</s:Body>").unwrap()];
+
+        let Parsed::Callback(repaired) = parse(cut.as_bytes()) else {
+            panic!("did not parse")
+        };
+
+        assert_eq!(
+            repaired.repairs,
+            vec![
+                format!(
+                    "`<s:Body>` left open: closed at the end of the body (byte {})",
+                    cut.len()
+                ),
+                format!(
+                    "`<s:Envelope>` left open: closed at the end of the body (byte {})",
+                    cut.len()
+                ),
+            ]
+        );
+        assert_eq!(repaired.outcomes[0].status, OutcomeStatus::Succeeded);
+        let without_callback_end = &whole[..whole.find("</CallbackRequest>").unwrap()];
+        let Parsed::Callback(repaired) = parse(without_callback_end.as_bytes()) else {
+            panic!("a callback whose Data is complete did not parse")
+        };
+        assert_eq!(repaired.repairs.len(), 3);
+    }
+
+    #[test]
+    fn a_body_that_ends_inside_its_data_or_a_value_stays_unreadable() {
+        let whole = seed_004();
+        for (cut_before, reason) in [
+            ("</MaxCallbackThreshold>", "inside the text"),
+            ("<CallbackCount>", "<Data>"),
+            ("</Data>\n      </Data>", "<Data>"),
+        ] {
+            let cut = &whole[..whole.find(cut_before).unwrap()];
+            let unreadable = unreadable(cut.as_bytes());
+            assert!(
+                unreadable.reason.contains(reason),
+                "cut before {cut_before:?}: {}",
+                unreadable.reason
+            );
+            assert_eq!(
+                unreadable.request_id.as_deref(),
+                Some("2c90bd28-ece4-42ef-9f02-7e3bd4fbff33")
+            );
+        }
+    }
+
+    #[test]
+    fn an_ambiguous_body_stays_unreadable_with_its_reason_and_request_id() {
+        // `<State>Active</Stat>`: which element was meant to close is a guess.
+        let body = fixture("activate_seed004_ambiguous.xml");
+
+        let unreadable = unreadable(&body);
+
+        assert!(
+            unreadable.reason.starts_with("XML error"),
+            "{}",
+            unreadable.reason
+        );
+        assert!(
+            unreadable.reason.contains("</Activate>"),
+            "{}",
+            unreadable.reason
+        );
         assert_eq!(
             unreadable.request_id.as_deref(),
             Some("2c90bd28-ece4-42ef-9f02-7e3bd4fbff33")
@@ -420,10 +589,27 @@ mod tests {
         let retry = String::from_utf8(body)
             .unwrap()
             .replace("<CallbackCount>1<", "<CallbackCount>2<");
-        let Parsed::Unreadable(retry) = parse(retry.as_bytes()) else {
-            panic!("parsed")
-        };
-        assert_eq!(retry.dedup_key, unreadable.dedup_key);
+        assert_eq!(
+            unreadable.dedup_key,
+            super::tests::unreadable(retry.as_bytes()).dedup_key
+        );
+    }
+
+    #[test]
+    fn a_body_that_needs_too_many_repairs_is_not_trusted() {
+        let strays = "</Stray>".repeat(tree::MAX_REPAIRS + 1);
+        let body = seed_004().replace(
+            "<Status>Success</Status>",
+            &format!("<Status>Success</Status>{strays}"),
+        );
+
+        let unreadable = unreadable(body.as_bytes());
+
+        assert!(
+            unreadable.reason.contains("repairs"),
+            "{}",
+            unreadable.reason
+        );
     }
 
     #[test]
@@ -586,7 +772,23 @@ mod tests {
                  </Activate></ChangeDeviceState></CarrierService></Data></CallbackRequest>"
             )
         };
-        for (name, ratio) in [("json", growth(json, 5_000)), ("soap", growth(soap, 5_000))] {
+        // The repair path: the seed 004 malformation and the envelope's end missing.
+        let repaired = |count: usize| {
+            let body = soap(count).replace(
+                "</Data></CallbackRequest>",
+                "<MaxCallbackThreshold>4</MaxCallbackThreshold/></Data>",
+            );
+            format!("<s:Envelope><s:Body>{body}")
+        };
+        let Parsed::Callback(small) = parse(repaired(3).as_bytes()) else {
+            panic!("the repair body did not parse")
+        };
+        assert_eq!(small.repairs.len(), 4, "{:?}", small.repairs);
+        for (name, ratio) in [
+            ("json", growth(json, 5_000)),
+            ("soap", growth(soap, 5_000)),
+            ("repaired soap", growth(repaired, 5_000)),
+        ] {
             assert!(
                 ratio < 10.0, // linear is about 4, quadratic about 16; the margin is for a busy machine
                 "{name}: 4x the identifiers took {ratio:.1}x as long"
@@ -648,5 +850,250 @@ mod tests {
             summary.package_error.as_deref(),
             Some("Device SKU is not Certified")
         );
+    }
+
+    #[test]
+    fn an_mo_sms_is_a_device_message() {
+        let sms = callback("sms_mo.xml");
+
+        assert_eq!(
+            sms.messages,
+            vec![DeviceMessage {
+                identifiers: vec![id("MDN", "5096306081"), id("MEID", "A1000000444461")],
+                channel: MessageChannel::Sms,
+                payload: Some("TEMP=21.5;BATT=87".to_owned()),
+                text: Some("TEMP=21.5;BATT=87".to_owned()),
+                sent_at: Some("2026-11-20T10:15:00Z".to_owned()),
+            }]
+        );
+        assert!(sms.outcomes.is_empty());
+    }
+
+    #[test]
+    fn a_nidd_uplink_is_a_device_message_with_every_identifier_of_the_line() {
+        let uplink = callback("json_nidd_uplink.json");
+
+        assert_eq!(
+            (uplink.kind, uplink.operation),
+            (CallbackKind::Nidd, Operation::NiddMo)
+        );
+        assert_eq!(
+            uplink.messages,
+            vec![DeviceMessage {
+                identifiers: vec![
+                    id("IMEI", "990000862471854"),
+                    id("IMSI", "311480000000001"),
+                    id("MDN", "5096300001"),
+                    id("MIN", "5096300001"),
+                    id("MSISDN", "15096300001"),
+                    id("ICCID", "89148000000800000001"),
+                ],
+                channel: MessageChannel::Nidd,
+                payload: Some("VEVNUD0yMS41O0JBVFQ9ODcK".to_owned()),
+                text: Some("TEMP=21.5;BATT=87\n".to_owned()),
+                sent_at: None,
+            }]
+        );
+        assert!(
+            uplink.outcomes.is_empty(),
+            "an uplink is no outcome of a job"
+        );
+        assert_eq!(uplink.max_callback_threshold, Some(2));
+        let details = uplink.details.as_ref().expect("details");
+        assert_eq!(
+            details["niddMONotificationResponse"]["accountName"],
+            "0000123456-00001"
+        );
+        assert!(
+            details["niddMONotificationResponse"]
+                .get("message")
+                .is_none(),
+            "the payload is kept once, in the message"
+        );
+    }
+
+    #[test]
+    fn a_nidd_uplink_that_is_not_text_keeps_its_payload_only() {
+        let body = String::from_utf8(fixture("json_nidd_uplink.json")).unwrap();
+        // 0x00 0x01 0xff 0xfe: not UTF-8; "AAEC": 0x00 0x01 0x02, UTF-8 but control characters;
+        // "not base64!" is not base64 at all.
+        for payload in ["AAH//g==", "AAEC", "not base64!"] {
+            let body = body.replace("VEVNUD0yMS41O0JBVFQ9ODcK", payload);
+            let Parsed::Callback(uplink) = parse(body.as_bytes()) else {
+                panic!("{payload} did not parse")
+            };
+            let message = &uplink.messages[0];
+            assert_eq!(message.payload.as_deref(), Some(payload));
+            assert_eq!(message.text, None, "{payload}");
+        }
+        let unpadded = body.replace("VEVNUD0yMS41O0JBVFQ9ODcK", "aGk");
+        let Parsed::Callback(uplink) = parse(unpadded.as_bytes()) else {
+            panic!("did not parse")
+        };
+        assert_eq!(uplink.messages[0].text.as_deref(), Some("hi"));
+    }
+
+    #[test]
+    fn nidd_delivery_reports_are_outcomes_of_the_downlink_job() {
+        let queued = callback("json_nidd_mt_queued.json");
+        assert_eq!(
+            (queued.kind, queued.operation),
+            (CallbackKind::Nidd, Operation::Nidd)
+        );
+        let outcome = &queued.outcomes[0];
+        assert_eq!(
+            outcome.status,
+            OutcomeStatus::Accepted,
+            "queued is not a failure"
+        );
+        assert_eq!(outcome.line_status.as_deref(), Some("Queued"));
+        assert_eq!(outcome.fault, None);
+        assert_eq!(
+            outcome.identifiers,
+            vec![id("IMEI", "990000862471854"), id("MDN", "5096300001")]
+        );
+        assert_eq!(
+            outcome.details.as_ref().expect("details")["reason"],
+            "Buffered, device not reachable"
+        );
+        assert!(queued.messages.is_empty());
+
+        let delivered = callback("json_nidd_mt_delivered.json");
+        assert_eq!(delivered.outcomes[0].status, OutcomeStatus::Succeeded);
+        assert_eq!(delivered.outcomes[0].line_status, None);
+        assert_ne!(delivered.dedup_key, queued.dedup_key);
+
+        let failed = callback("json_nidd_mt_failed.json");
+        let outcome = &failed.outcomes[0];
+        assert_eq!(outcome.status, OutcomeStatus::Failed);
+        let fault = outcome.fault.as_ref().expect("fault");
+        assert_eq!(fault.code, "NiddService.DeliveryFailed");
+        assert_eq!(fault.message, "Timeout, could not deliver data");
+    }
+
+    #[test]
+    fn a_nidd_config_result_is_an_outcome_of_its_own_operation() {
+        let config = callback("json_nidd_config.json");
+
+        assert_eq!(
+            (config.kind, config.operation),
+            (CallbackKind::Nidd, Operation::NiddConfig)
+        );
+        let outcome = &config.outcomes[0];
+        assert_eq!(outcome.status, OutcomeStatus::Succeeded);
+        assert_eq!(
+            outcome.identifiers,
+            vec![id("IMEI", "990000862471854"), id("IMSI", "311480000000001")]
+        );
+    }
+
+    #[test]
+    fn a_nidd_response_with_more_than_one_result_is_unreadable() {
+        let body = String::from_utf8(fixture("json_nidd_mt_queued.json"))
+            .unwrap()
+            .replace(
+                "\"niddMTDeliveryResponse\"",
+                "\"niddConfigResponse\": {\"accountName\": \"x\"}, \"niddMTDeliveryResponse\"",
+            );
+
+        let unreadable = unreadable(body.as_bytes());
+
+        assert!(unreadable.json);
+        assert!(
+            unreadable.reason.contains("niddResponse"),
+            "{}",
+            unreadable.reason
+        );
+        assert_eq!(
+            unreadable.request_id.as_deref(),
+            Some("c3b1a7d2-5e4f-4a60-8b19-7d2e6f0a3c21")
+        );
+    }
+
+    #[test]
+    fn rest_device_responses_name_their_operation() {
+        for (name, operation) in [
+            ("json_activate.json", Operation::Activate),
+            ("json_deactivate.json", Operation::Deactivate),
+            ("json_suspend.json", Operation::Suspend),
+            ("json_restore.json", Operation::Restore),
+        ] {
+            let parsed = callback(name);
+            assert_eq!(
+                (parsed.kind, parsed.operation),
+                (CallbackKind::CarrierService, operation),
+                "{name}"
+            );
+            assert_eq!(
+                parsed.outcomes[0].status,
+                OutcomeStatus::Succeeded,
+                "{name}"
+            );
+        }
+        let activation = callback("json_activate.json");
+        let outcome = &activation.outcomes[0];
+        assert_eq!(
+            outcome.identifiers,
+            vec![
+                id("ICCID", "89148000000800000002"),
+                id("IMEI", "990000862471856"),
+                id("MDN", "5096300002"),
+                id("MSISDN", "15096300002"),
+                id("MIN", "5096300002"),
+            ]
+        );
+        assert_eq!(outcome.mdn.as_deref(), Some("5096300002"));
+        assert_eq!(outcome.ip_address.as_deref(), Some("10.224.48.90"));
+        assert_eq!(outcome.state.as_deref(), Some("active"));
+        assert_eq!(outcome.service_plan.as_deref(), Some("M2MPlan"));
+    }
+
+    #[test]
+    fn pending_and_queued_rest_statuses_are_accepted_not_failed() {
+        let pending = callback("json_pending.json");
+        let outcome = &pending.outcomes[0];
+        assert_eq!(pending.operation, Operation::ChangeDeviceIdentifier);
+        assert_eq!(outcome.status, OutcomeStatus::Accepted);
+        assert_eq!(outcome.line_status.as_deref(), Some("Pending"));
+
+        let body = String::from_utf8(fixture("json_pending.json"))
+            .unwrap()
+            .replace("\"Pending\"", "\"queued\"");
+        let Parsed::Callback(queued) = parse(body.as_bytes()) else {
+            panic!("did not parse")
+        };
+        assert_eq!(queued.outcomes[0].status, OutcomeStatus::Accepted);
+        assert_eq!(queued.outcomes[0].line_status.as_deref(), Some("queued"));
+    }
+
+    #[test]
+    fn a_rest_fault_is_labelled_by_the_service_its_code_names() {
+        let carrier = callback("json_fault_prefixed.json");
+        assert_eq!(carrier.kind, CallbackKind::CarrierService);
+        let outcome = &carrier.outcomes[0];
+        assert_eq!(outcome.status, OutcomeStatus::Failed);
+        assert_eq!(
+            outcome.fault.as_ref().map(|fault| fault.code.as_str()),
+            Some("UnifiedWebService.REQUEST_FAILED.DeviceAlreadyActive")
+        );
+
+        let nidd = callback("json_nidd_fault.json");
+        assert_eq!(nidd.kind, CallbackKind::Nidd);
+        assert_eq!(nidd.outcomes[0].status, OutcomeStatus::Failed);
+    }
+
+    #[test]
+    fn a_rest_callback_of_an_undocumented_shape_is_stored_as_other() {
+        let body = r#"{"username": "", "password": "", "requestId": "r-usage",
+            "deviceIds": [{"id": "990000862471854", "kind": "imei"}],
+            "usageResponse": {"bytesUsed": 1024}, "callbackCount": 1}"#;
+        let Parsed::Callback(other) = parse(body.as_bytes()) else {
+            panic!("did not parse")
+        };
+        assert_eq!(
+            (other.kind, other.operation),
+            (CallbackKind::Other, Operation::Other)
+        );
+        assert!(other.outcomes.is_empty() && other.messages.is_empty());
     }
 }

@@ -5,8 +5,8 @@ use sha2::{Digest, Sha256};
 use super::UniqueIdentifiers;
 use super::tree::Element;
 use crate::domain::{
-    Callback, CallbackForm, CallbackKind, DeviceIdentifier, DeviceOutcome, Fault, Operation,
-    OutcomeStatus, UploadSummary,
+    Callback, CallbackForm, CallbackKind, DeviceIdentifier, DeviceMessage, DeviceOutcome, Fault,
+    MessageChannel, Operation, OutcomeStatus, UploadSummary,
 };
 
 /// Elements of `Data` that describe the callback itself rather than the service result.
@@ -83,6 +83,8 @@ pub(crate) fn interpret(form: CallbackForm, callback: &Element) -> Callback {
         upload: None,
         details: None,
         dedup_key,
+        messages: Vec::new(),
+        repairs: Vec::new(),
     };
 
     if callback.is("SmsCallbackRequest") {
@@ -102,6 +104,20 @@ pub(crate) fn interpret(form: CallbackForm, callback: &Element) -> Callback {
                 .iter()
                 .filter(|child| !skip.iter().any(|name| child.is(name))),
         );
+        parsed.messages = callback
+            .children_named("SmsMessage")
+            .filter(|message| message.is_present())
+            .map(|message| {
+                let text = message.child_value("Message");
+                DeviceMessage {
+                    identifiers: UniqueIdentifiers::from_list(parsed.devices.clone()).into_vec(),
+                    channel: MessageChannel::Sms,
+                    payload: text.clone(),
+                    text,
+                    sent_at: message.child_value("Timestamp"),
+                }
+            })
+            .collect();
         return parsed;
     }
 

@@ -303,9 +303,56 @@ async fn a_body_over_the_limit_is_a_413_with_or_without_content_length() {
 }
 
 #[tokio::test]
-async fn the_malformed_seed_004_example_is_quarantined_and_kept_byte_for_byte() {
+async fn the_malformed_seed_004_example_is_stored_as_repaired_and_kept_byte_for_byte() {
     let app = spawn_app().await;
     let body = fixture("activate_seed004_malformed.xml");
+
+    let response = app.post_callback(body.clone()).await;
+
+    assert_eq!(response.status(), 200);
+    let listing = app.get_json("/api/v1/deliveries").await;
+    let item = &listing["items"][0];
+    assert_eq!(item["result"], "stored", "{item}");
+    assert_eq!(item["kind"], "carrier_service");
+    let devices = app
+        .get_json(&format!("/api/v1/jobs/{ACTIVATE_REQUEST}/devices"))
+        .await;
+    assert_eq!(devices["items"][0]["status"], "succeeded", "{devices}");
+    assert_eq!(devices["items"][0]["mdn"], "5096306081");
+    let raw = app
+        .get_api(&format!("/api/v1/deliveries/{}/raw", item["id"]))
+        .await;
+    let masked = String::from_utf8(body)
+        .unwrap()
+        .replace(
+            "<Password>5096306081</Password>",
+            "<Password>********</Password>",
+        )
+        .into_bytes();
+    assert_eq!(
+        raw.bytes().await.unwrap().to_vec(),
+        masked,
+        "stored as received"
+    );
+
+    // The well-formed message sent again is a re-delivery of the repaired one.
+    assert_eq!(
+        app.post_callback(fixture("activate_seed004.xml"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM deliveries WHERE result = 'duplicate'"),
+        1
+    );
+    assert_eq!(app.count("SELECT count(*) FROM device_outcomes"), 1);
+}
+
+#[tokio::test]
+async fn an_ambiguous_body_is_quarantined_and_kept_byte_for_byte() {
+    let app = spawn_app().await;
+    let body = fixture("activate_seed004_ambiguous.xml");
 
     let response = app.post_callback(body.clone()).await;
 
@@ -349,7 +396,7 @@ async fn a_quarantined_body_from_a_stranger_is_still_refused() {
     .await;
 
     let response = app
-        .post_callback(fixture("activate_seed004_malformed.xml"))
+        .post_callback(fixture("activate_seed004_ambiguous.xml"))
         .await;
 
     assert_eq!(response.status(), 403);

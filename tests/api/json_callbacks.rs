@@ -245,3 +245,87 @@ async fn a_nul_character_in_a_json_value_is_stored_and_the_raw_body_kept_as_sent
         404
     );
 }
+
+#[tokio::test]
+async fn a_nidd_uplink_is_stored_as_a_nidd_delivery_without_an_outcome() {
+    let app = spawn_app().await;
+
+    let response = post_json(
+        &app,
+        fixture("json_nidd_uplink.json"),
+        Some("application/json"),
+    )
+    .await;
+
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "{}");
+    let listing = app.get_json("/api/v1/deliveries").await;
+    let delivery = &listing["items"][0];
+    assert_eq!(delivery["result"], "stored", "{listing}");
+    assert_eq!(delivery["kind"], "nidd");
+    assert_eq!(delivery["operation"], "nidd_mo");
+    assert_eq!(app.count("SELECT count(*) FROM device_outcomes"), 0);
+}
+
+#[tokio::test]
+async fn a_queued_nidd_delivery_report_is_an_accepted_outcome_and_delivered_then_succeeds() {
+    let app = spawn_app().await;
+    let request = "c3b1a7d2-5e4f-4a60-8b19-7d2e6f0a3c21";
+
+    let queued = post_json(
+        &app,
+        fixture("json_nidd_mt_queued.json"),
+        Some("application/json"),
+    )
+    .await;
+
+    assert_eq!(queued.status(), 200);
+    let listing = app.get_json("/api/v1/deliveries").await;
+    assert_eq!(listing["items"][0]["kind"], "nidd", "{listing}");
+    assert_eq!(listing["items"][0]["operation"], "nidd");
+    let devices = app
+        .get_json(&format!("/api/v1/jobs/{request}/devices"))
+        .await;
+    let device = &devices["items"][0];
+    assert_eq!(device["status"], "accepted", "{devices}");
+    assert_eq!(device["line_status"], "Queued");
+    assert_eq!(device["fault"], Value::Null, "queued is not a failure");
+    let job = app.get_json(&format!("/api/v1/jobs/{request}")).await;
+    assert_eq!(job["operation"], "nidd");
+    assert_eq!(job["failed"], 0, "{job}");
+
+    let delivered = post_json(
+        &app,
+        fixture("json_nidd_mt_delivered.json"),
+        Some("application/json"),
+    )
+    .await;
+
+    assert_eq!(delivered.status(), 200);
+    let by_imei = app.get_json("/api/v1/devices/IMEI/990000862471854").await;
+    assert_eq!(by_imei["latest"]["status"], "succeeded", "{by_imei}");
+}
+
+#[tokio::test]
+async fn a_failed_nidd_delivery_report_fails_the_device_with_its_reason() {
+    let app = spawn_app().await;
+
+    let response = post_json(
+        &app,
+        fixture("json_nidd_mt_failed.json"),
+        Some("application/json"),
+    )
+    .await;
+
+    assert_eq!(response.status(), 200);
+    let devices = app
+        .get_json("/api/v1/jobs/4e0d9b7a-1c2f-4f83-a6d5-9b8c7e6f5a42/devices")
+        .await;
+    let device = &devices["items"][0];
+    assert_eq!(device["status"], "failed", "{devices}");
+    assert_eq!(device["fault"]["code"], "NiddService.DeliveryFailed");
+    assert_eq!(
+        device["fault"]["message"],
+        "Timeout, could not deliver data"
+    );
+}

@@ -76,7 +76,7 @@ async fn feed(app: &TestApp) {
         known_fault,
     ))
     .await;
-    app.post_callback(fixture("activate_seed004_malformed.xml"))
+    app.post_callback(fixture("activate_seed004_ambiguous.xml"))
         .await;
     app.post_callback(
         String::from_utf8(fixture("deactivate_bare.xml"))

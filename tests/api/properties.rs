@@ -8,6 +8,7 @@ use crate::helpers::{TestApp, fixture, spawn_app};
 const FIXTURES: &[&str] = &[
     "activate_seed004.xml",
     "activate_seed004_malformed.xml",
+    "activate_seed004_ambiguous.xml",
     "upload_seed001.xml",
     "activate_failed.xml",
     "deactivate_bare.xml",
@@ -17,6 +18,9 @@ const FIXTURES: &[&str] = &[
     "json_change_identifier.json",
     "json_fault.json",
     "json_malformed.json",
+    "json_nidd_uplink.json",
+    "json_nidd_mt_queued.json",
+    "json_nidd_mt_failed.json",
 ];
 
 /// The ways a real body gets damaged or twisted.

@@ -49,7 +49,7 @@ async fn old_raw_bodies_are_pruned_except_quarantined_ones_and_those_of_unfinish
         CarrierResult::Activated { mdn: "5550000102" },
     ))
     .await;
-    app.post_callback(fixture("activate_seed004_malformed.xml"))
+    app.post_callback(fixture("activate_seed004_ambiguous.xml"))
         .await;
     age_everything(&app);
     app.post_callback(carrier_callback(
