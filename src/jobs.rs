@@ -58,6 +58,8 @@ pub struct JobFacts {
     /// The latest upload report, for uploads.
     pub upload: Option<UploadCounts>,
     pub package_error: bool,
+    /// First deliveries that could not be read: what they reported is unknown.
+    pub quarantined: u64,
     pub deadline_passed: bool,
 }
 
@@ -99,6 +101,9 @@ pub fn compute_state(facts: &JobFacts) -> JobState {
         let any_failed = facts.failed > 0 || upload.failed.unwrap_or(0) > 0;
         let any_succeeded = facts.succeeded + facts.accepted > 0 || upload.success.unwrap_or(0) > 0;
         return match (any_failed, any_succeeded) {
+            // A delivery that could not be read may hold a failure: not `completed` until
+            // `reprocess` reads it.
+            (false, _) if facts.quarantined > 0 => JobState::CompletedWithErrors,
             (false, _) => JobState::Completed,
             (true, false) => JobState::Failed,
             (true, true) => JobState::CompletedWithErrors,

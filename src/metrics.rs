@@ -54,6 +54,14 @@ impl CallbackTally {
     }
 }
 
+impl CallbackTally {
+    /// The same tally under the operation its job gave the outcomes (the callback named none).
+    pub fn under(mut self, operation: crate::domain::Operation) -> Self {
+        self.operation = operation.as_str();
+        self
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     callbacks: IntCounterVec,

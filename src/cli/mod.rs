@@ -49,9 +49,35 @@ enum Command {
         /// Where to write the copy (must not exist; nothing is left there on failure).
         file: PathBuf,
     },
+    /// Read the raw bodies of quarantined deliveries again with this build's parser: those it
+    /// can read are stored with their outcomes (their jobs move), the others keep the current
+    /// reason. Safe while the listener runs; running it twice changes nothing.
+    Reprocess(ReprocessArgs),
     /// Play the platform: post realistic callbacks (with its retries) to a listener and check that
     /// every acknowledged one was stored.
     Simulate(SimulateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ReprocessArgs {
+    /// These deliveries (repeatable).
+    #[arg(long = "id", value_name = "N")]
+    ids: Vec<i64>,
+    /// Every quarantined delivery.
+    #[arg(long)]
+    quarantined: bool,
+    /// Quarantined deliveries this build reads as this kind (`carrier_service`, `nidd`...).
+    #[arg(long, value_name = "K")]
+    kind: Option<String>,
+    /// Quarantined deliveries received at or after this time (RFC 3339).
+    #[arg(long, value_name = "T")]
+    since: Option<String>,
+    /// Report what would change; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// The report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -113,6 +139,7 @@ pub fn run() -> ExitCode {
                 }
             }
         }
+        Command::Reprocess(arguments) => reprocess(&settings, arguments),
         Command::Backup { file } => {
             match with_store(&settings, async |store| store.backup(file.clone()).await) {
                 Ok(Ok(())) => emit(&format!(
@@ -143,6 +170,105 @@ pub fn run() -> ExitCode {
 /// Runs a maintenance command's `work` on the store the settings select, opened through
 /// [`crate::storage::open`] as `serve` opens it (for maintenance: see [`Purpose::Maintain`]),
 /// and closes the store once the work is done.
+fn reprocess(settings: &Settings, arguments: ReprocessArgs) -> ExitCode {
+    let usage = |message: &str| {
+        report(message);
+        ExitCode::from(2)
+    };
+    if arguments.ids.is_empty()
+        && !arguments.quarantined
+        && arguments.kind.is_none()
+        && arguments.since.is_none()
+    {
+        return usage(
+            "say which deliveries: --id N (repeatable), --quarantined, --kind K or --since T",
+        );
+    }
+    let kind = match arguments.kind.as_deref() {
+        None => None,
+        Some(label) => match crate::domain::CallbackKind::from_label(label) {
+            Some(kind) => Some(kind),
+            None => {
+                let known: Vec<&str> = crate::domain::CallbackKind::ALL
+                    .iter()
+                    .map(|kind| kind.as_str())
+                    .collect();
+                return usage(&format!(
+                    "--kind {label} is not a kind; one of {}",
+                    known.join(", ")
+                ));
+            }
+        },
+    };
+    let since = match arguments.since.as_deref() {
+        None => None,
+        Some(text) => {
+            match time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+            {
+                Ok(since) => Some(since),
+                Err(_) => {
+                    return usage(&format!(
+                        "--since {text} is not an RFC 3339 time (2026-12-01T00:00:00Z)"
+                    ));
+                }
+            }
+        }
+    };
+    let query = crate::storage::reprocess::ReprocessQuery {
+        ids: arguments.ids,
+        kind,
+        since,
+        dry_run: arguments.dry_run,
+    };
+    let done = with_store(settings, async |store| {
+        store.reprocess(query).await.map_err(anyhow::Error::new)
+    });
+    let report_of_run = match done.and_then(|done| done) {
+        Ok(report_of_run) => report_of_run,
+        Err(error) => {
+            report(format_args!("{error:#}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    let text = if arguments.json {
+        match serde_json::to_string_pretty(&report_of_run) {
+            Ok(json) => json + "\n",
+            Err(error) => {
+                report(format_args!("{error}"));
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        let mut text = String::new();
+        for item in &report_of_run.items {
+            let detail = match (&item.duplicate_of, &item.reason, item.kind) {
+                (Some(original), _, _) => format!("re-delivery of {original}"),
+                (None, Some(reason), _) => reason.clone(),
+                (None, None, Some(kind)) => kind.to_owned(),
+                (None, None, None) => String::new(),
+            };
+            text.push_str(&format!(
+                "delivery {}: {} {}\n",
+                item.delivery_id, item.result, detail
+            ));
+        }
+        text.push_str(&format!(
+            "{}{} stored, {} duplicates, {} still quarantined, {} skipped\n",
+            if report_of_run.dry_run {
+                "dry run: "
+            } else {
+                ""
+            },
+            report_of_run.stored,
+            report_of_run.duplicates,
+            report_of_run.quarantined,
+            report_of_run.skipped
+        ));
+        text
+    };
+    emit(&text).err().unwrap_or(ExitCode::SUCCESS)
+}
+
 fn with_store<T>(
     settings: &Settings,
     work: impl AsyncFnOnce(&dyn Store) -> T,

@@ -199,6 +199,9 @@ pub async fn handle(
         (Endpoint::CatalogEntry(code), true) => catalog_entry(code),
         (Endpoint::Deliveries, true) => list_deliveries(&state, &query).await,
         (Endpoint::RawBody(id), true) => raw_body(&state, id, &query).await,
+        (Endpoint::Reprocess(id), false) if method == Method::POST => {
+            reprocess(&state, id, &query).await
+        }
         (endpoint, _) => {
             let mut refused = error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -229,6 +232,8 @@ enum Endpoint<'a> {
     Deliveries,
     /// The id as it appears in the path; checked by [`delivery_id`].
     RawBody(&'a str),
+    /// `POST`: the delivery read again by the current parser.
+    Reprocess(&'a str),
 }
 
 impl<'a> Endpoint<'a> {
@@ -244,6 +249,7 @@ impl<'a> Endpoint<'a> {
             ["api", "v1", "errors", code] => Endpoint::CatalogEntry(code),
             ["api", "v1", "deliveries"] => Endpoint::Deliveries,
             ["api", "v1", "deliveries", id, "raw"] => Endpoint::RawBody(id),
+            ["api", "v1", "deliveries", id, "reprocess"] => Endpoint::Reprocess(id),
             _ => return None,
         })
     }
@@ -251,6 +257,7 @@ impl<'a> Endpoint<'a> {
     fn allowed_methods(self) -> &'static str {
         match self {
             Endpoint::Jobs => "GET, HEAD, POST",
+            Endpoint::Reprocess(_) => "POST",
             _ => "GET, HEAD",
         }
     }
@@ -750,6 +757,67 @@ fn delivery_id(id: &str) -> Result<i64, InvalidParameter> {
                 "a delivery id is a whole number from 1 to 9223372036854775807",
             )
         })
+}
+
+/// `POST /api/v1/deliveries/{id}/reprocess[?dry_run=true]`: the delivery's raw body read again
+/// by the current parser (see [`crate::storage::reprocess`]). A quarantined delivery it can read
+/// is stored (or found to be a re-delivery) with its outcomes, and counted in the metrics as a
+/// callback stored would be; one it cannot read stays quarantined with the current reason.
+async fn reprocess(state: &ApiState, id: &str, query: &HashMap<String, String>) -> HttpResponse {
+    let delivery_id = match delivery_id(id) {
+        Ok(delivery_id) => delivery_id,
+        Err(refused) => return refused.into_response(),
+    };
+    let dry_run = match query.get("dry_run").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "INVALID_PARAMETER",
+                "dry_run is true or false",
+            );
+        }
+    };
+    let query = crate::storage::reprocess::ReprocessQuery {
+        ids: vec![delivery_id],
+        dry_run,
+        ..Default::default()
+    };
+    match state.store.reprocess(query).await {
+        Ok(report) => {
+            count_reprocessed(&state.metrics, &report);
+            match report.items.into_iter().next() {
+                Some(item) if item.reason.as_deref() == Some("no such first delivery") => error(
+                    StatusCode::NOT_FOUND,
+                    "DELIVERY_NOT_FOUND",
+                    &format!(
+                        "no first delivery with id {delivery_id} (a re-delivery has no body of its own)"
+                    ),
+                ),
+                Some(item) => json_response(
+                    StatusCode::OK,
+                    &json!({ "dry_run": dry_run, "delivery": item }),
+                ),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "DELIVERY_NOT_FOUND",
+                    &format!("no delivery with id {delivery_id}"),
+                ),
+            }
+        }
+        Err(failure) => storage_error(&failure),
+    }
+}
+
+/// Counts what a committed reprocess stored, as the callback edge counts a callback stored.
+pub fn count_reprocessed(metrics: &Metrics, report: &crate::storage::reprocess::ReprocessReport) {
+    if report.dry_run {
+        return;
+    }
+    for tally in report.items.iter().filter_map(|item| item.tally.as_ref()) {
+        metrics.callback_stored(tally);
+    }
 }
 
 /// The stored body of a delivery, with its secrets masked (see [`crate::redact`]) unless

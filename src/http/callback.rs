@@ -361,8 +361,12 @@ async fn store(
     match state.store.submit(delivery).await {
         Ok(receipt) => {
             state.metrics.callback_attempt(callback_count);
-            if let (DeliveryResult::Stored, Some(tally)) = (receipt.result, &tally) {
-                state.metrics.callback_stored(tally);
+            if let (DeliveryResult::Stored, Some(tally)) = (receipt.result, tally) {
+                let tally = match receipt.job_operation {
+                    Some(operation) => tally.under(operation),
+                    None => tally,
+                };
+                state.metrics.callback_stored(&tally);
             }
             state.metrics.callback_answered(
                 kind,

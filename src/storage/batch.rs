@@ -103,11 +103,13 @@ impl Fate {
                 delivery_id,
                 result: content.first_result(),
                 duplicate_of: None,
+                job_operation: None,
             },
             Fate::Duplicate { original } => Receipt {
                 delivery_id,
                 result: DeliveryResult::Duplicate,
                 duplicate_of: Some(original),
+                job_operation: None,
             },
         }
     }
@@ -307,6 +309,7 @@ mod tests {
             delivery_id,
             result: DeliveryResult::Stored,
             duplicate_of: None,
+            job_operation: None,
         }
     }
 

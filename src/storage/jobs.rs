@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 
 use super::rows::RowReader;
 use super::{Fault, JobRecord, Registered, StoreError, UploadRecord, timestamp};
-use crate::domain::{OutcomeStatus, UploadSummary};
+use crate::domain::{Callback, Operation, OutcomeStatus, UploadSummary};
 use crate::jobs::{self, JobFacts, JobState, Registration, UploadCounts};
 use crate::metrics::Metrics;
 
@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 pub(crate) const JOB_COLUMNS: &str = "id, request_id, registered, operation, account, label, state, expected_devices,
      devices_reported, succeeded, failed, accepted, deliveries, duplicates, is_upload, total_lines, pending_lines,
      success_lines, failed_lines, package_error, timeout_s, created_at, registered_at, first_callback_at,
-     last_callback_at, completed_at, deadline";
+     last_callback_at, completed_at, deadline, quarantined";
 
 /// A job as stored (the `jobs` table of either backend).
 #[derive(Clone, Debug)]
@@ -50,6 +50,8 @@ pub(crate) struct JobRow {
     pub last_callback_at: Option<String>,
     pub completed_at: Option<String>,
     pub deadline: String,
+    /// First deliveries of this job that could not be read (quarantined).
+    pub quarantined: i64,
 }
 
 /// A job that just completed: for `m2m_job_completion_seconds`, observed once the transaction
@@ -150,6 +152,7 @@ impl JobRow {
             last_callback_at: None,
             completed_at: None,
             deadline,
+            quarantined: 0,
         }
     }
 
@@ -183,6 +186,7 @@ impl JobRow {
             last_callback_at: row.optional_text(24)?,
             completed_at: row.optional_text(25)?,
             deadline: row.text(26)?,
+            quarantined: row.integer(27)?,
         })
     }
 
@@ -203,6 +207,7 @@ impl JobRow {
                 failed: unsigned(self.failed_lines),
             }),
             package_error: self.package_error.is_some(),
+            quarantined: count(self.quarantined),
             deadline_passed: self.deadline.as_str() < now,
         }
     }
@@ -279,6 +284,7 @@ impl JobRow {
             last_callback_at: self.last_callback_at,
             completed_at: self.completed_at,
             deadline: self.deadline,
+            quarantined: self.quarantined,
         }
     }
 }
@@ -293,6 +299,9 @@ pub(crate) struct TouchedJob {
     pub last_at: OffsetDateTime,
     /// Changes to devices_reported, succeeded, failed, accepted.
     pub counters: [i64; 4],
+    /// Change to the job's quarantined deliveries: one more per unreadable first delivery, one
+    /// fewer per delivery `reprocess` could read.
+    pub quarantined: i64,
 }
 
 impl TouchedJob {
@@ -304,6 +313,7 @@ impl TouchedJob {
             first_at: at,
             last_at: at,
             counters: [0; 4],
+            quarantined: 0,
         }
     }
 
@@ -318,6 +328,21 @@ impl TouchedJob {
         self.operation = self.operation.or(operation);
         self.first_at = self.first_at.min(at);
         self.last_at = self.last_at.max(at);
+    }
+
+    /// Counts a quarantined delivery `reprocess` could read: it is no longer quarantined (and,
+    /// if it turned out to be a re-delivery, is one more duplicate). It was counted as a delivery
+    /// when it arrived.
+    pub fn record_reprocessed(&mut self, operation: Option<&'static str>, duplicate: bool) {
+        self.quarantined -= 1;
+        self.duplicates += i64::from(duplicate);
+        self.operation = self.operation.or(operation);
+    }
+
+    /// Counts an unreadable first delivery of the job (`delta` 1), or one `reprocess` could read
+    /// (`delta` -1).
+    pub fn record_quarantined(&mut self, delta: i64) {
+        self.quarantined += delta;
     }
 
     /// Counts a device's new latest outcome: `previous` is the status it had, `None` while it
@@ -364,12 +389,31 @@ impl TouchedJob {
         row.succeeded += succeeded;
         row.failed += failed;
         row.accepted += accepted;
-        if self.deliveries > self.duplicates {
+        row.quarantined = (row.quarantined + self.quarantined).max(0);
+        // Re-deliveries alone change nothing the state rule reads; a reprocess does.
+        if self.deliveries > self.duplicates || self.quarantined != 0 || self.counters != [0; 4] {
             row.recompute(self.last_at).1
         } else {
             None
         }
     }
+}
+
+/// Operations follow the job: the operation a callback's outcomes are stored and counted under.
+/// A callback that names none (fault-only, status-only) takes its job's: registered, stored from
+/// an earlier callback, or learned from another callback of the same batch (`touched`).
+pub(crate) fn outcome_operation(
+    callback: &Callback,
+    row: Option<&JobRow>,
+    touched: Option<&TouchedJob>,
+) -> Operation {
+    if callback.operation != Operation::Other {
+        return callback.operation;
+    }
+    row.and_then(|row| row.operation.as_deref())
+        .or(touched.and_then(|touched| touched.operation))
+        .and_then(Operation::from_label)
+        .unwrap_or(Operation::Other)
 }
 
 /// Position of `devices_reported` in [`TouchedJob::counters`].

@@ -9,6 +9,7 @@ mod batch;
 mod error;
 pub(crate) mod jobs;
 pub mod postgres;
+pub mod reprocess;
 pub(crate) mod rows;
 pub mod sqlite;
 
@@ -104,6 +105,9 @@ pub struct Receipt {
     pub result: DeliveryResult,
     /// For a duplicate: the delivery that stored the message first.
     pub duplicate_of: Option<i64>,
+    /// The operation the callback's outcomes were stored under when its job gave it (the
+    /// callback named none): what the metrics count them under.
+    pub job_operation: Option<crate::domain::Operation>,
 }
 
 /// A filter for the delivery listing.
@@ -139,6 +143,12 @@ pub struct DeliveryRecord {
     pub status: Option<String>,
     pub fault_code: Option<String>,
     pub parse_error: Option<String>,
+    /// The parser repaired the body to read it (the raw body is kept as received).
+    pub repaired: bool,
+    /// What was repaired, one line each.
+    pub repairs: Vec<String>,
+    /// When `reprocess` last read this delivery's body again and changed it.
+    pub reprocessed_at: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -193,6 +203,9 @@ pub struct JobRecord {
     pub last_callback_at: Option<String>,
     pub completed_at: Option<String>,
     pub deadline: String,
+    /// Deliveries of this job that could not be read (kept raw; see `reprocess`). A job with any
+    /// is not `completed`.
+    pub quarantined: i64,
 }
 
 /// The latest upload report of a job.
@@ -289,6 +302,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Moves jobs whose deadline passed to their final state; returns how many changed.
     fn sweep_jobs(&self, now: OffsetDateTime) -> BoxFuture<'_, Result<u64, StoreError>>;
+
+    /// Reads the raw bodies of quarantined deliveries again with the current parser; those it
+    /// can read are stored as if read on arrival (see [`reprocess`]).
+    fn reprocess(
+        &self,
+        query: reprocess::ReprocessQuery,
+    ) -> BoxFuture<'_, Result<reprocess::ReprocessReport, StoreError>>;
 
     fn get_job(&self, request_id: String) -> BoxFuture<'_, Result<Option<JobRecord>, StoreError>>;
 

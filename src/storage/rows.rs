@@ -31,12 +31,16 @@ pub(crate) fn delivery_columns(duplicates: &str) -> String {
     format!(
         "d.id, d.received_at, d.form, d.kind, d.operation, d.request_id, d.callback_count,
          d.max_callback_threshold, d.result, d.duplicate_of, {duplicates}, d.size, d.content_type,
-         d.account, d.status, d.fault_code, d.parse_error"
+         d.account, d.status, d.fault_code, d.parse_error, d.repairs, d.reprocessed_at"
     )
 }
 
 /// A delivery selected with [`delivery_columns`].
 pub(crate) fn delivery_from_row<R: RowReader>(row: &R) -> Result<DeliveryRecord, R::Error> {
+    // Written by this program as a JSON list; anything else reads as no repairs.
+    let repairs: Option<Vec<String>> = row
+        .optional_text(17)?
+        .and_then(|text| serde_json::from_str(&text).ok());
     Ok(DeliveryRecord {
         id: row.integer(0)?,
         received_at: row.text(1)?,
@@ -55,7 +59,16 @@ pub(crate) fn delivery_from_row<R: RowReader>(row: &R) -> Result<DeliveryRecord,
         status: row.optional_text(14)?,
         fault_code: row.optional_text(15)?,
         parse_error: row.optional_text(16)?,
+        repaired: repairs.as_ref().is_some_and(|repairs| !repairs.is_empty()),
+        repairs: repairs.unwrap_or_default(),
+        reprocessed_at: row.optional_text(18)?,
     })
+}
+
+/// The `repairs` column of a delivery: a JSON list of what the parser repaired, NULL when
+/// nothing was (read back by [`delivery_from_row`]).
+pub(crate) fn repairs_text(repairs: &[String]) -> Option<String> {
+    (!repairs.is_empty()).then(|| serde_json::Value::from(repairs.to_vec()).to_string())
 }
 
 /// The columns of a delivery's raw body, as [`raw_body_from_row`] reads them: the delivery `d`

@@ -19,6 +19,7 @@ mod json_callbacks;
 mod observability;
 mod openapi;
 mod properties;
+mod reprocess;
 mod retention;
 mod secrets;
 mod simulate;

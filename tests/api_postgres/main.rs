@@ -27,6 +27,8 @@ mod observability;
 mod openapi;
 #[path = "../api/properties.rs"]
 mod properties;
+#[path = "../api/reprocess.rs"]
+mod reprocess;
 #[path = "../api/retention.rs"]
 mod retention;
 #[path = "../api/secrets.rs"]

@@ -418,13 +418,13 @@ async fn write_jobs<'a>(
                  duplicates = u.duplicates, is_upload = u.is_upload, total_lines = u.total_lines,
                  pending_lines = u.pending_lines, success_lines = u.success_lines, failed_lines = u.failed_lines,
                  package_error = u.package_error, first_callback_at = u.first_callback_at,
-                 last_callback_at = u.last_callback_at, completed_at = u.completed_at
+                 last_callback_at = u.last_callback_at, completed_at = u.completed_at, quarantined = u.quarantined
              FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[],
                  $8::bigint[], $9::bigint[], $10::boolean[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[],
-                 $15::text[], $16::text[], $17::text[], $18::text[])
+                 $15::text[], $16::text[], $17::text[], $18::text[], $19::bigint[])
                  AS u (id, operation, state, devices_reported, succeeded, failed, accepted, deliveries, duplicates,
                        is_upload, total_lines, pending_lines, success_lines, failed_lines, package_error,
-                       first_callback_at, last_callback_at, completed_at)
+                       first_callback_at, last_callback_at, completed_at, quarantined)
              WHERE jobs.id = u.id",
         )
         .await?;
@@ -453,6 +453,7 @@ async fn write_jobs<'a>(
                 &column!(first_callback_at),
                 &column!(last_callback_at),
                 &column!(completed_at),
+                &column!(quarantined),
             ],
         )
         .await?;

@@ -19,6 +19,7 @@ mod error;
 mod ids;
 mod jobs;
 mod queries;
+mod reprocess;
 mod retention;
 mod schema;
 mod text;
@@ -213,6 +214,13 @@ impl Store for PostgresStore {
                 }
             }
         })
+    }
+
+    fn reprocess(
+        &self,
+        query: crate::storage::reprocess::ReprocessQuery,
+    ) -> BoxFuture<'_, Result<crate::storage::reprocess::ReprocessReport, StoreError>> {
+        Box::pin(reprocess::reprocess(&self.shared, query))
     }
 
     fn get_job(&self, request_id: String) -> BoxFuture<'_, Result<Option<JobRecord>, StoreError>> {

@@ -13,7 +13,8 @@ use super::error::store_error;
 use crate::storage::StoreError;
 
 /// Schema versions, applied in order. Never edit an applied migration: add a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE deliveries (
     id                     BIGSERIAL PRIMARY KEY,
     received_at            TEXT NOT NULL,
@@ -146,7 +147,20 @@ CREATE TABLE job_device_identifiers (
     job_device_id BIGINT NOT NULL REFERENCES job_devices (id) DEFERRABLE INITIALLY DEFERRED,
     PRIMARY KEY (job_id, kind, identifier)
 );
-"#];
+"#,
+    r#"
+-- What the parser repaired to read a delivery (a JSON list of lines; NULL when nothing was), and
+-- when a stored body was read again by `reprocess`.
+ALTER TABLE deliveries ADD COLUMN repairs TEXT;
+ALTER TABLE deliveries ADD COLUMN reprocessed_at TEXT;
+-- First deliveries of a job that could not be read: the job is not complete while it has any.
+ALTER TABLE jobs ADD COLUMN quarantined BIGINT NOT NULL DEFAULT 0;
+UPDATE jobs SET quarantined = (
+    SELECT count(*) FROM deliveries d
+     WHERE d.request_id = jobs.request_id AND d.result = 'quarantined' AND d.duplicate_of IS NULL
+);
+"#,
+];
 
 /// Applies the migrations not yet recorded, under an advisory lock: replicas starting together
 /// apply each one once, the others wait and find it applied.

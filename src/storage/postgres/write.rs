@@ -16,9 +16,10 @@ use super::error::Failure;
 use super::ids::reserve_ids;
 use super::jobs::{self, DeviceUpdates};
 use super::text::{clean_key, clean_option, clean_owned};
-use crate::domain::DeliveryResult;
+use crate::domain::{DeliveryResult, Operation};
 use crate::storage::batch::{DedupPlan, Fate};
-use crate::storage::jobs::{JobCompletion, TouchedJob, stored_count};
+use crate::storage::jobs::{JobCompletion, TouchedJob, outcome_operation, stored_count};
+use crate::storage::rows::repairs_text;
 use crate::storage::{DeliveryContent, NewDelivery, Receipt, timestamp};
 
 /// The `deliveries` columns of several rows, one array per column.
@@ -45,6 +46,7 @@ struct DeliveryColumns<'a> {
     comment: Vec<Option<Cow<'a, str>>>,
     details: Vec<Option<Cow<'a, str>>>,
     parse_error: Vec<Option<Cow<'a, str>>>,
+    repairs: Vec<Option<Cow<'a, str>>>,
 }
 
 impl<'a> DeliveryColumns<'a> {
@@ -103,6 +105,11 @@ impl<'a> DeliveryColumns<'a> {
                 .map(|details| clean_owned(details.to_string())),
         );
         self.parse_error.push(clean_option(parse_error));
+        self.repairs.push(
+            callback
+                .and_then(|callback| repairs_text(&callback.repairs))
+                .map(clean_owned),
+        );
     }
 
     /// Inserts the rows; a first delivery of a message already stored is skipped. Returns the ids
@@ -118,11 +125,11 @@ impl<'a> DeliveryColumns<'a> {
             .prepare_cached(
                 "INSERT INTO deliveries (id, received_at, form, kind, operation, request_id, callback_count,
                      max_callback_threshold, dedup_key, result, duplicate_of, size, content_type, source_address,
-                     account, status, fault_code, fault_message, comment, details, parse_error)
+                     account, status, fault_code, fault_message, comment, details, parse_error, repairs)
                  SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                      $7::bigint[], $8::bigint[], $9::bytea[], $10::text[], $11::bigint[], $12::bigint[], $13::text[],
                      $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::text[],
-                     $21::text[])
+                     $21::text[], $22::text[])
                  ON CONFLICT DO NOTHING
                  RETURNING id",
             )
@@ -152,6 +159,7 @@ impl<'a> DeliveryColumns<'a> {
                     &self.comment,
                     &self.details,
                     &self.parse_error,
+                    &self.repairs,
                 ],
             )
             .await?;
@@ -226,11 +234,63 @@ pub(super) async fn write_batch(
     }
     duplicates.insert(&transaction).await?;
 
+    let (job_operations, completions) = write_contents(
+        &transaction,
+        deliveries,
+        &ids,
+        &fates,
+        (outcome_ids, device_ids),
+        job_timeout,
+        Writing::Arrived,
+    )
+    .await?;
+    transaction.commit().await?;
+
+    let receipts = fates
+        .iter()
+        .enumerate()
+        .map(|(index, fate)| {
+            let mut receipt = fate.receipt(ids[index], &deliveries[index].content);
+            receipt.job_operation = job_operations.get(&index).copied();
+            receipt
+        })
+        .collect();
+    Ok((receipts, completions))
+}
+
+/// Who writes the contents of first deliveries: a batch of callbacks as they arrive, or
+/// `reprocess` over a stored delivery the current parser reads (its row and raw body are stored
+/// already, and it was counted on its job when it arrived).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Writing {
+    Arrived,
+    Reprocessed,
+}
+
+/// Writes what the first deliveries among `deliveries` (their `fates`) hold, with the ids
+/// reserved for their outcomes and job devices, and applies every delivery to its job. Returns
+/// the operations jobs gave outcomes (by delivery index) and the jobs completed.
+pub(super) async fn write_contents(
+    transaction: &Transaction<'_>,
+    deliveries: &[&NewDelivery],
+    ids: &[i64],
+    fates: &[Fate],
+    (outcome_ids, device_ids): (Vec<i64>, Vec<i64>),
+    job_timeout: Duration,
+    writing: Writing,
+) -> Result<(HashMap<usize, Operation>, Vec<JobCompletion>), Failure> {
     let new_deliveries: Vec<usize> = (0..deliveries.len())
         .filter(|index| fates[*index] == Fate::First)
         .collect();
-    let outcome_ids =
-        insert_contents(&transaction, deliveries, &ids, &new_deliveries, outcome_ids).await?;
+    let outcome_ids = insert_contents(
+        transaction,
+        deliveries,
+        ids,
+        &new_deliveries,
+        outcome_ids,
+        writing,
+    )
+    .await?;
 
     // Jobs: create the missing ones, lock all of them, then apply the batch to them.
     let mut touched: HashMap<String, TouchedJob> = HashMap::new();
@@ -247,18 +307,33 @@ pub(super) async fn write_batch(
         let job = touched
             .entry(request_id)
             .or_insert_with(|| TouchedJob::new(delivery.received_at));
-        job.record_delivery(
-            operation,
-            delivery.received_at,
-            matches!(fates[index], Fate::Duplicate { .. }),
-        );
+        match writing {
+            Writing::Arrived => {
+                job.record_delivery(
+                    operation,
+                    delivery.received_at,
+                    matches!(fates[index], Fate::Duplicate { .. }),
+                );
+                if fates[index] == Fate::First
+                    && matches!(delivery.content, DeliveryContent::Quarantined(_))
+                {
+                    job.record_quarantined(1);
+                }
+            }
+            Writing::Reprocessed => {
+                job.record_reprocessed(operation, matches!(fates[index], Fate::Duplicate { .. }))
+            }
+        }
     }
+    // Operations follow the job: outcomes of callbacks that name none, by delivery.
+    let mut job_operations: HashMap<usize, Operation> = HashMap::new();
     let mut completions = Vec::new();
     if !touched.is_empty() {
-        let (mut rows, _) = jobs::create_and_lock(&transaction, creating, job_timeout).await?;
+        let (mut rows, _) = jobs::create_and_lock(transaction, creating, job_timeout).await?;
         let mut devices = DeviceUpdates::default();
+        let mut relabelled: (Vec<i64>, Vec<&'static str>) = Default::default();
         devices
-            .load(&transaction, &rows, deliveries, &new_deliveries)
+            .load(transaction, &rows, deliveries, &new_deliveries)
             .await?;
         for (position, &index) in new_deliveries.iter().enumerate() {
             let DeliveryContent::Callback(callback) = &deliveries[index].content else {
@@ -273,6 +348,14 @@ pub(super) async fn write_batch(
             ) else {
                 continue;
             };
+            let operation = outcome_operation(callback, Some(row), Some(job));
+            if operation != callback.operation {
+                job_operations.insert(index, operation);
+                for outcome_id in &outcome_ids[position] {
+                    relabelled.0.push(*outcome_id);
+                    relabelled.1.push(operation.as_str());
+                }
+            }
             for (outcome, outcome_id) in callback.outcomes.iter().zip(&outcome_ids[position]) {
                 devices.record_outcome(
                     row.id,
@@ -288,18 +371,34 @@ pub(super) async fn write_batch(
         }
         // Pipelined: the device rows and the job rows are written in one round trip.
         tokio::try_join!(
-            devices.write(&transaction, device_ids),
-            jobs::finish(&transaction, &mut rows, touched, &mut completions),
+            devices.write(transaction, device_ids),
+            jobs::finish(transaction, &mut rows, touched, &mut completions),
+            relabel_outcomes(transaction, &relabelled.0, &relabelled.1),
         )?;
     }
-    transaction.commit().await?;
+    Ok((job_operations, completions))
+}
 
-    let receipts = fates
-        .iter()
-        .enumerate()
-        .map(|(index, fate)| fate.receipt(ids[index], &deliveries[index].content))
-        .collect();
-    Ok((receipts, completions))
+/// Stores outcomes under the operation their job gave them (their callback named none; they
+/// were inserted before the jobs were locked).
+async fn relabel_outcomes(
+    transaction: &Transaction<'_>,
+    ids: &[i64],
+    operations: &[&'static str],
+) -> Result<(), tokio_postgres::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let statement = transaction
+        .prepare_cached(
+            "UPDATE device_outcomes SET operation = u.operation
+             FROM unnest($1::bigint[], $2::text[]) AS u (id, operation) WHERE device_outcomes.id = u.id",
+        )
+        .await?;
+    transaction
+        .execute(&statement, &[&ids, &operations])
+        .await?;
+    Ok(())
 }
 
 /// A conflict on a message that then cannot be found: not expected (deliveries are never
@@ -317,6 +416,7 @@ async fn insert_contents(
     ids: &[i64],
     new_deliveries: &[usize],
     fresh: Vec<i64>,
+    writing: Writing,
 ) -> Result<Vec<Vec<i64>>, Failure> {
     let callbacks: Vec<(i64, &NewDelivery, &crate::domain::Callback)> = new_deliveries
         .iter()
@@ -368,7 +468,8 @@ async fn insert_contents(
         .map(|index| &deliveries[*index].body[..])
         .collect();
     let raw_bodies = async {
-        if delivery_ids.is_empty() {
+        // A reprocessed delivery's body is stored already.
+        if delivery_ids.is_empty() || writing == Writing::Reprocessed {
             return Ok(());
         }
         let statement = transaction

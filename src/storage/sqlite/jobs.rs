@@ -11,9 +11,11 @@ use time::OffsetDateTime;
 
 use super::connection::insert_rows;
 
-use crate::domain::{DeviceIdentifier, OutcomeStatus, UploadSummary};
+use crate::domain::{Callback, DeviceIdentifier, Operation, OutcomeStatus, UploadSummary};
 use crate::jobs::JobState;
-use crate::storage::jobs::{JOB_COLUMNS, JobCompletion, JobRow, RegistrationPlan, TouchedJob};
+use crate::storage::jobs::{
+    JOB_COLUMNS, JobCompletion, JobRow, RegistrationPlan, TouchedJob, outcome_operation,
+};
 use crate::storage::{Registered, timestamp};
 
 /// What one write batch does to the jobs it touches: each job's row is read (or created) at its
@@ -57,35 +59,76 @@ impl JobBatch {
         duplicate: bool,
         default_timeout: Duration,
     ) -> rusqlite::Result<i64> {
-        let job_id = match self.job_ids.get(request_id) {
-            Some(job_id) => *job_id,
-            None => {
-                let job = match job_row(connection, request_id)? {
-                    Some(row) => BatchJob {
-                        stored: Some((row.state.clone(), row.completed_at.clone())),
-                        row,
-                    },
-                    None => BatchJob {
-                        row: JobRow::created_by_callback(
-                            self.new_job_id(connection)?,
-                            request_id,
-                            operation,
-                            timestamp(received_at),
-                            timestamp(received_at + default_timeout),
-                        ),
-                        stored: None,
-                    },
-                };
-                let job_id = job.row.id;
-                self.job_ids.insert(request_id.to_owned(), job_id);
-                self.rows.insert(job_id, job);
-                job_id
-            }
-        };
+        let job_id = self.job(
+            connection,
+            request_id,
+            operation,
+            received_at,
+            default_timeout,
+        )?;
         self.touched
             .entry(job_id)
             .or_insert_with(|| TouchedJob::new(received_at))
             .record_delivery(operation, received_at, duplicate);
+        Ok(job_id)
+    }
+
+    /// Finds or creates the job of a quarantined delivery `reprocess` could read, and counts it
+    /// there (see [`TouchedJob::record_reprocessed`]). Returns its id.
+    pub fn record_reprocessed(
+        &mut self,
+        connection: &Connection,
+        request_id: &str,
+        operation: Option<&'static str>,
+        received_at: OffsetDateTime,
+        duplicate: bool,
+        default_timeout: Duration,
+    ) -> rusqlite::Result<i64> {
+        let job_id = self.job(
+            connection,
+            request_id,
+            operation,
+            received_at,
+            default_timeout,
+        )?;
+        self.touched
+            .entry(job_id)
+            .or_insert_with(|| TouchedJob::new(received_at))
+            .record_reprocessed(operation, duplicate);
+        Ok(job_id)
+    }
+
+    /// The id of the job for `request_id`: read at its first delivery in the batch, or created.
+    fn job(
+        &mut self,
+        connection: &Connection,
+        request_id: &str,
+        operation: Option<&'static str>,
+        received_at: OffsetDateTime,
+        default_timeout: Duration,
+    ) -> rusqlite::Result<i64> {
+        if let Some(job_id) = self.job_ids.get(request_id) {
+            return Ok(*job_id);
+        }
+        let job = match job_row(connection, request_id)? {
+            Some(row) => BatchJob {
+                stored: Some((row.state.clone(), row.completed_at.clone())),
+                row,
+            },
+            None => BatchJob {
+                row: JobRow::created_by_callback(
+                    self.new_job_id(connection)?,
+                    request_id,
+                    operation,
+                    timestamp(received_at),
+                    timestamp(received_at + default_timeout),
+                ),
+                stored: None,
+            },
+        };
+        let job_id = job.row.id;
+        self.job_ids.insert(request_id.to_owned(), job_id);
+        self.rows.insert(job_id, job);
         Ok(job_id)
     }
 
@@ -163,6 +206,22 @@ impl JobBatch {
         }
         // A device just found may hold some of these already (`DO NOTHING`); a new one none.
         add_identifiers(connection, job_id, device_id, identifiers)
+    }
+
+    /// Counts an unreadable first delivery on its job (see [`TouchedJob::record_quarantined`]).
+    pub fn record_quarantined(&mut self, job_id: i64, delta: i64) {
+        if let Some(touched) = self.touched.get_mut(&job_id) {
+            touched.record_quarantined(delta);
+        }
+    }
+
+    /// The operation `callback`'s outcomes take in job `job_id` (see [`outcome_operation`]).
+    pub fn outcome_operation(&self, job_id: i64, callback: &Callback) -> Operation {
+        outcome_operation(
+            callback,
+            self.rows.get(&job_id).map(|job| &job.row),
+            self.touched.get(&job_id),
+        )
     }
 
     /// The job's latest upload report (see [`JobRow::record_upload`]).
@@ -246,8 +305,9 @@ fn insert_job(connection: &Connection, row: &JobRow) -> rusqlite::Result<()> {
         .prepare_cached(
             "INSERT INTO jobs (id, request_id, operation, state, devices_reported, succeeded, failed, accepted,
                  deliveries, duplicates, is_upload, total_lines, pending_lines, success_lines, failed_lines,
-                 package_error, created_at, first_callback_at, last_callback_at, completed_at, deadline)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
+                 package_error, created_at, first_callback_at, last_callback_at, completed_at, deadline, quarantined)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21,
+                 ?22)",
         )?
         .execute(params![
             row.id,
@@ -271,6 +331,7 @@ fn insert_job(connection: &Connection, row: &JobRow) -> rusqlite::Result<()> {
             row.last_callback_at,
             row.completed_at,
             row.deadline,
+            row.quarantined,
         ])?;
     Ok(())
 }
@@ -285,7 +346,7 @@ fn write_job(connection: &Connection, row: &JobRow, state_changed: bool) -> rusq
             "UPDATE jobs SET operation = ?2, devices_reported = ?3, succeeded = ?4, failed = ?5,
                  accepted = ?6, deliveries = ?7, duplicates = ?8, is_upload = ?9, total_lines = ?10,
                  pending_lines = ?11, success_lines = ?12, failed_lines = ?13, package_error = ?14,
-                 first_callback_at = ?15, last_callback_at = ?16
+                 first_callback_at = ?15, last_callback_at = ?16, quarantined = ?17
              WHERE id = ?1",
         )?
         .execute(params![
@@ -305,6 +366,7 @@ fn write_job(connection: &Connection, row: &JobRow, state_changed: bool) -> rusq
             row.package_error,
             row.first_callback_at,
             row.last_callback_at,
+            row.quarantined,
         ])?;
     Ok(())
 }

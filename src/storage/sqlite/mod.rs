@@ -11,6 +11,7 @@ mod connection;
 mod error;
 mod jobs;
 mod queries;
+mod reprocess;
 mod retention;
 mod schema;
 mod write;
@@ -35,6 +36,7 @@ use crate::configuration::StorageSettings;
 use crate::domain::DeviceIdentifier;
 use crate::jobs::Registration;
 use crate::metrics::Metrics;
+use crate::storage::reprocess::{ReprocessQuery, ReprocessReport};
 use connection::{
     Readers, create_private_database, is_transient_open_failure, open_and_migrate, open_writer,
     run_checkpoints,
@@ -204,6 +206,14 @@ impl Store for SqliteStore {
 
     fn sweep_jobs(&self, now: OffsetDateTime) -> BoxFuture<'_, Result<u64, StoreError>> {
         Box::pin(self.ask(move |reply| Command::Sweep(now, reply)))
+    }
+
+    fn reprocess(
+        &self,
+        query: ReprocessQuery,
+    ) -> BoxFuture<'_, Result<ReprocessReport, StoreError>> {
+        let now = OffsetDateTime::now_utc();
+        Box::pin(self.ask(move |reply| Command::Reprocess(Box::new(query), now, reply)))
     }
 
     fn get_job(&self, request_id: String) -> BoxFuture<'_, Result<Option<JobRecord>, StoreError>> {

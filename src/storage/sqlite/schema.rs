@@ -179,6 +179,20 @@ CREATE INDEX deliveries_unusual_result ON deliveries (result, id) WHERE result <
         old: "CHECK (result IN ('stored', 'duplicate', 'quarantined'))",
         new: "CHECK (result = 'stored' OR result = 'duplicate' OR result = 'quarantined')",
     },
+    Migration::Sql(
+        r#"
+-- What the parser repaired to read a delivery (a JSON list of lines; NULL when nothing was), and
+-- when a stored body was read again by `reprocess`.
+ALTER TABLE deliveries ADD COLUMN repairs TEXT;
+ALTER TABLE deliveries ADD COLUMN reprocessed_at TEXT;
+-- First deliveries of a job that could not be read: the job is not complete while it has any.
+ALTER TABLE jobs ADD COLUMN quarantined INTEGER NOT NULL DEFAULT 0;
+UPDATE jobs SET quarantined = (
+    SELECT count(*) FROM deliveries d
+     WHERE d.request_id = jobs.request_id AND d.result = 'quarantined' AND d.duplicate_of IS NULL
+);
+"#,
+    ),
 ];
 
 /// Refuses a database whose schema is newer than this build knows (a downgrade).

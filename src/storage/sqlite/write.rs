@@ -8,9 +8,10 @@ use rusqlite::{Connection, OptionalExtension, ToSql, params};
 
 use super::connection::insert_rows;
 use super::jobs::JobBatch;
-use crate::domain::{Callback, DeliveryResult, DeviceOutcome};
+use crate::domain::{Callback, DeliveryResult, DeviceOutcome, Operation};
 use crate::storage::batch::Fate;
 use crate::storage::jobs::stored_count;
+use crate::storage::rows::repairs_text;
 use crate::storage::{DeliveryContent, NewDelivery, Receipt, timestamp};
 
 /// An outcome is new, and its identifiers are distinct (the parser keeps each pair once), so
@@ -21,8 +22,8 @@ const OUTCOME_IDENTIFIER: &str = "INSERT INTO outcome_identifiers (kind, identif
 /// `result` check, tested in [`super::schema`].)
 pub(super) const INSERT_DELIVERY: &str = "INSERT INTO deliveries (received_at, form, kind, operation, request_id,
      callback_count, max_callback_threshold, dedup_key, result, duplicate_of, size, content_type, source_address,
-     account, status, fault_code, fault_message, comment, details, parse_error)
- VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)";
+     account, status, fault_code, fault_message, comment, details, parse_error, repairs)
+ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)";
 
 /// Inserts one delivery: its row (a duplicate row, if its message is stored already), its raw
 /// body, outcomes and upload report, and counts it on its job.
@@ -65,14 +66,14 @@ pub(super) fn insert_delivery(
                     .and_then(|callback| callback.details.as_ref())
                     .map(|details| details.to_string()),
                 parse_error,
+                callback.and_then(|callback| repairs_text(&callback.repairs)),
             ])
     };
 
     // The writer is the database's only writer, so a message not found here cannot be stored by
-    // anyone before this transaction commits: look it up, then insert. (`INSERT ... ON CONFLICT
-    // DO NOTHING` did both at once, but SQLite runs an upsert on a table with several unique
-    // indexes through an ephemeral table: a B-tree created and dropped per callback, 8% of the
-    // writer.) The unique index still refuses a second first delivery, whatever happens here.
+    // anyone before this transaction commits: look it up, then insert (rather than an `INSERT ...
+    // ON CONFLICT DO NOTHING` followed, for a re-delivery, by this same lookup). The unique index
+    // still refuses a second first delivery, whatever happens here.
     let original: Option<i64> = transaction
         .prepare_cached("SELECT id FROM deliveries WHERE dedup_key = ?1 AND duplicate_of IS NULL")?
         .query_row([&delivery.content.dedup_key()[..]], |row| row.get(0))
@@ -112,25 +113,41 @@ pub(super) fn insert_delivery(
         )?),
         None => None,
     };
-    if let Some(callback) = callback {
-        insert_outcomes(
-            transaction,
-            delivery_id,
-            &received_at,
-            callback,
-            job_id.map(|job_id| (job_id, jobs)),
-        )?;
+    let mut receipt = Fate::First.receipt(delivery_id, &delivery.content);
+    match callback {
+        Some(callback) => {
+            let operation = insert_outcomes(
+                transaction,
+                delivery_id,
+                &received_at,
+                callback,
+                job_id.map(|job_id| (job_id, &mut *jobs)),
+            )?;
+            receipt.job_operation = (operation != callback.operation).then_some(operation);
+        }
+        None => {
+            if let Some(job_id) = job_id {
+                jobs.record_quarantined(job_id, 1);
+            }
+        }
     }
-    Ok(Fate::First.receipt(delivery_id, &delivery.content))
+    Ok(receipt)
 }
 
-fn insert_outcomes(
+/// Inserts a callback's outcomes (with their identifiers) and upload report, and counts them on
+/// its job. Returns the operation the outcomes were stored under (see
+/// [`crate::storage::jobs::outcome_operation`]).
+pub(super) fn insert_outcomes(
     transaction: &Connection,
     delivery_id: i64,
     received_at: &str,
     callback: &Callback,
     mut job: Option<(i64, &mut JobBatch)>,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<Operation> {
+    let operation = match &job {
+        Some((job_id, jobs)) => jobs.outcome_operation(*job_id, callback),
+        None => callback.operation,
+    };
     let mut insert_outcome = transaction.prepare_cached(
         "INSERT INTO device_outcomes (delivery_id, request_id, operation, status, line_status, fault_code,
              fault_message, state, service_plan, ip_address, mdn, details, received_at)
@@ -151,7 +168,7 @@ fn insert_outcomes(
         insert_outcome.execute(params![
             delivery_id,
             callback.request_id,
-            callback.operation.as_str(),
+            operation.as_str(),
             status.as_str(),
             line_status,
             fault.as_ref().map(|fault| fault.code.as_str()),
@@ -196,5 +213,5 @@ fn insert_outcomes(
                 upload.package_error,
             ])?;
     }
-    Ok(())
+    Ok(operation)
 }

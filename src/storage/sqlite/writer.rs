@@ -16,12 +16,13 @@ use super::connection::{Readers, open_writer};
 use super::error::{is_own_fault, is_storage_wide, needs_reopen, store_error};
 use super::jobs::{self, JobBatch};
 use super::write::insert_delivery;
-use super::{retention, schema};
+use super::{reprocess, retention, schema};
 use crate::configuration::StorageSettings;
 use crate::jobs::Registration;
 use crate::metrics::Metrics;
 use crate::storage::batch::{self, FailureMemory, Weight, Write, Written};
 use crate::storage::jobs::{JobCompletion, RegistrationPlan, observe_completions};
+use crate::storage::reprocess::{ReprocessQuery, ReprocessReport};
 use crate::storage::{NewDelivery, Purpose, Receipt, Registered, StoreError, timestamp};
 
 /// Where a readiness probe's answer goes once its commit is done.
@@ -37,6 +38,11 @@ pub(super) enum Command {
         oneshot::Sender<Result<Registered, StoreError>>,
     ),
     Sweep(OffsetDateTime, oneshot::Sender<Result<u64, StoreError>>),
+    Reprocess(
+        Box<ReprocessQuery>,
+        OffsetDateTime,
+        oneshot::Sender<Result<ReprocessReport, StoreError>>,
+    ),
     /// One chunk of raw bodies received before the cutoff.
     Prune(OffsetDateTime, oneshot::Sender<Result<usize, StoreError>>),
     Shutdown,
@@ -96,6 +102,21 @@ impl Writer {
                                 retention::prune_chunk(connection, cutoff)
                             }));
                     }
+                    Command::Reprocess(query, now, reply) => {
+                        let job_timeout = self.job_timeout;
+                        let _ = reply.send(self.transact_or_roll_back(
+                            !query.dry_run,
+                            |connection, completions| {
+                                reprocess::reprocess(
+                                    connection,
+                                    &query,
+                                    now,
+                                    job_timeout,
+                                    completions,
+                                )
+                            },
+                        ));
+                    }
                     Command::Sweep(now, reply) => {
                         let _ = reply.send(self.transact(|connection, completions| {
                             jobs::sweep(connection, now, completions)
@@ -153,12 +174,26 @@ impl Writer {
         &mut self,
         work: impl FnOnce(&Connection, &mut Vec<JobCompletion>) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
+        self.transact_or_roll_back(true, work)
+    }
+
+    /// [`Self::transact`], or, unless `commit`, the same work rolled back (a dry run).
+    fn transact_or_roll_back<T>(
+        &mut self,
+        commit: bool,
+        work: impl FnOnce(&Connection, &mut Vec<JobCompletion>) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
         let mut completions = Vec::new();
         let result = self.connection().and_then(|connection| {
             let transaction =
                 connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let value = work(&transaction, &mut completions)?;
-            transaction.commit()?;
+            if commit {
+                transaction.commit()?;
+            } else {
+                transaction.rollback()?;
+                completions.clear();
+            }
             Ok(value)
         });
         if result.is_ok() {
