@@ -254,6 +254,10 @@ pub struct FaultRecord {
     pub message: Option<String>,
     /// The fault catalog's resolution hint; filled in by the API.
     pub resolution: Option<String>,
+    /// How the catalog explained the fault (`exact`, `text`, `class`); `null` when it could not.
+    /// Filled in by the API with the resolution.
+    #[serde(rename = "match")]
+    pub matched: Option<crate::catalog::Match>,
 }
 
 /// Everything known about one device, found by any of its identifiers.

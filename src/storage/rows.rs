@@ -350,6 +350,7 @@ pub(crate) fn fault_record(code: Option<String>, message: Option<String>) -> Opt
         code,
         message,
         resolution: None,
+        matched: None,
     })
 }
 
