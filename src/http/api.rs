@@ -526,7 +526,11 @@ async fn device_history(
     reveal: bool,
 ) -> HttpResponse {
     let identifier = DeviceIdentifier::new(kind, identifier);
-    match state.store.device_history(identifier.clone()).await {
+    match state
+        .store
+        .device_history(identifier.clone(), OffsetDateTime::now_utc())
+        .await
+    {
         Ok(Some(mut history)) => {
             history.latest = present_outcome(history.latest, reveal);
             history.history = history
@@ -603,15 +607,14 @@ fn catalog_filter(
 
 /// Adds the catalog's explanation to a failed outcome (see [`catalog::Catalog::explain_fault`]:
 /// by code, by text, else by the code's class) and hides device credentials unless `reveal`
-/// (see [`reveal_secrets`]).
+/// (see [`reveal_secrets`]). `resolution` is a listed entry's only (a class's guidance is in
+/// `explanation`), so that an answer given before class guidance existed is given again.
 fn present_outcome(mut outcome: OutcomeRecord, reveal: bool) -> OutcomeRecord {
     let catalog = catalog::catalog();
     if let Some(fault) = outcome.fault.as_mut() {
         let explanation = catalog.explain_fault(fault.code.as_deref(), fault.message.as_deref());
-        if let Some(explanation) = explanation {
-            fault.resolution = explanation.entry.resolution;
-            fault.matched = Some(explanation.matched);
-        }
+        fault.resolution = listed_resolution(explanation.as_ref());
+        fault.explanation = explanation;
     } else if outcome.status == "failed" {
         // A failed upload line reports a text, not a fault: name it from the catalog.
         if let Some(line_status) = outcome.line_status.clone() {
@@ -621,10 +624,8 @@ fn present_outcome(mut outcome: OutcomeRecord, reveal: bool) -> OutcomeRecord {
                     .as_ref()
                     .map(|explanation| explanation.entry.code.clone()),
                 message: Some(line_status),
-                resolution: explanation
-                    .as_ref()
-                    .and_then(|explanation| explanation.entry.resolution.clone()),
-                matched: explanation.map(|explanation| explanation.matched),
+                resolution: listed_resolution(explanation.as_ref()),
+                explanation,
             });
         }
     }
@@ -632,6 +633,13 @@ fn present_outcome(mut outcome: OutcomeRecord, reveal: bool) -> OutcomeRecord {
         redact_passwords(details);
     }
     outcome
+}
+
+/// The resolution of the catalog entry an explanation found; none for a class's guidance.
+fn listed_resolution(explanation: Option<&catalog::Explanation>) -> Option<String> {
+    explanation
+        .filter(|explanation| explanation.matched != catalog::Match::Class)
+        .and_then(|explanation| explanation.entry.resolution.clone())
 }
 
 /// Device credential passwords are stored but never shown.
@@ -930,7 +938,7 @@ mod tests {
                 code: Some("E1".to_owned()),
                 message: Some(fault_message.to_owned()),
                 resolution: None,
-                matched: None,
+                explanation: None,
             }),
             state: None,
             service_plan: None,

@@ -198,18 +198,26 @@ async fn a_stored_fault_with_an_unknown_code_is_explained_by_its_class() {
         .iter()
         .find(|item| item["identifiers"][0]["id"] == "350000000001402")
         .unwrap();
-    assert_eq!(unknown["fault"]["match"], "class", "{unknown}");
+    let explanation = &unknown["fault"]["explanation"];
+    assert_eq!(explanation["match"], "class", "{unknown}");
+    assert_eq!(explanation["class"], "request_failed");
+    assert_eq!(explanation["code"], "REQUEST_FAILED.NotInTheSeeds");
     assert!(
-        !unknown["fault"]["resolution"]
+        !explanation["resolution"]
             .as_str()
             .unwrap_or_default()
             .is_empty()
     );
-    assert_eq!(known["fault"]["match"], "exact", "{known}");
-    assert_eq!(device["latest"]["fault"]["match"], "class", "{device}");
+    // `resolution` is a listed entry's, as it always was: none for an unlisted code.
+    assert_eq!(unknown["fault"]["resolution"], Value::Null, "{unknown}");
+    assert_eq!(known["fault"]["explanation"]["match"], "exact", "{known}");
     assert_eq!(
-        device["latest"]["fault"]["resolution"],
-        unknown["fault"]["resolution"]
+        known["fault"]["resolution"],
+        known["fault"]["explanation"]["resolution"]
+    );
+    assert_eq!(
+        device["latest"]["fault"]["explanation"], unknown["fault"]["explanation"],
+        "{device}"
     );
 }
 

@@ -13,7 +13,8 @@ use super::error::store_error;
 use crate::storage::StoreError;
 
 /// Schema versions, applied in order. Never edit an applied migration: add a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE deliveries (
     id                     BIGSERIAL PRIMARY KEY,
     received_at            TEXT NOT NULL,
@@ -146,7 +147,14 @@ CREATE TABLE job_device_identifiers (
     job_device_id BIGINT NOT NULL REFERENCES job_devices (id) DEFERRABLE INITIALLY DEFERRED,
     PRIMARY KEY (job_id, kind, identifier)
 );
-"#];
+"#,
+    r#"
+-- A device is found by any identifier from the moment a job lists it (registered, not reported
+-- yet): the jobs of one (kind, identifier), newest job device first, by an index-only scan.
+CREATE INDEX job_device_identifiers_identifier
+    ON job_device_identifiers (kind, identifier, job_device_id);
+"#,
+];
 
 /// Applies the migrations not yet recorded, under an advisory lock: replicas starting together
 /// apply each one once, the others wait and find it applied.

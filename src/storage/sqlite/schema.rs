@@ -154,6 +154,12 @@ DROP INDEX job_device_identifiers_device;
 DROP INDEX deliveries_result;
 CREATE INDEX deliveries_unusual_result ON deliveries (result, id) WHERE result <> 'stored';
 "#,
+    r#"
+-- A device is found by any identifier from the moment a job lists it (registered, not reported
+-- yet): the jobs of one (kind, identifier), newest job device first, without reading the table.
+CREATE INDEX job_device_identifiers_identifier
+    ON job_device_identifiers (kind, identifier, job_device_id);
+"#,
 ];
 
 /// Refuses a database whose schema is newer than this build knows (a downgrade).
