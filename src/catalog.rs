@@ -1,6 +1,12 @@
 //! The fault-code catalog: every error and status code in the seed documents, with its message, cause,
-//! resolution, class and whether a retry can help, for `GET /api/v1/errors/{code}` and for classifying
-//! the faults and upload line statuses that callbacks carry.
+//! resolution, class and whether a retry can help, for `GET /api/v1/errors` (search),
+//! `GET /api/v1/errors/{code}`, `m2m-listener errors` and for classifying the faults and upload line
+//! statuses that callbacks carry.
+//!
+//! A ThingSpace code is `<ServiceName>.<CLASS>.<Specific>`, and the platform advises matching on
+//! the code without the service name: [`Catalog::explain`] finds the catalog entry whatever prefix
+//! the code carries, and a code the catalog does not list still gets the guidance of its class
+//! ([`CLASS_GUIDANCE`], written from the seeds), marked [`Match::Class`].
 //!
 //! `catalog/error-catalog.json` is generated from the seeds by `scripts/extract_catalog.py` (which
 //! documents how ambiguous seed rows were split and what `class` and `retryable` mean) and embedded at
@@ -63,6 +69,171 @@ pub struct CatalogEntry {
     pub source: String,
 }
 
+/// How an explanation was found.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Match {
+    /// The code is in the catalog (whatever service prefix it carried).
+    Exact,
+    /// The code is not, but the fault's text (or an upload line status) is a catalog message.
+    Text,
+    /// Neither is: the guidance of the code's class (`INPUT_INVALID`, `REQUEST_FAILED`, ...).
+    Class,
+}
+
+/// What the catalog says about a code: an entry, or its class's guidance, and which of the two.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Explanation {
+    /// For [`Match::Class`], `code` is the code asked about without its service prefix, and the
+    /// texts are the class's.
+    #[serde(flatten)]
+    pub entry: CatalogEntry,
+    #[serde(rename = "match")]
+    pub matched: Match,
+}
+
+/// What a class of codes means, for a code of that class the catalog does not list.
+#[derive(Debug)]
+pub struct ClassGuidance {
+    /// The leading segment of a code of this class, as the platform spells it.
+    pub code_segment: &'static str,
+    /// The catalog class it is (the seeds' `INVALID_INPUT` spelling is `input_invalid` too).
+    pub class: &'static str,
+    pub message: &'static str,
+    pub cause: &'static str,
+    pub resolution: &'static str,
+    pub retryable: bool,
+    /// The seed document whose vocabulary the class is.
+    pub source: &'static str,
+}
+
+/// The classes a code names in its leading segment (after the service name): seed 000's ThingSpace
+/// codes, and the `UPLOAD_LINE.` / `UPLOAD_PACKAGE.` codes synthesized from seed 001. Numeric codes
+/// (seeds 002 and 003) carry no class, so an unknown one stays unknown. Written from the seeds'
+/// messages and resolutions; `retryable` is the class's usual answer (an individual code, such as
+/// `REQUEST_FAILED.UnexpectedError`, may differ).
+pub const CLASS_GUIDANCE: &[ClassGuidance] = &[
+    ClassGuidance {
+        code_segment: "INPUT_INVALID",
+        class: "input_invalid",
+        message: "The platform refused the request: a value in it is missing, empty, too long, \
+                  in the wrong format or not one of the allowed values.",
+        cause: "A field of the request did not pass the platform's validation (the fault string \
+                names it); nothing was changed.",
+        resolution: "Fix the field the fault string names and resend the request; sent \
+                     unchanged, it fails the same way.",
+        retryable: false,
+        source: "thingspace_sync_errors",
+    },
+    ClassGuidance {
+        code_segment: "INVALID_INPUT",
+        class: "input_invalid",
+        message: "The platform refused the request: a value in it is missing, empty, too long, \
+                  in the wrong format or not one of the allowed values.",
+        cause: "A field of the request did not pass the platform's validation (the fault string \
+                names it); nothing was changed.",
+        resolution: "Fix the field the fault string names and resend the request; sent \
+                     unchanged, it fails the same way.",
+        retryable: false,
+        source: "thingspace_sync_errors",
+    },
+    ClassGuidance {
+        code_segment: "REQUEST_FAILED",
+        class: "request_failed",
+        message: "The request was well formed, but the platform could not carry it out.",
+        cause: "Something the request names does not exist or does not allow the change: the \
+                account, device, service plan, group or request was not found, the device is not \
+                in a state that allows it, or the session expired.",
+        resolution: "Check the device's current state, service plan and account on the platform \
+                     (GetDeviceInformation) and the names in the request, then send a corrected \
+                     request. After a session expiry log in again first; an unexpected error may \
+                     succeed on a retry, and if it happens twice, contact Customer Support.",
+        retryable: false,
+        source: "thingspace_sync_errors",
+    },
+    ClassGuidance {
+        code_segment: "INPUT_MISSING",
+        class: "input_missing",
+        message: "A field the request needs was not in it.",
+        cause: "The request lacked a required field (the fault string names it).",
+        resolution: "Add the field the fault string names and resend the request.",
+        retryable: false,
+        source: "thingspace_sync_errors",
+    },
+    ClassGuidance {
+        code_segment: "UPLOAD_LINE",
+        class: "upload_line",
+        message: "The platform refused one device line of an UploadDevices request; the other \
+                  lines are not affected.",
+        cause: "The line's identifiers (IMEI, ICCID, EID), service plan or ZIP code are missing, \
+                invalid or duplicated; the line status says which.",
+        resolution: "Correct the device's values as the line status says and upload that device \
+                     again.",
+        retryable: false,
+        source: "thingspace_upload_devices",
+    },
+    ClassGuidance {
+        code_segment: "UPLOAD_PACKAGE",
+        class: "upload_package",
+        message: "The platform refused the whole UploadDevices request; none of its devices was \
+                  uploaded.",
+        cause: "A value of the package (DeviceSku, UploadType, EmailAddress, the device list) is \
+                missing or invalid, or the upload has more than 10,000 lines.",
+        resolution: "Fix the request as the text says and resubmit the whole upload.",
+        retryable: false,
+        source: "thingspace_upload_devices",
+    },
+];
+
+/// What a catalog search keeps: each given filter must hold. `query` is a case-insensitive
+/// substring of the code (its error-code part, service prefix removed) or of the message, cause
+/// or resolution; `class` and `source` are compared without regard to case.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CatalogSearch<'a> {
+    pub query: Option<&'a str>,
+    pub class: Option<&'a str>,
+    pub source: Option<&'a str>,
+}
+
+/// The error-code part of `code` and its class: `CarrierService.INPUT_INVALID.Device.Kind.Invalid`
+/// gives `INPUT_INVALID.Device.Kind.Invalid` and the `INPUT_INVALID` guidance. The leading
+/// `.`- or `:`-separated segments before a class segment (service names, a SOAP QName prefix) are
+/// dropped; `None` when no segment names a class.
+fn class_of_code(code: &str) -> Option<(&str, &'static ClassGuidance)> {
+    let segment_starts = std::iter::once(0).chain(
+        code.char_indices()
+            .filter(|(_, character)| matches!(character, '.' | ':'))
+            .map(|(separator, _)| separator + 1),
+    );
+    segment_starts
+        .filter_map(|start| code.get(start..))
+        .find_map(|rest| {
+            let segment = rest.split(['.', ':']).next().unwrap_or_default();
+            CLASS_GUIDANCE
+                .iter()
+                .find(|guidance| guidance.code_segment.eq_ignore_ascii_case(segment))
+                .map(|guidance| (rest, guidance))
+        })
+}
+
+impl ClassGuidance {
+    /// The guidance as the answer for `code` (the code asked about, its service prefix removed).
+    fn explain(&self, code: &str) -> Explanation {
+        Explanation {
+            entry: CatalogEntry {
+                code: code.to_owned(),
+                message: self.message.to_owned(),
+                cause: Some(self.cause.to_owned()),
+                resolution: Some(self.resolution.to_owned()),
+                class: self.class.to_owned(),
+                retryable: self.retryable,
+                source: self.source.to_owned(),
+            },
+            matched: Match::Class,
+        }
+    }
+}
+
 /// The catalog with its lookup indexes, built once.
 pub struct Catalog {
     /// Every entry in file order (by source, then code).
@@ -73,6 +244,12 @@ pub struct Catalog {
     by_normalized_message: HashMap<String, Vec<usize>>,
     /// Messages with placeholders, highest text priority first.
     message_templates: Vec<(MessageTemplate, usize)>,
+    /// Per entry, in `entries` order: its code, and its message, cause and resolution, lower-cased
+    /// once so that a search does not lower-case the whole catalog again.
+    search_texts: Vec<(String, String)>,
+    /// Every class and every source, sorted and unique: what the search filters accept.
+    classes: Vec<String>,
+    sources: Vec<String>,
 }
 
 /// The embedded catalog. If the embedded JSON failed to parse (a build defect), an empty catalog —
@@ -115,11 +292,41 @@ impl Catalog {
                 .push(position);
         }
 
+        let search_texts = entries
+            .iter()
+            .map(|entry| {
+                let text = [
+                    Some(entry.message.as_str()),
+                    entry.cause.as_deref(),
+                    entry.resolution.as_deref(),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join("\n");
+                (entry.code.to_lowercase(), text.to_lowercase())
+            })
+            .collect();
+        let sorted_unique = |field: fn(&CatalogEntry) -> &str| {
+            let mut values: Vec<String> = entries
+                .iter()
+                .map(|entry| field(entry).to_owned())
+                .collect();
+            values.sort();
+            values.dedup();
+            values
+        };
+        let classes = sorted_unique(|entry| &entry.class);
+        let sources = sorted_unique(|entry| &entry.source);
+
         Self {
             entries,
             by_lowercase_code,
             by_normalized_message,
             message_templates,
+            search_texts,
+            classes,
+            sources,
         }
     }
 
@@ -176,6 +383,113 @@ impl Catalog {
     pub fn is_upload_package_error(&self, text: &str) -> bool {
         self.find_by_text(text, |entry| entry.class == UPLOAD_PACKAGE_CLASS)
             .is_some()
+    }
+
+    /// What the catalog says about `code`: its entry ([`Match::Exact`], as [`Self::lookup`]
+    /// finds it), else the guidance of the class the code names ([`Match::Class`]); `None` for a
+    /// code of no known class.
+    pub fn explain(&self, code: &str) -> Option<Explanation> {
+        if let Some(entry) = self.lookup(code) {
+            return Some(Explanation {
+                entry: entry.clone(),
+                matched: Match::Exact,
+            });
+        }
+        let trimmed = code.trim();
+        if trimmed.len() > LONGEST_CODE_LOOKED_UP {
+            return None;
+        }
+        class_of_code(trimmed).map(|(error_code, guidance)| guidance.explain(error_code))
+    }
+
+    /// The explanation of a stored fault, as every API view of an outcome shows it: by code, else
+    /// by its text (a message the catalog lists, placeholders filled), else by the code's class.
+    pub fn explain_fault(&self, code: Option<&str>, message: Option<&str>) -> Option<Explanation> {
+        if let Some(entry) = code.and_then(|code| self.lookup(code)) {
+            return Some(Explanation {
+                entry: entry.clone(),
+                matched: Match::Exact,
+            });
+        }
+        if let Some(entry) = message.and_then(|message| self.lookup_text(message)) {
+            return Some(Explanation {
+                entry: entry.clone(),
+                matched: Match::Text,
+            });
+        }
+        code.and_then(|code| self.explain(code))
+    }
+
+    /// The entries `search` keeps, in catalog order, except that the entry the query names as a
+    /// code (see [`Self::lookup`]) comes first.
+    pub fn search(&self, search: &CatalogSearch<'_>) -> Vec<&CatalogEntry> {
+        let query = search
+            .query
+            .map(str::trim)
+            .filter(|query| !query.is_empty());
+        if query.is_some_and(|query| query.len() > LONGEST_TEXT_LOOKED_UP) {
+            return Vec::new();
+        }
+        let filters_kept = |entry: &CatalogEntry| {
+            search
+                .class
+                .is_none_or(|class| entry.class.eq_ignore_ascii_case(class.trim()))
+                && search
+                    .source
+                    .is_none_or(|source| entry.source.eq_ignore_ascii_case(source.trim()))
+        };
+        let named = query
+            .and_then(|query| self.lookup(query))
+            .filter(|entry| filters_kept(entry));
+        let lowercase_query = query.map(str::to_lowercase);
+        // The code without its service name, so that `CarrierService.REQUEST_FAILED.ServicePlan`
+        // finds the `REQUEST_FAILED.ServicePlan.*` codes.
+        let lowercase_code_query = lowercase_query
+            .as_deref()
+            .map(|query| class_of_code(query).map_or(query, |(error_code, _)| error_code));
+        let query_kept =
+            |(code, text): &(String, String)| match (&lowercase_query, lowercase_code_query) {
+                (Some(query), Some(code_query)) => {
+                    code.contains(code_query) || text.contains(query.as_str())
+                }
+                _ => true,
+            };
+        let mut found: Vec<&CatalogEntry> = named.into_iter().collect();
+        for (entry, texts) in self.entries.iter().zip(&self.search_texts) {
+            let already_first = named.is_some_and(|first| std::ptr::eq(first, entry));
+            if !already_first && filters_kept(entry) && query_kept(texts) {
+                found.push(entry);
+            }
+        }
+        found
+    }
+
+    /// The class named `name` (case-insensitive) as the catalog spells it, if any entry has it.
+    pub fn class_named(&self, name: &str) -> Option<&str> {
+        let name = name.trim();
+        self.classes
+            .iter()
+            .find(|class| class.eq_ignore_ascii_case(name))
+            .map(String::as_str)
+    }
+
+    /// The source named `name` (case-insensitive) as the catalog spells it, if any entry has it.
+    pub fn source_named(&self, name: &str) -> Option<&str> {
+        let name = name.trim();
+        self.sources
+            .iter()
+            .find(|source| source.eq_ignore_ascii_case(name))
+            .map(String::as_str)
+    }
+
+    /// Every class of the catalog, sorted.
+    pub fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    /// Every source of the catalog, sorted.
+    pub fn sources(&self) -> &[String] {
+        &self.sources
     }
 
     /// Every entry, in catalog order.
@@ -670,5 +984,251 @@ mod tests {
         assert!(!template.matches("could not find device"));
         assert!(MessageTemplate::parse("invalid device identifier(s) present").is_none());
         assert!(MessageTemplate::parse("({a})").is_none());
+    }
+
+    fn search_codes(search: CatalogSearch<'_>) -> Vec<&'static str> {
+        catalog()
+            .search(&search)
+            .into_iter()
+            .map(|entry| entry.code.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn explain_finds_a_listed_code_whatever_its_service_prefix_as_an_exact_match() {
+        for code in [
+            "REQUEST_FAILED.ServicePlan.NotFound",
+            "CarrierService.REQUEST_FAILED.ServicePlan.NotFound",
+            "s:Client.carrierservice.request_failed.serviceplan.notfound",
+        ] {
+            let explained = catalog().explain(code).expect(code);
+            assert_eq!(explained.matched, Match::Exact, "{code}");
+            assert_eq!(explained.entry.code, "REQUEST_FAILED.ServicePlan.NotFound");
+        }
+    }
+
+    #[test]
+    fn an_unlisted_code_of_a_known_class_gets_the_class_guidance() {
+        let cases = [
+            (
+                "CarrierService.INPUT_INVALID.Something.New",
+                "INPUT_INVALID.Something.New",
+                "input_invalid",
+            ),
+            (
+                "UnifiedWebService.REQUEST_FAILED.DeviceAlreadyActive",
+                "REQUEST_FAILED.DeviceAlreadyActive",
+                "request_failed",
+            ),
+            ("INVALID_INPUT.Foo", "INVALID_INPUT.Foo", "input_invalid"),
+            (
+                "s:Client.INPUT_MISSING.Bar",
+                "INPUT_MISSING.Bar",
+                "input_missing",
+            ),
+            ("UPLOAD_LINE.Unheard", "UPLOAD_LINE.Unheard", "upload_line"),
+            ("request_failed", "request_failed", "request_failed"),
+        ];
+        for (asked, code, class) in cases {
+            let explained = catalog().explain(asked).expect(asked);
+            assert_eq!(explained.matched, Match::Class, "{asked}");
+            assert_eq!(explained.entry.code, code, "{asked}");
+            assert_eq!(explained.entry.class, class, "{asked}");
+            assert!(explained.entry.resolution.is_some(), "{asked}");
+            assert!(
+                catalog().classes().contains(&explained.entry.class),
+                "{asked}"
+            );
+            assert!(
+                catalog().sources().contains(&explained.entry.source),
+                "{asked}"
+            );
+        }
+        for unknown in [
+            "Completely.Unknown",
+            "7999",
+            "",
+            "CarrierService.",
+            "INPUT_INVALIDX.A",
+        ] {
+            assert_eq!(catalog().explain(unknown), None, "{unknown:?}");
+        }
+    }
+
+    #[test]
+    fn a_fault_is_explained_by_code_then_text_then_class() {
+        let by_code = catalog()
+            .explain_fault(
+                Some("CarrierService.INPUT_INVALID.DeviceState.Invalid"),
+                Some("x"),
+            )
+            .unwrap();
+        let by_text = catalog()
+            .explain_fault(Some("E1"), Some("IMEI 12345 is invalid"))
+            .unwrap();
+        let by_class = catalog()
+            .explain_fault(
+                Some("CarrierService.REQUEST_FAILED.New"),
+                Some("not listed"),
+            )
+            .unwrap();
+        assert_eq!(
+            (by_code.matched, by_code.entry.code.as_str()),
+            (Match::Exact, "INPUT_INVALID.DeviceState.Invalid")
+        );
+        assert_eq!(
+            (by_text.matched, by_text.entry.code.as_str()),
+            (Match::Text, "UPLOAD_LINE.ImeiInvalid")
+        );
+        assert_eq!(by_class.matched, Match::Class);
+        assert_eq!(
+            catalog().explain_fault(Some("E1"), Some("nothing known")),
+            None
+        );
+        assert_eq!(catalog().explain_fault(None, None), None);
+    }
+
+    #[test]
+    fn the_explanation_serializes_flat_with_its_match() {
+        let explained = catalog().explain("REQUEST_FAILED.New").unwrap();
+        let value = serde_json::to_value(&explained).unwrap();
+        assert_eq!(value["match"], "class");
+        assert_eq!(value["code"], "REQUEST_FAILED.New");
+        for field in [
+            "message",
+            "cause",
+            "resolution",
+            "class",
+            "retryable",
+            "source",
+        ] {
+            assert!(value.get(field).is_some(), "{field} in {value}");
+        }
+    }
+
+    #[test]
+    fn a_search_without_filters_is_the_whole_catalog() {
+        assert_eq!(
+            catalog().search(&CatalogSearch::default()).len(),
+            catalog().len()
+        );
+        assert_eq!(
+            catalog()
+                .search(&CatalogSearch {
+                    query: Some("   "),
+                    ..CatalogSearch::default()
+                })
+                .len(),
+            catalog().len()
+        );
+    }
+
+    #[test]
+    fn a_search_matches_the_code_without_its_service_prefix_or_the_texts() {
+        let prefixed = search_codes(CatalogSearch {
+            query: Some("CarrierService.REQUEST_FAILED.ServicePlan.NotFound"),
+            ..CatalogSearch::default()
+        });
+        assert_eq!(prefixed, ["REQUEST_FAILED.ServicePlan.NotFound"]);
+        let partial = search_codes(CatalogSearch {
+            query: Some("carrierservice.request_failed.sessiontoken"),
+            ..CatalogSearch::default()
+        });
+        assert_eq!(
+            partial,
+            [
+                "REQUEST_FAILED.SessionToken.Expired",
+                "REQUEST_FAILED.SessionToken.Format"
+            ]
+        );
+        let by_text = search_codes(CatalogSearch {
+            query: Some("SESSION HAS EXPIRED"),
+            ..CatalogSearch::default()
+        });
+        assert_eq!(by_text, ["REQUEST_FAILED.SessionToken.Expired"]);
+        // The code the query names exactly comes first, even where catalog order differs.
+        let named_first = search_codes(CatalogSearch {
+            query: Some("7003"),
+            ..CatalogSearch::default()
+        });
+        assert_eq!(named_first.first(), Some(&"7003"));
+    }
+
+    #[test]
+    fn class_and_source_filters_are_case_insensitive_and_combine_with_the_query() {
+        let request_failed = catalog().search(&CatalogSearch {
+            class: Some("REQUEST_FAILED"),
+            ..CatalogSearch::default()
+        });
+        assert_eq!(request_failed.len(), 28);
+        let kinds = catalog().search(&CatalogSearch {
+            query: Some("kind"),
+            class: Some("input_invalid"),
+            source: Some("THINGSPACE_SYNC_ERRORS"),
+        });
+        assert!(!kinds.is_empty());
+        assert!(kinds.iter().all(|entry| entry.class == "input_invalid"));
+        let nothing = catalog().search(&CatalogSearch {
+            query: Some("INPUT_INVALID.Device.Kind.Invalid"),
+            class: Some("request_failed"),
+            ..CatalogSearch::default()
+        });
+        assert!(nothing.is_empty());
+        assert_eq!(
+            catalog().class_named("Input_Invalid"),
+            Some("input_invalid")
+        );
+        assert_eq!(catalog().class_named("nope"), None);
+        assert_eq!(
+            catalog().source_named("imiconnect_STATUS"),
+            Some("imiconnect_status")
+        );
+    }
+
+    #[test]
+    fn searches_and_explanations_never_panic_on_odd_input() {
+        let long = "a.".repeat(10_000);
+        for odd in [
+            "",
+            ".",
+            ":",
+            "..::..",
+            "漢字.INPUT_INVALID.é",
+            "\u{0}",
+            "~",
+            long.as_str(),
+            "INPUT_INVALID.",
+            "ä:REQUEST_FAILED",
+        ] {
+            let _ = catalog().explain(odd);
+            let _ = catalog().explain_fault(Some(odd), Some(odd));
+            let _ = catalog().search(&CatalogSearch {
+                query: Some(odd),
+                class: Some(odd),
+                source: Some(odd),
+            });
+        }
+    }
+
+    #[test]
+    fn every_class_guidance_names_a_class_and_source_of_the_catalog() {
+        for guidance in CLASS_GUIDANCE {
+            assert!(
+                catalog()
+                    .classes()
+                    .iter()
+                    .any(|class| class == guidance.class),
+                "{}",
+                guidance.class
+            );
+            assert!(
+                catalog()
+                    .sources()
+                    .iter()
+                    .any(|source| source == guidance.source),
+                "{}",
+                guidance.source
+            );
+        }
     }
 }

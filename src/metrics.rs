@@ -7,7 +7,7 @@ use prometheus::{
 };
 
 use crate::catalog;
-use crate::domain::{Callback, CallbackKind, OutcomeStatus};
+use crate::domain::{Callback, CallbackKind, Operation, OutcomeStatus};
 use crate::jobs::JobState;
 
 /// Callback results (spec §7) beyond the three storage results.
@@ -15,6 +15,30 @@ pub const REJECTED_RESULTS: &[&str] = &["unauthorized", "bad_request", "too_larg
 const ACCEPTED_RESULTS: &[&str] = &["stored", "duplicate", "quarantined"];
 /// The kind label of a body that was never parsed into a callback.
 pub const UNKNOWN_KIND: &str = "unknown";
+/// The `code` of a fault the catalog does not list.
+pub const OTHER_FAULT_CODE: &str = "other";
+
+/// Operations that notify of a change nobody requested (the platform sends them unasked, without a
+/// job to complete): `m2m_job_completion_seconds` is not initialised for them. A job of one of them
+/// still completes and is observed; its series then appears with its first completion.
+const UNSOLICITED_OPERATIONS: &[Operation] = &[
+    Operation::SmsMo,
+    Operation::PromoChange,
+    Operation::ExternalProvisioningChange,
+    Operation::ResumeTracking,
+    Operation::NiddMo,
+];
+
+/// The catalog classes of the faults callbacks carry (ThingSpace SOAP and REST faults): the codes of
+/// these classes are the `m2m_faults_total` series initialised at start. The other sources' codes
+/// (upload texts, a messaging platform's and a provisioning API's numbers) are not fault codes of
+/// callbacks; a variant entry (`CODE~TAG`) is never what a callback's code resolves to.
+const CALLBACK_FAULT_CLASSES: &[&str] = &[
+    "input_invalid",
+    "request_failed",
+    "input_missing",
+    "deserialization",
+];
 
 /// What a callback adds to the outcome metrics, taken before it is handed to storage and counted
 /// only if storage says it was stored (a re-delivery adds nothing).
@@ -43,7 +67,7 @@ impl CallbackTally {
             catalog::catalog()
                 .lookup(&fault.code)
                 .map(|entry| entry.code.as_str())
-                .unwrap_or("other")
+                .unwrap_or(OTHER_FAULT_CODE)
         });
         Self {
             operation: callback.operation.as_str(),
@@ -60,6 +84,38 @@ impl CallbackTally {
         self.operation = operation.as_str();
         self
     }
+}
+
+/// The `(operation, status)` pairs of `m2m_device_outcomes_total` that exist from the start: every
+/// operation with every status (`accepted` is an upload line's, and a REST `Pending`/`Queued`).
+fn device_outcome_labels() -> impl Iterator<Item = (&'static str, &'static str)> {
+    Operation::ALL.iter().flat_map(|operation| {
+        OutcomeStatus::ALL
+            .iter()
+            .map(move |status| (operation.as_str(), status.as_str()))
+    })
+}
+
+/// The `code` values of `m2m_faults_total` that exist from the start: see
+/// [`CALLBACK_FAULT_CLASSES`], and `other`.
+fn fault_code_labels() -> impl Iterator<Item = &'static str> {
+    catalog::catalog()
+        .entries()
+        .iter()
+        .filter(|entry| CALLBACK_FAULT_CLASSES.contains(&entry.class.as_str()))
+        .filter(|entry| !entry.code.contains('~'))
+        .map(|entry| entry.code.as_str())
+        .chain([OTHER_FAULT_CODE])
+}
+
+/// The `operation` values of `m2m_job_completion_seconds` that exist from the start: a job's
+/// operation (`other` while no callback or registration named one), less
+/// [`UNSOLICITED_OPERATIONS`].
+fn job_completion_labels() -> impl Iterator<Item = &'static str> {
+    Operation::ALL
+        .iter()
+        .filter(|operation| !UNSOLICITED_OPERATIONS.contains(operation))
+        .map(|operation| operation.as_str())
 }
 
 pub struct Metrics {
@@ -199,6 +255,15 @@ impl Metrics {
         for state in JobState::ALL {
             jobs.with_label_values(&[state.as_str()]);
         }
+        for (operation, status) in device_outcome_labels() {
+            device_outcomes.with_label_values(&[operation, status]);
+        }
+        for code in fault_code_labels() {
+            faults.with_label_values(&[code]);
+        }
+        for operation in job_completion_labels() {
+            job_completion.with_label_values(&[operation]);
+        }
         Ok(Self {
             registry,
             callbacks,
@@ -280,5 +345,40 @@ impl Metrics {
         let mut buffer = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
         Ok(String::from_utf8_lossy(&buffer).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Series lines of `family` in an exposition (histograms: every bucket, sum and count).
+    fn series(text: &str, family: &str) -> usize {
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter(|line| {
+                line.strip_prefix(family)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ', '_']))
+            })
+            .count()
+    }
+
+    #[test]
+    fn the_families_with_known_labels_start_with_their_bounded_series_at_zero() {
+        let text = Metrics::new().unwrap().render().unwrap();
+        // Every operation with every status.
+        assert_eq!(
+            series(&text, "m2m_device_outcomes_total"),
+            Operation::ALL.len() * OutcomeStatus::ALL.len()
+        );
+        // The ThingSpace codes of the catalog without variants, and `other`.
+        assert_eq!(series(&text, "m2m_faults_total"), 143 + 1);
+        // The operations of jobs someone asked for, each 13 buckets, +Inf, sum and count.
+        assert_eq!(
+            series(&text, "m2m_job_completion_seconds"),
+            (Operation::ALL.len() - UNSOLICITED_OPERATIONS.len()) * 16
+        );
+        assert!(text.contains(r#"m2m_job_completion_seconds_count{operation="other"} 0"#));
+        assert!(!text.contains(r#"m2m_job_completion_seconds_count{operation="sms_mo"}"#));
     }
 }

@@ -359,7 +359,7 @@ fn devices_text(page: &Value) -> String {
 /// Columns as wide as their widest value up to [`MAX_COLUMN_WIDTH`] display columns, two spaces
 /// apart, no borders; a longer value is cut (at a word boundary where there is one), and a
 /// value spanning lines shows its first, so every row stays one line.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(super) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut table = comfy_table::Table::new();
     table
         .load_style(comfy_table::presets::NOTHING)

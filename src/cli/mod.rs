@@ -1,4 +1,4 @@
-//! Command line: `serve` (default), `check-config` and `jobs`. Exit codes: 0 ok, 2 usage or configuration
+//! Command line: `serve` (default), `check-config`, `jobs` and `errors`. Exit codes: 0 ok, 2 usage or configuration
 //! error, 1 runtime failure.
 //!
 //! Commands print through [`emit`] and [`report`]: `println!` and `eprintln!` panic when the
@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+mod errors;
 mod jobs;
 
 use crate::auth::CredentialSource;
@@ -41,6 +42,8 @@ enum Command {
     CheckConfig,
     /// Register and inspect jobs through the running listener's API.
     Jobs(jobs::JobsArgs),
+    /// Explain and search the fault catalog built into the binary (no listener needed).
+    Errors(errors::ErrorsArgs),
     /// Prune raw bodies older than storage.retention_days now (the listener also does it hourly).
     Prune,
     /// Copy the database consistently to FILE while the listener keeps running. Written to a
@@ -116,6 +119,7 @@ pub fn run() -> ExitCode {
         }
         Command::Serve => serve(&settings),
         Command::Jobs(arguments) => jobs::run(&settings, arguments),
+        Command::Errors(arguments) => errors::run(arguments),
         Command::Simulate(arguments) => simulate(&settings, arguments),
         Command::Prune => {
             let cutoff = time::OffsetDateTime::now_utc()

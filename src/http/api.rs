@@ -196,6 +196,7 @@ pub async fn handle(
             Ok(reveal) => device_history(&state, kind, identifier, reveal).await,
             Err(refused) => refused.into_response(),
         },
+        (Endpoint::Catalog, true) => search_catalog(&query),
         (Endpoint::CatalogEntry(code), true) => catalog_entry(code),
         (Endpoint::Deliveries, true) => list_deliveries(&state, &query).await,
         (Endpoint::RawBody(id), true) => raw_body(&state, id, &query).await,
@@ -228,6 +229,7 @@ enum Endpoint<'a> {
     Job(&'a str),
     JobDevices(&'a str),
     Device(&'a str, &'a str),
+    Catalog,
     CatalogEntry(&'a str),
     Deliveries,
     /// The id as it appears in the path; checked by [`delivery_id`].
@@ -246,6 +248,7 @@ impl<'a> Endpoint<'a> {
             ["api", "v1", "jobs", request_id] => Endpoint::Job(request_id),
             ["api", "v1", "jobs", request_id, "devices"] => Endpoint::JobDevices(request_id),
             ["api", "v1", "devices", kind, identifier] => Endpoint::Device(kind, identifier),
+            ["api", "v1", "errors"] => Endpoint::Catalog,
             ["api", "v1", "errors", code] => Endpoint::CatalogEntry(code),
             ["api", "v1", "deliveries"] => Endpoint::Deliveries,
             ["api", "v1", "deliveries", id, "raw"] => Endpoint::RawBody(id),
@@ -530,7 +533,11 @@ async fn device_history(
     reveal: bool,
 ) -> HttpResponse {
     let identifier = DeviceIdentifier::new(kind, identifier);
-    match state.store.device_history(identifier.clone()).await {
+    match state
+        .store
+        .device_history(identifier.clone(), OffsetDateTime::now_utc())
+        .await
+    {
         Ok(Some(mut history)) => {
             history.latest = present_outcome(history.latest, reveal);
             history.history = history
@@ -552,41 +559,80 @@ async fn device_history(
     }
 }
 
+/// `GET /api/v1/errors/{code}`: the catalog entry, or the guidance of the code's class
+/// (`"match": "exact"` or `"class"`); 404 for a code of no known class.
 fn catalog_entry(code: &str) -> HttpResponse {
-    match catalog::catalog().lookup(code) {
-        Some(entry) => json_response(StatusCode::OK, entry),
+    match catalog::catalog().explain(code) {
+        Some(explanation) => json_response(StatusCode::OK, &explanation),
         None => error(
             StatusCode::NOT_FOUND,
             "ERROR_CODE_NOT_FOUND",
-            &format!("{code} is not in the fault catalog"),
+            &format!("{code} is not in the fault catalog and names no class of it"),
         ),
     }
 }
 
-/// Adds the catalog's explanation to a failed outcome and hides device credentials unless
-/// `reveal` (see [`reveal_secrets`]).
+/// `GET /api/v1/errors?q=&class=&source=`: the catalog entries every given filter keeps (see
+/// [`catalog::CatalogSearch`]). `class` and `source` must be ones the catalog has.
+fn search_catalog(query: &HashMap<String, String>) -> HttpResponse {
+    let catalog = catalog::catalog();
+    let search = (|| {
+        Ok::<_, InvalidParameter>(catalog::CatalogSearch {
+            query: query.get("q").map(String::as_str),
+            class: catalog_filter(query, "class", catalog.classes(), |class| {
+                catalog.class_named(class)
+            })?,
+            source: catalog_filter(query, "source", catalog.sources(), |source| {
+                catalog.source_named(source)
+            })?,
+        })
+    })();
+    match search {
+        Ok(search) => json_response(StatusCode::OK, &json!({ "items": catalog.search(&search) })),
+        Err(refused) => refused.into_response(),
+    }
+}
+
+/// A catalog filter parameter: one of `allowed`, in any case (`REQUEST_FAILED` is the class
+/// `request_failed`), as `named` spells it.
+fn catalog_filter(
+    query: &HashMap<String, String>,
+    name: &str,
+    allowed: &[String],
+    named: impl Fn(&str) -> Option<&'static str>,
+) -> Result<Option<&'static str>, InvalidParameter> {
+    match query.get(name) {
+        None => Ok(None),
+        Some(value) => named(value).map(Some).ok_or_else(|| {
+            InvalidParameter::new(
+                "INVALID_PARAMETER",
+                format!("{name} must be one of {}", allowed.join(", ")),
+            )
+        }),
+    }
+}
+
+/// Adds the catalog's explanation to a failed outcome (see [`catalog::Catalog::explain_fault`]:
+/// by code, by text, else by the code's class) and hides device credentials unless `reveal`
+/// (see [`reveal_secrets`]). `resolution` is a listed entry's only (a class's guidance is in
+/// `explanation`), so that an answer given before class guidance existed is given again.
 fn present_outcome(mut outcome: OutcomeRecord, reveal: bool) -> OutcomeRecord {
     let catalog = catalog::catalog();
     if let Some(fault) = outcome.fault.as_mut() {
-        let entry = fault
-            .code
-            .as_deref()
-            .and_then(|code| catalog.lookup(code))
-            .or_else(|| {
-                fault
-                    .message
-                    .as_deref()
-                    .and_then(|message| catalog.lookup_text(message))
-            });
-        fault.resolution = entry.and_then(|entry| entry.resolution.clone());
+        let explanation = catalog.explain_fault(fault.code.as_deref(), fault.message.as_deref());
+        fault.resolution = listed_resolution(explanation.as_ref());
+        fault.explanation = explanation;
     } else if outcome.status == "failed" {
         // A failed upload line reports a text, not a fault: name it from the catalog.
         if let Some(line_status) = outcome.line_status.clone() {
-            let entry = catalog.lookup_text(&line_status);
+            let explanation = catalog.explain_fault(None, Some(&line_status));
             outcome.fault = Some(FaultRecord {
-                code: entry.map(|entry| entry.code.clone()),
+                code: explanation
+                    .as_ref()
+                    .map(|explanation| explanation.entry.code.clone()),
                 message: Some(line_status),
-                resolution: entry.and_then(|entry| entry.resolution.clone()),
+                resolution: listed_resolution(explanation.as_ref()),
+                explanation,
             });
         }
     }
@@ -594,6 +640,13 @@ fn present_outcome(mut outcome: OutcomeRecord, reveal: bool) -> OutcomeRecord {
         redact_passwords(details);
     }
     outcome
+}
+
+/// The resolution of the catalog entry an explanation found; none for a class's guidance.
+fn listed_resolution(explanation: Option<&catalog::Explanation>) -> Option<String> {
+    explanation
+        .filter(|explanation| explanation.matched != catalog::Match::Class)
+        .and_then(|explanation| explanation.entry.resolution.clone())
 }
 
 /// Device credential passwords are stored but never shown.
@@ -953,6 +1006,7 @@ mod tests {
                 code: Some("E1".to_owned()),
                 message: Some(fault_message.to_owned()),
                 resolution: None,
+                explanation: None,
             }),
             state: None,
             service_plan: None,

@@ -267,15 +267,43 @@ pub struct FaultRecord {
     pub message: Option<String>,
     /// The fault catalog's resolution hint; filled in by the API.
     pub resolution: Option<String>,
+    /// What the catalog says about the fault, as `GET /api/v1/errors/{code}` says it, with how it
+    /// was found (`match`: `exact`, `text`, or `class` for an unlisted code of a known class, whose
+    /// guidance it then gives); `null` when it knows nothing. Filled in by the API. `resolution`
+    /// above stays the listed entry's only, as it always was.
+    pub explanation: Option<crate::catalog::Explanation>,
 }
 
-/// Everything known about one device, found by any of its identifiers.
+/// Everything known about one device, found by any of its identifiers: from the moment a
+/// registered job lists it, before any callback reported it.
 #[derive(Clone, Debug, Serialize)]
 pub struct DeviceHistory {
+    /// Every identifier the device was reported or registered with.
     pub identifiers: Vec<DeviceIdentifier>,
+    /// The newest outcome; while none was reported, the device's entry in the newest job that
+    /// lists it (`pending`, or `missing` after that job's deadline).
     pub latest: OutcomeRecord,
-    /// Newest first.
+    /// Reported outcomes, newest first (empty before the first callback).
     pub history: Vec<OutcomeRecord>,
+    /// The jobs that list the device (registered with it, or reported it), newest first.
+    pub jobs: Vec<DeviceJobRecord>,
+}
+
+/// A job that lists a device, and where the device is in it.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceJobRecord {
+    pub request_id: String,
+    pub operation: Option<String>,
+    /// The registration listed the device (else only a callback named it).
+    pub registered: bool,
+    /// The device's status in the job: its latest outcome's (`succeeded`, `failed`, `accepted`),
+    /// else `pending`, or `missing` after the job's deadline.
+    pub status: String,
+    pub job_state: String,
+    pub registered_at: Option<String>,
+    pub deadline: String,
+    /// When the device's latest outcome in the job was received; `null` while not reported.
+    pub reported_at: Option<String>,
 }
 
 /// The storage interface of the HTTP edge.
@@ -322,10 +350,13 @@ pub trait Store: Send + Sync + 'static {
         now: OffsetDateTime,
     ) -> BoxFuture<'_, Result<Option<Vec<OutcomeRecord>>, StoreError>>;
 
-    /// The device one identifier names, across jobs; `None` if never reported.
+    /// The device one identifier names, across jobs, as of `now` (a registered device not reported
+    /// by its job's deadline is `missing` there); `None` if no callback reported it and no job
+    /// lists it.
     fn device_history(
         &self,
         identifier: DeviceIdentifier,
+        now: OffsetDateTime,
     ) -> BoxFuture<'_, Result<Option<DeviceHistory>, StoreError>>;
 
     /// Deletes raw bodies received before `cutoff` (see the backend for what is kept); returns

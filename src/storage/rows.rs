@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 
 use super::{
-    DeliveryQuery, DeliveryRecord, DeviceHistory, FaultRecord, JobQuery, JobRecord, OutcomeRecord,
-    Page, RawBody,
+    DeliveryQuery, DeliveryRecord, DeviceHistory, DeviceJobRecord, FaultRecord, JobQuery,
+    JobRecord, OutcomeRecord, Page, RawBody,
 };
 use crate::domain::{DeliveryResult, DeviceIdentifier};
 
@@ -206,24 +206,101 @@ impl History {
         Ok(())
     }
 
-    /// Every identifier the device was reported with, its latest outcome and its history;
-    /// `None` without an outcome.
-    pub fn finish(self) -> Option<DeviceHistory> {
+    /// Every identifier the device was reported or registered with, its latest outcome (or its
+    /// entry in the newest job that lists it), its history and its jobs; `None` without an
+    /// outcome or a job.
+    pub fn finish(self, jobs: DeviceJobs) -> Option<DeviceHistory> {
         let mut identifiers: Vec<DeviceIdentifier> = Vec::new();
-        for outcome in &self.history {
-            for found in &outcome.identifiers {
-                if !identifiers.contains(found) {
-                    identifiers.push(found.clone());
-                }
+        let reported = self
+            .history
+            .iter()
+            .flat_map(|outcome| outcome.identifiers.iter());
+        for found in reported.chain(jobs.identifiers.iter()) {
+            if !identifiers.contains(found) {
+                identifiers.push(found.clone());
             }
         }
         sort_identifiers(&mut identifiers);
-        let latest = self.history.first().cloned()?;
+        let latest = match self.history.first() {
+            Some(latest) => latest.clone(),
+            None => {
+                let mut placeholder = jobs.newest_unreported.clone()?;
+                placeholder.identifiers = identifiers.clone();
+                placeholder
+            }
+        };
         Some(DeviceHistory {
             identifiers,
             latest,
             history: self.history,
+            jobs: jobs.jobs,
         })
+    }
+}
+
+/// The columns of a job device `d` found by one of its identifiers, with its latest outcome `o`
+/// (if reported), as [`DeviceJobs::add`] reads them.
+pub(crate) const DEVICE_JOB_COLUMNS: &str = "d.id, d.job_id, d.registered, d.status, o.received_at";
+
+/// The jobs that list a device, built from its job device rows, newest first.
+#[derive(Default)]
+pub(crate) struct DeviceJobs {
+    identifiers: Vec<DeviceIdentifier>,
+    jobs: Vec<DeviceJobRecord>,
+    /// The device in the newest job whose device was not reported: the `latest` of a device
+    /// no callback reported yet.
+    newest_unreported: Option<OutcomeRecord>,
+}
+
+impl DeviceJobs {
+    /// One row of the lookup, `job_device_id, kind, identifier`: the identifier as stored.
+    /// Returns the job device.
+    pub fn add_identifier<R: RowReader>(&mut self, row: &R) -> Result<i64, R::Error> {
+        let (job_device_id, identifier) = identifier_from_row(row)?;
+        if !self.identifiers.contains(&identifier) {
+            self.identifiers.push(identifier);
+        }
+        Ok(job_device_id)
+    }
+
+    /// The job id of a row of [`DEVICE_JOB_COLUMNS`], to read its job with.
+    pub fn job_id<R: RowReader>(row: &R) -> Result<i64, R::Error> {
+        row.integer(1)
+    }
+
+    /// One row of [`DEVICE_JOB_COLUMNS`] with its job, newest first, as of `now`
+    /// ([`super::timestamp`] text).
+    pub fn add<R: RowReader>(
+        &mut self,
+        row: &R,
+        job: &JobRecord,
+        now: &str,
+    ) -> Result<(), R::Error> {
+        let registered = row.flag(2)?;
+        let status = row.optional_text(3)?;
+        let reported_at = row.optional_text(4)?;
+        let status = match status {
+            Some(status) => status,
+            None => {
+                let unreported = unreported_outcome(job, now);
+                let status = unreported.status.clone();
+                if self.newest_unreported.is_none() {
+                    self.newest_unreported = Some(unreported);
+                }
+                status
+            }
+        };
+        self.jobs.push(DeviceJobRecord {
+            request_id: job.request_id.clone(),
+            operation: job.operation.clone(),
+            registered,
+            status,
+            job_state: job.state.clone(),
+            registered_at: job.registered_at.clone(),
+            deadline: job.deadline.clone(),
+            reported_at,
+        });
+        Ok(())
     }
 }
 
@@ -363,6 +440,7 @@ pub(crate) fn fault_record(code: Option<String>, message: Option<String>) -> Opt
         code,
         message,
         resolution: None,
+        explanation: None,
     })
 }
 

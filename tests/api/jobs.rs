@@ -628,3 +628,95 @@ async fn a_device_reported_again_is_counted_once_with_its_latest_status() {
     assert_eq!(devices["items"].as_array().unwrap().len(), 1);
     assert_eq!(devices["items"][0]["status"], "succeeded");
 }
+
+#[tokio::test]
+async fn a_registered_device_is_found_before_any_callback_with_its_pending_job() {
+    let app = spawn_app().await;
+    app.register(json!({
+        "request_id": "registered-first",
+        "operation": "activate",
+        "devices": [
+            {"kind": "IMEI", "id": "350000000001501"},
+            {"kind": "IMEI", "id": "350000000001502"}
+        ]
+    }))
+    .await;
+
+    let response = app.get_api("/api/v1/devices/imei/350000000001501").await;
+    let unknown = app.get_api("/api/v1/devices/IMEI/350000000001599").await;
+
+    assert_eq!(response.status(), 200, "a registered device is found");
+    let device: serde_json::Value =
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(
+        device["identifiers"],
+        json!([{"kind": "IMEI", "id": "350000000001501"}])
+    );
+    assert_eq!(device["history"], json!([]), "{device}");
+    assert_eq!(device["latest"]["status"], "pending", "{device}");
+    assert_eq!(device["latest"]["request_id"], "registered-first");
+    assert_eq!(device["latest"]["operation"], "activate");
+    let jobs = device["jobs"].as_array().expect("jobs");
+    assert_eq!(jobs.len(), 1, "{device}");
+    assert_eq!(jobs[0]["request_id"], "registered-first");
+    assert_eq!(jobs[0]["operation"], "activate");
+    assert_eq!(jobs[0]["registered"], true);
+    assert_eq!(jobs[0]["status"], "pending");
+    assert_eq!(jobs[0]["job_state"], "pending");
+    assert_eq!(jobs[0]["reported_at"], serde_json::Value::Null);
+    assert!(jobs[0]["registered_at"].is_string(), "{device}");
+    assert!(jobs[0]["deadline"].is_string(), "{device}");
+    assert_eq!(unknown.status(), 404);
+}
+
+#[tokio::test]
+async fn a_reported_device_shows_its_outcomes_and_every_job_that_lists_it() {
+    let app = spawn_app().await;
+    app.register(json!({
+        "request_id": "listed-once",
+        "operation": "activate",
+        "devices": [{"kind": "IMEI", "id": "350000000001601"}]
+    }))
+    .await;
+    app.post_callback(carrier_callback(
+        "listed-once",
+        &[("IMEI", "350000000001601")],
+        CarrierResult::Activated { mdn: "5550001601" },
+    ))
+    .await;
+    app.register(json!({
+        "request_id": "listed-again",
+        "operation": "suspend",
+        "devices": [{"kind": "IMEI", "id": "350000000001601"}]
+    }))
+    .await;
+
+    let device = app.get_json("/api/v1/devices/IMEI/350000000001601").await;
+    let by_mdn = app.get_json("/api/v1/devices/MDN/5550001601").await;
+
+    assert_eq!(device["latest"]["status"], "succeeded", "{device}");
+    assert_eq!(device["latest"]["request_id"], "listed-once");
+    assert_eq!(device["history"].as_array().unwrap().len(), 1);
+    let jobs: Vec<(&str, &str, &str)> = device["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .map(|job| {
+            (
+                job["request_id"].as_str().unwrap_or_default(),
+                job["status"].as_str().unwrap_or_default(),
+                job["job_state"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        jobs,
+        [
+            ("listed-again", "pending", "pending"),
+            ("listed-once", "succeeded", "completed")
+        ],
+        "newest first: {device}"
+    );
+    assert!(device["jobs"][1]["reported_at"].is_string(), "{device}");
+    assert_eq!(by_mdn["latest"], device["latest"]);
+}

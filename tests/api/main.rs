@@ -6,6 +6,7 @@ pub const BACKEND: helpers::Backend = helpers::Backend::Sqlite;
 mod backup;
 mod binary;
 mod callbacks;
+mod catalog;
 mod crash;
 mod deliveries;
 mod edges;

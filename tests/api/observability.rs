@@ -179,6 +179,111 @@ async fn metrics_carry_every_family_with_bounded_labels_and_pass_promtool() {
     );
 }
 
+#[tokio::test]
+async fn a_fresh_listener_exports_every_family_with_its_known_series_at_zero() {
+    let app = spawn_app().await;
+
+    let text = exposition(&app).await;
+
+    let found = families(&text);
+    for family in FAMILIES {
+        assert!(
+            found.contains(*family),
+            "{family} missing from a fresh /metrics"
+        );
+    }
+    for expected in [
+        r#"m2m_device_outcomes_total{operation="activate",status="failed"} 0"#,
+        r#"m2m_device_outcomes_total{operation="activate",status="succeeded"} 0"#,
+        r#"m2m_device_outcomes_total{operation="upload_devices",status="accepted"} 0"#,
+        r#"m2m_faults_total{code="other"} 0"#,
+        r#"m2m_faults_total{code="INPUT_INVALID.DeviceState.Invalid"} 0"#,
+        r#"m2m_faults_total{code="REQUEST_FAILED.UnexpectedError"} 0"#,
+        r#"m2m_job_completion_seconds_count{operation="activate"} 0"#,
+        r#"m2m_job_completion_seconds_count{operation="upload_devices"} 0"#,
+        r#"m2m_job_completion_seconds_count{operation="other"} 0"#,
+        r#"m2m_upload_lines_total{result="failed"} 0"#,
+        r#"m2m_jobs{state="pending"} 0"#,
+        r#"m2m_callback_attempts_total{attempt="1"} 0"#,
+    ] {
+        assert!(
+            text.contains(expected),
+            "{expected} not in a fresh /metrics"
+        );
+    }
+    // Only combinations that can occur: a fault label is never a variant code (`CODE~TAG`),
+    // which no callback carries; an accepted outcome can be any operation's (a REST `Pending`).
+    assert!(
+        text.contains(r#"m2m_device_outcomes_total{operation="activate",status="accepted"} 0"#)
+    );
+    assert!(!text.contains(r#"m2m_faults_total{code="REQUEST_FAILED.UnexpectedError~"#));
+    let series = text
+        .lines()
+        .filter(|line| line.starts_with("m2m_") && !line.starts_with("m2m_build_info"))
+        .count();
+    assert!(series < 1500, "{series} series on a fresh listener");
+}
+
+#[tokio::test]
+async fn the_first_failures_after_a_start_show_in_increase_on_a_real_prometheus() {
+    let app = spawn_app().await;
+    let target = app.api_url.trim_start_matches("http://").to_owned();
+    let prometheus = start_prometheus(&target).await;
+    let client = reqwest::Client::new();
+    // How many series `expression` selects now; 0 while Prometheus is still starting.
+    let samples = async |expression: &str| {
+        let url = format!(
+            "{}/api/v1/query?{}",
+            prometheus.url,
+            form_urlencoded::Serializer::new(String::new())
+                .append_pair("query", expression)
+                .finish()
+        );
+        let Ok(response) = client.get(url).send().await else {
+            return 0;
+        };
+        let answer: Value =
+            serde_json::from_slice(&response.bytes().await.unwrap_or_default()).unwrap_or_default();
+        answer["data"]["result"].as_array().map_or(0, Vec::len)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while samples(r#"m2m_faults_total{code="other"}"#).await == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never scraped the fresh listener"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    app.post_callback(carrier_callback(
+        "first-failure",
+        &[("IMEI", "350000000000091")],
+        CarrierResult::Failed {
+            code: "CarrierService.INPUT_INVALID.DeviceState.Invalid",
+            message: "The device state is not valid.",
+        },
+    ))
+    .await;
+
+    let expressions = [
+        r#"increase(m2m_faults_total{code="INPUT_INVALID.DeviceState.Invalid"}[1m]) > 0"#,
+        // A fault without an operation result: operation `other`.
+        r#"sum(increase(m2m_device_outcomes_total{status="failed"}[1m])) > 0"#,
+    ];
+    for expression in expressions {
+        loop {
+            if samples(expression).await > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{expression} never held: the first failure was lost to rate()"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
 /// A Prometheus server of the test's own, stopped on drop.
 struct Prometheus {
     child: Child,

@@ -6,7 +6,9 @@
 //!
 //! What may differ from the release's answer: nothing that release answered. A field this code
 //! adds to an object is not a difference (the API grows); a field missing, a value changed, an
-//! item more or less in a list, another status or content type, a byte of a body: each is.
+//! item more or less in a list, another status or content type, a byte of a body: each is. The
+//! one exception is an answer an issue changed on purpose ([`SUPERSEDED`]): it is checked for
+//! what the issue made of it instead.
 
 use std::path::{Path, PathBuf};
 
@@ -41,6 +43,38 @@ fn released_databases() -> Vec<(PathBuf, PathBuf)> {
         .into_iter()
         .map(|(_, database, expected)| (database, expected))
         .collect()
+}
+
+/// Answers of a release that a later issue changed on purpose, by path (any query), and why.
+/// [`superseded_answers_are_what_their_issue_made_of_them`] checks what is answered now instead;
+/// every other recorded answer must be given again.
+const SUPERSEDED: &[(&str, &str)] = &[(
+    "/api/v1/devices/MEID/A1000000449999",
+    "issue 14: a device a registered job lists is found before any callback reports it \
+     (the release answered 404 DEVICE_NOT_FOUND)",
+)];
+
+fn is_superseded(path: &str) -> bool {
+    let without_query = path.split('?').next().unwrap_or(path);
+    SUPERSEDED
+        .iter()
+        .any(|(superseded, _)| *superseded == without_query)
+}
+
+/// The fixture's MEID A1000000449999 is listed by a registered job with a one-second deadline
+/// that no callback reported: it is found, `missing` in that job, with no history.
+async fn superseded_answers_are_what_their_issue_made_of_them(app: &TestApp, token: &str) {
+    for (path, why) in SUPERSEDED {
+        let device = get(app, token, path).await;
+        assert_eq!(device["history"], serde_json::json!([]), "{why}: {device}");
+        assert_eq!(device["latest"]["status"], "missing", "{why}: {device}");
+        let jobs = device["jobs"].as_array().expect("jobs");
+        assert_eq!(jobs.len(), 1, "{why}: {device}");
+        assert_eq!(jobs[0]["registered"], true, "{why}: {device}");
+        assert_eq!(jobs[0]["status"], "missing", "{why}: {device}");
+        assert_eq!(jobs[0]["job_state"], "timed_out", "{why}: {device}");
+        assert_eq!(device["latest"]["request_id"], jobs[0]["request_id"]);
+    }
 }
 
 /// Every field of `old` as it was, recursively; fields only `new` has are allowed.
@@ -82,6 +116,9 @@ async fn answers_that_differ(app: &TestApp, expected: &Value, token: &str) -> Ve
         let method = answer["method"].as_str().expect("method");
         let path = answer["path"].as_str().expect("path");
         let at = format!("{method} {path}");
+        if is_superseded(path) {
+            continue;
+        }
         let url = format!("{}{path}", app.api_url);
         let request = match method {
             "GET" => app.client.get(url),
@@ -191,6 +228,7 @@ async fn every_released_database_is_answered_as_its_release_answered_it_and_take
             expected["release"],
             found.join("\n")
         );
+        superseded_answers_are_what_their_issue_made_of_them(&app, &token).await;
 
         // A re-delivery of a stored message is a duplicate of the delivery the release stored.
         let duplicates = recorded(&expected, "/api/v1/deliveries?result=duplicate&limit=1000");

@@ -11,6 +11,8 @@ mod helpers;
 
 #[path = "../api/callbacks.rs"]
 mod callbacks;
+#[path = "../api/catalog.rs"]
+mod catalog;
 #[path = "../api/deliveries.rs"]
 mod deliveries;
 #[path = "../api/hardening.rs"]

@@ -246,8 +246,11 @@ impl Store for PostgresStore {
     fn device_history(
         &self,
         identifier: DeviceIdentifier,
+        now: OffsetDateTime,
     ) -> BoxFuture<'_, Result<Option<DeviceHistory>, StoreError>> {
-        Box::pin(self.read(async move |client| queries::device_history(client, &identifier).await))
+        Box::pin(self.read(async move |client| {
+            queries::device_history(client, &identifier, &super::timestamp(now)).await
+        }))
     }
 
     fn prune_raw_bodies(&self, cutoff: OffsetDateTime) -> BoxFuture<'_, Result<usize, StoreError>> {

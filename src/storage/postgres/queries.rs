@@ -9,9 +9,9 @@ use super::text::clean_key;
 use crate::domain::DeviceIdentifier;
 use crate::storage::jobs::{JOB_COLUMNS, JobRow};
 use crate::storage::rows::{
-    Conditions, FilterValue, HISTORY_LIMIT, History, JobDevices, OUTCOME_COLUMNS, RAW_BODY_COLUMNS,
-    RowReader, delivery_columns, delivery_from_row, identifier_candidates, job_device_columns,
-    page, raw_body_from_row,
+    Conditions, DEVICE_JOB_COLUMNS, DeviceJobs, FilterValue, HISTORY_LIMIT, History, JobDevices,
+    OUTCOME_COLUMNS, RAW_BODY_COLUMNS, RowReader, delivery_columns, delivery_from_row,
+    identifier_candidates, job_device_columns, page, raw_body_from_row,
 };
 use crate::storage::{
     DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord, OutcomeRecord, Page, RawBody,
@@ -198,6 +198,7 @@ pub(super) async fn job_devices(
 pub(super) async fn device_history(
     client: &Object,
     identifier: &DeviceIdentifier,
+    now: &str,
 ) -> Result<Option<DeviceHistory>, Error> {
     let statement = client
         .prepare_cached(
@@ -218,8 +219,9 @@ pub(super) async fn device_history(
             break;
         }
     }
+    let jobs = device_jobs(client, identifier, now).await?;
     if outcome_ids.is_empty() {
-        return Ok(None);
+        return Ok(History::default().finish(jobs));
     }
     let outcomes = client
         .prepare_cached(&format!(
@@ -238,7 +240,68 @@ pub(super) async fn device_history(
     for row in client.query(&outcomes, &[&outcome_ids]).await? {
         history.add(&row)?;
     }
-    Ok(history.finish())
+    Ok(history.finish(jobs))
+}
+
+/// The jobs that list the device `identifier` names, newest first: registered with it before any
+/// callback, or reported by one. Found through `job_device_identifiers_identifier`.
+async fn device_jobs(
+    client: &Object,
+    identifier: &DeviceIdentifier,
+    now: &str,
+) -> Result<DeviceJobs, Error> {
+    let lookup = client
+        .prepare_cached(
+            "SELECT job_device_id, kind, identifier FROM job_device_identifiers
+             WHERE kind = $1 AND identifier = $2 ORDER BY job_device_id DESC LIMIT $3",
+        )
+        .await?;
+    let mut jobs = DeviceJobs::default();
+    let mut job_device_ids: Vec<i64> = Vec::new();
+    let kind = clean_key(&identifier.kind);
+    for candidate in identifier_candidates(&clean_key(&identifier.id)) {
+        for row in client
+            .query(&lookup, &[&kind, &candidate, &HISTORY_LIMIT])
+            .await?
+        {
+            job_device_ids.push(jobs.add_identifier(&row)?);
+        }
+        if !job_device_ids.is_empty() {
+            break;
+        }
+    }
+    if job_device_ids.is_empty() {
+        return Ok(jobs);
+    }
+    let devices = client
+        .prepare_cached(&format!(
+            "SELECT {DEVICE_JOB_COLUMNS}
+             FROM job_devices d LEFT JOIN device_outcomes o ON o.id = d.latest_outcome_id
+             WHERE d.id = ANY($1) ORDER BY d.id DESC"
+        ))
+        .await?;
+    let device_rows = client.query(&devices, &[&job_device_ids]).await?;
+    let job_ids = device_rows
+        .iter()
+        .map(DeviceJobs::job_id)
+        .collect::<Result<Vec<i64>, Error>>()?;
+    let job_statement = client
+        .prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ANY($1)"
+        ))
+        .await?;
+    let found_jobs = client
+        .query(&job_statement, &[&job_ids])
+        .await?
+        .iter()
+        .map(|row| JobRow::from_row(row).map(JobRow::into_record))
+        .collect::<Result<Vec<JobRecord>, Error>>()?;
+    for (row, job_id) in device_rows.iter().zip(job_ids) {
+        if let Some(job) = found_jobs.iter().find(|job| job.id == job_id) {
+            jobs.add(row, job, now)?;
+        }
+    }
+    Ok(jobs)
 }
 
 /// How many jobs are in each state (for the `m2m_jobs` gauge).

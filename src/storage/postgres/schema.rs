@@ -159,6 +159,10 @@ UPDATE jobs SET quarantined = (
     SELECT count(*) FROM deliveries d
      WHERE d.request_id = jobs.request_id AND d.result = 'quarantined' AND d.duplicate_of IS NULL
 );
+-- A device is found by any identifier from the moment a job lists it (registered, not reported
+-- yet): the jobs of one (kind, identifier), newest job device first, by an index-only scan.
+CREATE INDEX job_device_identifiers_identifier
+    ON job_device_identifiers (kind, identifier, job_device_id);
 "#,
 ];
 

@@ -239,8 +239,11 @@ impl Store for SqliteStore {
     fn device_history(
         &self,
         identifier: DeviceIdentifier,
+        now: OffsetDateTime,
     ) -> BoxFuture<'_, Result<Option<DeviceHistory>, StoreError>> {
-        Box::pin(self.read(move |connection| queries::device_history(connection, &identifier)))
+        Box::pin(self.read(move |connection| {
+            queries::device_history(connection, &identifier, &timestamp(now))
+        }))
     }
 
     fn prune_raw_bodies(&self, cutoff: OffsetDateTime) -> BoxFuture<'_, Result<usize, StoreError>> {

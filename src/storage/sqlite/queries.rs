@@ -6,9 +6,9 @@ use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 use crate::domain::DeviceIdentifier;
 use crate::storage::jobs::{JOB_COLUMNS, JobRow};
 use crate::storage::rows::{
-    Conditions, FilterValue, HISTORY_LIMIT, History, JobDevices, OUTCOME_COLUMNS, RAW_BODY_COLUMNS,
-    RowReader, delivery_columns, delivery_from_row, identifier_candidates, job_device_columns,
-    page, raw_body_from_row,
+    Conditions, DEVICE_JOB_COLUMNS, DeviceJobs, FilterValue, HISTORY_LIMIT, History, JobDevices,
+    OUTCOME_COLUMNS, RAW_BODY_COLUMNS, RowReader, delivery_columns, delivery_from_row,
+    identifier_candidates, job_device_columns, page, raw_body_from_row,
 };
 use crate::storage::{
     DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord, OutcomeRecord, Page, RawBody,
@@ -153,6 +153,7 @@ pub(super) fn job_devices(
 pub(super) fn device_history(
     connection: &Connection,
     identifier: &DeviceIdentifier,
+    now: &str,
 ) -> rusqlite::Result<Option<DeviceHistory>> {
     let candidates = identifier_candidates(&identifier.id);
     let mut outcome_ids: Vec<i64> = Vec::new();
@@ -188,7 +189,53 @@ pub(super) fn device_history(
             history.add(row)?;
         }
     }
-    Ok(history.finish())
+    let jobs = device_jobs(connection, identifier, now)?;
+    Ok(history.finish(jobs))
+}
+
+/// The jobs that list the device `identifier` names, newest first: registered with it before any
+/// callback, or reported by one. Found through `job_device_identifiers_identifier`.
+fn device_jobs(
+    connection: &Connection,
+    identifier: &DeviceIdentifier,
+    now: &str,
+) -> rusqlite::Result<DeviceJobs> {
+    let mut jobs = DeviceJobs::default();
+    let mut job_device_ids: Vec<i64> = Vec::new();
+    let mut lookup = connection.prepare_cached(
+        "SELECT job_device_id, kind, identifier FROM job_device_identifiers
+         WHERE kind = ?1 AND identifier = ?2 ORDER BY job_device_id DESC LIMIT ?3",
+    )?;
+    for candidate in identifier_candidates(&identifier.id) {
+        let mut rows = lookup.query(params![identifier.kind, candidate, HISTORY_LIMIT])?;
+        while let Some(row) = rows.next()? {
+            job_device_ids.push(jobs.add_identifier(row)?);
+        }
+        if !job_device_ids.is_empty() {
+            break;
+        }
+    }
+    let mut device_statement = connection.prepare_cached(&format!(
+        "SELECT {DEVICE_JOB_COLUMNS}
+         FROM job_devices d LEFT JOIN device_outcomes o ON o.id = d.latest_outcome_id
+         WHERE d.id = ?1"
+    ))?;
+    let mut job_statement =
+        connection.prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))?;
+    // Primary-key lookups, newest job device first.
+    for job_device_id in job_device_ids {
+        let mut rows = device_statement.query([job_device_id])?;
+        while let Some(row) = rows.next()? {
+            let job = job_statement
+                .query_row([DeviceJobs::job_id(row)?], |job| JobRow::from_row(job))
+                .optional()?
+                .map(JobRow::into_record);
+            if let Some(job) = job {
+                jobs.add(row, &job, now)?;
+            }
+        }
+    }
+    Ok(jobs)
 }
 
 /// How many jobs are in each state (for the `m2m_jobs` gauge).
@@ -242,6 +289,17 @@ mod tests {
             &[&"pending"],
         );
         assert!(by_state.contains("jobs_state"), "{by_state}");
+        let device_jobs = plan(
+            &connection,
+            "SELECT job_device_id, kind, identifier FROM job_device_identifiers
+             WHERE kind = ? AND identifier = ? ORDER BY job_device_id DESC LIMIT ?",
+            &[&"IMEI", &"350000000000001", &500],
+        );
+        assert!(
+            device_jobs.contains("COVERING INDEX job_device_identifiers_identifier"),
+            "{device_jobs}"
+        );
+        assert!(!device_jobs.contains("TEMP B-TREE"), "{device_jobs}");
     }
 
     fn migrated() -> Connection {

@@ -191,6 +191,10 @@ UPDATE jobs SET quarantined = (
     SELECT count(*) FROM deliveries d
      WHERE d.request_id = jobs.request_id AND d.result = 'quarantined' AND d.duplicate_of IS NULL
 );
+-- A device is found by any identifier from the moment a job lists it (registered, not reported
+-- yet): the jobs of one (kind, identifier), newest job device first, without reading the table.
+CREATE INDEX job_device_identifiers_identifier
+    ON job_device_identifiers (kind, identifier, job_device_id);
 "#,
     ),
 ];
@@ -290,7 +294,7 @@ mod tests {
         let mut explain = connection
             .prepare(&format!("EXPLAIN {}", super::super::write::INSERT_DELIVERY))
             .unwrap();
-        let nulls = [rusqlite::types::Null; 20];
+        let nulls = [rusqlite::types::Null; 21];
         let program: Vec<String> = explain
             .query_map(rusqlite::params_from_iter(nulls.iter()), |row| {
                 row.get::<_, String>(1)
