@@ -30,6 +30,7 @@ const SERVED: &[&str] = &[
     "/api/v1/devices/{kind}/{identifier}",
     "/api/v1/deliveries",
     "/api/v1/deliveries/{id}/raw",
+    "/api/v1/deliveries/{id}/reprocess",
     "/api/v1/errors",
     "/api/v1/errors/{code}",
 ];
