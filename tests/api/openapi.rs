@@ -61,3 +61,33 @@ async fn every_documented_path_is_served_and_every_served_path_documented() {
         );
     }
 }
+
+/// The listing's `kind` filter documents exactly the kinds the listener stores and accepts.
+#[test]
+fn the_documented_kind_filter_is_the_set_of_kinds() {
+    let spec: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(format!("{}/docs/openapi.yaml", env!("CARGO_MANIFEST_DIR")))
+            .expect("openapi.yaml"),
+    )
+    .expect("openapi.yaml is YAML");
+    let parameters = spec["paths"]["/api/v1/deliveries"]["get"]["parameters"]
+        .as_sequence()
+        .expect("listing parameters");
+    let kind = parameters
+        .iter()
+        .find(|parameter| parameter["name"] == "kind")
+        .expect("a kind filter");
+    let mut documented: Vec<&str> = kind["schema"]["enum"]
+        .as_sequence()
+        .expect("kind enum")
+        .iter()
+        .filter_map(|value| value.as_str())
+        .collect();
+    let mut kinds: Vec<&str> = m2m_listener::domain::CallbackKind::ALL
+        .iter()
+        .map(|kind| kind.as_str())
+        .collect();
+    documented.sort_unstable();
+    kinds.sort_unstable();
+    assert_eq!(documented, kinds);
+}
