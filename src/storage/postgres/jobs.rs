@@ -520,6 +520,25 @@ pub(super) async fn register(
     }
     let [_, _, fresh] = reserve_ids(transaction, [0, 0, devices.new_devices.len()]).await?;
     devices.write(transaction, fresh).await?;
+    // The identifiers a registration names are indexed for the device lookup (see the schema).
+    let kinds: Vec<String> = registration
+        .devices
+        .iter()
+        .map(|device| key_text(&device.kind))
+        .collect();
+    let ids: Vec<String> = registration
+        .devices
+        .iter()
+        .map(|device| key_text(&device.id))
+        .collect();
+    transaction
+        .execute(
+            "UPDATE job_device_identifiers i SET registered = TRUE
+             FROM unnest($2::text[], $3::text[]) AS r (kind, identifier)
+             WHERE i.job_id = $1 AND i.kind = r.kind AND i.identifier = r.identifier",
+            &[&row.id, &kinds, &ids],
+        )
+        .await?;
     let (write, completion) = row.recompute(now);
     completions.extend(completion);
     if write {

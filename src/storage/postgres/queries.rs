@@ -244,7 +244,8 @@ pub(super) async fn device_history(
 }
 
 /// The jobs that list the device `identifier` names, newest first: registered with it before any
-/// callback, or reported by one. Found through `job_device_identifiers_identifier`.
+/// callback (through `job_device_identifiers_registered`), or reported by one (through its
+/// outcomes' jobs).
 async fn device_jobs(
     client: &Object,
     identifier: &DeviceIdentifier,
@@ -253,7 +254,14 @@ async fn device_jobs(
     let lookup = client
         .prepare_cached(
             "SELECT job_device_id, kind, identifier FROM job_device_identifiers
-             WHERE kind = $1 AND identifier = $2 ORDER BY job_device_id DESC LIMIT $3",
+             WHERE kind = $1 AND identifier = $2 AND registered
+             UNION
+             SELECT i.job_device_id, i.kind, i.identifier
+             FROM outcome_identifiers oi JOIN device_outcomes o ON o.id = oi.outcome_id
+             JOIN jobs j ON j.request_id = o.request_id
+             JOIN job_device_identifiers i ON i.job_id = j.id AND i.kind = oi.kind AND i.identifier = oi.identifier
+             WHERE oi.kind = $1 AND oi.identifier = $2
+             ORDER BY 1 DESC LIMIT $3",
         )
         .await?;
     let mut jobs = DeviceJobs::default();

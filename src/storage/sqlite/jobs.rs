@@ -494,6 +494,12 @@ pub(super) fn register(
                 )?;
             }
         }
+        connection
+            .prepare_cached(
+                "UPDATE job_device_identifiers SET registered = 1
+                 WHERE job_id = ?1 AND kind = ?2 AND identifier = ?3",
+            )?
+            .execute(params![row.id, device.kind, device.id])?;
     }
     let (write, completion) = row.recompute(now);
     completions.extend(completion);

@@ -191,10 +191,15 @@ UPDATE jobs SET quarantined = (
     SELECT count(*) FROM deliveries d
      WHERE d.request_id = jobs.request_id AND d.result = 'quarantined' AND d.duplicate_of IS NULL
 );
--- A device is found by any identifier from the moment a job lists it (registered, not reported
--- yet): the jobs of one (kind, identifier), newest job device first, without reading the table.
-CREATE INDEX job_device_identifiers_identifier
-    ON job_device_identifiers (kind, identifier, job_device_id);
+-- A device is found by any identifier from the moment a job registers it (before any callback):
+-- the registered identifiers of one (kind, identifier), newest job device first. Only those a
+-- registration wrote are indexed, so that a callback's identifiers cost no second index entry
+-- (a reported device's jobs are found through its outcomes).
+ALTER TABLE job_device_identifiers ADD COLUMN registered INTEGER NOT NULL DEFAULT 0;
+UPDATE job_device_identifiers SET registered = 1
+ WHERE job_device_id IN (SELECT id FROM job_devices WHERE registered = 1);
+CREATE INDEX job_device_identifiers_registered
+    ON job_device_identifiers (kind, identifier, job_device_id) WHERE registered = 1;
 "#,
     ),
 ];
