@@ -15,6 +15,7 @@ mod helpers;
 mod hostile;
 mod integrity;
 mod jobs;
+mod messages;
 mod json_callbacks;
 mod observability;
 mod openapi;
