@@ -172,7 +172,7 @@ async fn a_bad_cursor_or_limit_is_a_400() {
             .get_api(&format!("/api/v1/devices/MDN/{SMS_MDN}/messages?{query}"))
             .await;
         assert_eq!(response.status(), 400, "{query}");
-        let body: Value = response.json().await.unwrap();
+        let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
         assert_eq!(body["error"]["code"], code, "{query}: {body}");
     }
 }
