@@ -130,7 +130,9 @@ async fn messages_are_listed_newest_first_a_page_at_a_time() {
     let mut pages = 0;
     loop {
         let path = match &cursor {
-            Some(cursor) => format!("/api/v1/devices/MDN/{SMS_MDN}/messages?limit=2&cursor={cursor}"),
+            Some(cursor) => {
+                format!("/api/v1/devices/MDN/{SMS_MDN}/messages?limit=2&cursor={cursor}")
+            }
             None => format!("/api/v1/devices/MDN/{SMS_MDN}/messages?limit=2"),
         };
         let page = app.get_json(&path).await;
@@ -151,7 +153,13 @@ async fn messages_are_listed_newest_first_a_page_at_a_time() {
     assert_eq!(pages, 3);
     assert_eq!(
         texts,
-        ["reading 5", "reading 4", "reading 3", "reading 2", "reading 1"]
+        [
+            "reading 5",
+            "reading 4",
+            "reading 3",
+            "reading 2",
+            "reading 1"
+        ]
     );
     assert!(ids.windows(2).all(|pair| pair[0] > pair[1]), "{ids:?}");
 }

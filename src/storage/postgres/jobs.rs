@@ -517,7 +517,7 @@ pub(super) async fn register(
     for device in &registration.devices {
         devices.register(row.id, device);
     }
-    let [_, _, fresh] = reserve_ids(transaction, [0, 0, devices.new_devices.len()]).await?;
+    let [_, _, fresh, _] = reserve_ids(transaction, [0, 0, devices.new_devices.len(), 0]).await?;
     devices.write(transaction, fresh).await?;
     let (write, completion) = row.recompute(now);
     completions.extend(completion);

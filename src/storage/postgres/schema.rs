@@ -13,7 +13,8 @@ use super::error::store_error;
 use crate::storage::StoreError;
 
 /// Schema versions, applied in order. Never edit an applied migration: add a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE deliveries (
     id                     BIGSERIAL PRIMARY KEY,
     received_at            TEXT NOT NULL,
@@ -146,7 +147,32 @@ CREATE TABLE job_device_identifiers (
     job_device_id BIGINT NOT NULL REFERENCES job_devices (id) DEFERRABLE INITIALLY DEFERRED,
     PRIMARY KEY (job_id, kind, identifier)
 );
-"#];
+"#,
+    r#"
+-- Device messages (MO SMS, NIDD uplinks): facts, kept like outcomes (never pruned), stored with
+-- the first delivery of their callback.
+CREATE TABLE device_messages (
+    id          BIGSERIAL PRIMARY KEY,
+    delivery_id BIGINT NOT NULL REFERENCES deliveries (id) DEFERRABLE INITIALLY DEFERRED,
+    request_id  TEXT,
+    channel     TEXT NOT NULL,
+    payload     TEXT,
+    text        TEXT,
+    sent_at     TEXT,
+    received_at TEXT NOT NULL
+);
+
+-- Every identifier a message names: a lookup by any (kind, identifier) pair finds its messages,
+-- newest first, in index order.
+CREATE TABLE message_identifiers (
+    kind       TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    message_id BIGINT NOT NULL REFERENCES device_messages (id) DEFERRABLE INITIALLY DEFERRED,
+    PRIMARY KEY (kind, identifier, message_id)
+);
+CREATE INDEX message_identifiers_message ON message_identifiers (message_id);
+"#,
+];
 
 /// Applies the migrations not yet recorded, under an advisory lock: replicas starting together
 /// apply each one once, the others wait and find it applied.

@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::batch::{FailureMemory, WRITE_QUEUE, Write, prune_in_chunks};
 use super::{
     BackupError, BoxFuture, DeliveryQuery, DeliveryRecord, DeviceHistory, Fault, JobQuery,
-    JobRecord, NewDelivery, OutcomeRecord, Page, Purpose, RawBody, Receipt, Registered, Store,
-    StoreError, timestamp,
+    JobRecord, MessageQuery, MessageRecord, NewDelivery, OutcomeRecord, Page, Purpose, RawBody,
+    Receipt, Registered, Store, StoreError, timestamp,
 };
 use crate::configuration::StorageSettings;
 use crate::domain::DeviceIdentifier;
@@ -231,6 +231,13 @@ impl Store for SqliteStore {
         identifier: DeviceIdentifier,
     ) -> BoxFuture<'_, Result<Option<DeviceHistory>, StoreError>> {
         Box::pin(self.read(move |connection| queries::device_history(connection, &identifier)))
+    }
+
+    fn device_messages(
+        &self,
+        query: MessageQuery,
+    ) -> BoxFuture<'_, Result<Page<MessageRecord>, StoreError>> {
+        Box::pin(self.read(move |connection| queries::device_messages(connection, &query)))
     }
 
     fn prune_raw_bodies(&self, cutoff: OffsetDateTime) -> BoxFuture<'_, Result<usize, StoreError>> {

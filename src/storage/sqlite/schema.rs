@@ -179,6 +179,32 @@ CREATE INDEX deliveries_unusual_result ON deliveries (result, id) WHERE result <
         old: "CHECK (result IN ('stored', 'duplicate', 'quarantined'))",
         new: "CHECK (result = 'stored' OR result = 'duplicate' OR result = 'quarantined')",
     },
+    Migration::Sql(
+        r#"
+-- Device messages (MO SMS, NIDD uplinks): facts, kept like outcomes (never pruned), stored with
+-- the first delivery of their callback.
+CREATE TABLE device_messages (
+    id          INTEGER PRIMARY KEY,
+    delivery_id INTEGER NOT NULL REFERENCES deliveries (id),
+    request_id  TEXT,
+    channel     TEXT NOT NULL,
+    payload     TEXT,
+    text        TEXT,
+    sent_at     TEXT,
+    received_at TEXT NOT NULL
+);
+
+-- Every identifier a message names: a lookup by any (kind, identifier) pair finds its messages,
+-- newest first, in index order.
+CREATE TABLE message_identifiers (
+    kind       TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    message_id INTEGER NOT NULL REFERENCES device_messages (id),
+    PRIMARY KEY (kind, identifier, message_id)
+) WITHOUT ROWID;
+CREATE INDEX message_identifiers_message ON message_identifiers (message_id);
+"#,
+    ),
 ];
 
 /// Refuses a database whose schema is newer than this build knows (a downgrade).
