@@ -617,11 +617,13 @@ async fn device_history(
                 messages,
             },
         ),
+        // The message released versions gave (tests/api/upgrade.rs holds the API to it); a
+        // device with a message is found above.
         None => error(
             StatusCode::NOT_FOUND,
             "DEVICE_NOT_FOUND",
             &format!(
-                "no outcome or message was ever reported for {} {}",
+                "no outcome was ever reported for {} {}",
                 identifier.kind, identifier.id
             ),
         ),
