@@ -45,6 +45,9 @@ done
 # Some data for the read endpoints to find.
 curl -sf -X POST --data-binary @tests/fixtures/activate_seed004.xml "http://127.0.0.1:$callback_port/" > /dev/null
 curl -sf -X POST --data-binary @tests/fixtures/upload_seed001.xml "http://127.0.0.1:$callback_port/" > /dev/null || true
+# Device messages: an MO SMS and a NIDD uplink.
+curl -sf -X POST --data-binary @tests/fixtures/sms_mo.xml "http://127.0.0.1:$callback_port/" > /dev/null
+curl -sf -X POST -H 'Content-Type: application/json' --data-binary @tests/fixtures/json_nidd_uplink.json "http://127.0.0.1:$callback_port/" > /dev/null
 
 st --config-file scripts/schemathesis.toml run docs/openapi.yaml \
   --url "http://127.0.0.1:$api_port" \

@@ -20,7 +20,8 @@ use crate::domain::{CallbackKind, DeliveryResult, DeviceIdentifier, Operation, S
 use crate::jobs::{JobState, RegistrationRequest};
 use crate::metrics::Metrics;
 use crate::storage::{
-    DeliveryQuery, FaultRecord, JobQuery, OutcomeRecord, RawBody, Registered, Store, StoreError,
+    DeliveryQuery, FaultRecord, JobQuery, MessageQuery, MessageRecord, OutcomeRecord, RawBody,
+    Registered, Store, StoreError,
 };
 use crate::telemetry::ErrorChain;
 
@@ -197,6 +198,9 @@ pub async fn handle(
             Err(refused) => refused.into_response(),
         },
         (Endpoint::Catalog, true) => search_catalog(&query),
+        (Endpoint::DeviceMessages(kind, identifier), true) => {
+            device_messages(&state, kind, identifier, &query).await
+        }
         (Endpoint::CatalogEntry(code), true) => catalog_entry(code),
         (Endpoint::Deliveries, true) => list_deliveries(&state, &query).await,
         (Endpoint::RawBody(id), true) => raw_body(&state, id, &query).await,
@@ -230,6 +234,7 @@ enum Endpoint<'a> {
     JobDevices(&'a str),
     Device(&'a str, &'a str),
     Catalog,
+    DeviceMessages(&'a str, &'a str),
     CatalogEntry(&'a str),
     Deliveries,
     /// The id as it appears in the path; checked by [`delivery_id`].
@@ -249,6 +254,9 @@ impl<'a> Endpoint<'a> {
             ["api", "v1", "jobs", request_id, "devices"] => Endpoint::JobDevices(request_id),
             ["api", "v1", "devices", kind, identifier] => Endpoint::Device(kind, identifier),
             ["api", "v1", "errors"] => Endpoint::Catalog,
+            ["api", "v1", "devices", kind, identifier, "messages"] => {
+                Endpoint::DeviceMessages(kind, identifier)
+            }
             ["api", "v1", "errors", code] => Endpoint::CatalogEntry(code),
             ["api", "v1", "deliveries"] => Endpoint::Deliveries,
             ["api", "v1", "deliveries", id, "raw"] => Endpoint::RawBody(id),
@@ -526,6 +534,30 @@ async fn job_devices(
     json_response(StatusCode::OK, &json!({ "items": items }))
 }
 
+/// The device view: what the device history holds, and its messages' link.
+#[derive(serde::Serialize)]
+struct DeviceView<Device: serde::Serialize> {
+    #[serde(flatten)]
+    device: Device,
+    messages: MessagesLink,
+}
+
+/// The device view of a device known only by its messages: no outcome.
+#[derive(serde::Serialize)]
+struct KnownByMessages {
+    identifiers: Vec<DeviceIdentifier>,
+    latest: Option<OutcomeRecord>,
+    history: Vec<OutcomeRecord>,
+    jobs: Vec<crate::storage::DeviceJobRecord>,
+}
+
+/// Where a device's messages are listed, and the newest of them.
+#[derive(serde::Serialize)]
+struct MessagesLink {
+    href: String,
+    latest: Option<MessageRecord>,
+}
+
 async fn device_history(
     state: &ApiState,
     kind: &str,
@@ -533,21 +565,75 @@ async fn device_history(
     reveal: bool,
 ) -> HttpResponse {
     let identifier = DeviceIdentifier::new(kind, identifier);
-    match state
-        .store
-        .device_history(identifier.clone(), OffsetDateTime::now_utc())
-        .await
-    {
-        Ok(Some(mut history)) => {
+    // The newest message is one lookup in the identifier index, made beside the history's.
+    let newest_message = MessageQuery {
+        identifier: identifier.clone(),
+        limit: 1,
+        before_id: None,
+    };
+    let (history, messages) = tokio::join!(
+        state
+            .store
+            .device_history(identifier.clone(), OffsetDateTime::now_utc()),
+        state.store.device_messages(newest_message),
+    );
+    let (history, latest_message) = match (history, messages) {
+        (Ok(history), Ok(messages)) => (history, messages.items.into_iter().next()),
+        (Err(failure), _) | (_, Err(failure)) => return storage_error(&failure),
+    };
+    let messages = MessagesLink {
+        href: format!(
+            "/api/v1/devices/{}/{}/messages",
+            encode_segment(&identifier.kind),
+            encode_segment(&identifier.id)
+        ),
+        latest: latest_message,
+    };
+    let message_identifiers = messages
+        .latest
+        .as_ref()
+        .map(|message| message.identifiers.clone())
+        .unwrap_or_default();
+    match history {
+        Some(mut history) => {
             history.latest = present_outcome(history.latest, reveal);
             history.history = history
                 .history
                 .into_iter()
                 .map(|outcome| present_outcome(outcome, reveal))
                 .collect();
-            json_response(StatusCode::OK, &history)
+            // A message names the device's identifiers too (a NIDD uplink every one of its line).
+            for found in message_identifiers {
+                if !history.identifiers.contains(&found) {
+                    history.identifiers.push(found);
+                }
+            }
+            history
+                .identifiers
+                .sort_by(|left, right| (&left.kind, &left.id).cmp(&(&right.kind, &right.id)));
+            json_response(
+                StatusCode::OK,
+                &DeviceView {
+                    device: history,
+                    messages,
+                },
+            )
         }
-        Ok(None) => error(
+        None if messages.latest.is_some() => json_response(
+            StatusCode::OK,
+            &DeviceView {
+                device: KnownByMessages {
+                    identifiers: message_identifiers,
+                    latest: None,
+                    history: Vec::new(),
+                    jobs: Vec::new(),
+                },
+                messages,
+            },
+        ),
+        // The message released versions gave (tests/api/upgrade.rs holds the API to it); a
+        // device with a message is found above.
+        None => error(
             StatusCode::NOT_FOUND,
             "DEVICE_NOT_FOUND",
             &format!(
@@ -555,6 +641,27 @@ async fn device_history(
                 identifier.kind, identifier.id
             ),
         ),
+    }
+}
+
+/// The MO SMS and NIDD uplinks of a device, newest first, a page at a time.
+async fn device_messages(
+    state: &ApiState,
+    kind: &str,
+    identifier: &str,
+    query: &HashMap<String, String>,
+) -> HttpResponse {
+    let (limit, before_id) = match paging(query) {
+        Ok(paging) => paging,
+        Err(refused) => return refused.into_response(),
+    };
+    let query = MessageQuery {
+        identifier: DeviceIdentifier::new(kind, identifier),
+        limit,
+        before_id,
+    };
+    match state.store.device_messages(query).await {
+        Ok(page) => json_response(StatusCode::OK, &page),
         Err(failure) => storage_error(&failure),
     }
 }

@@ -96,6 +96,14 @@ impl DeliveryContent {
             DeliveryContent::Quarantined(_) => 0,
         }
     }
+
+    /// The device messages it carries (none for a quarantined body).
+    pub fn message_count(&self) -> usize {
+        match self {
+            DeliveryContent::Callback(callback) => callback.messages.len(),
+            DeliveryContent::Quarantined(_) => 0,
+        }
+    }
 }
 
 /// What the store did with a delivery. Returned only after the commit.
@@ -306,6 +314,36 @@ pub struct DeviceJobRecord {
     pub reported_at: Option<String>,
 }
 
+/// A page of one device's messages.
+#[derive(Clone, Debug)]
+pub struct MessageQuery {
+    /// Any identifier the messages named.
+    pub identifier: DeviceIdentifier,
+    pub limit: u32,
+    /// Messages with ids below this one (newest first).
+    pub before_id: Option<i64>,
+}
+
+/// A device message (an MO SMS, a NIDD uplink) as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MessageRecord {
+    pub id: i64,
+    /// The first delivery of the callback that carried it (a re-delivery stores no message).
+    pub delivery_id: i64,
+    pub request_id: Option<String>,
+    /// `sms` or `nidd`.
+    pub channel: String,
+    pub received_at: String,
+    /// When the device sent it, as the callback gives it.
+    pub sent_at: Option<String>,
+    /// The payload as text, when it is text.
+    pub text: Option<String>,
+    /// The payload as sent: base64 for NIDD, the text for SMS.
+    pub payload: Option<String>,
+    /// Every identifier the callback named for the device.
+    pub identifiers: Vec<DeviceIdentifier>,
+}
+
 /// The storage interface of the HTTP edge.
 pub trait Store: Send + Sync + 'static {
     /// Stores the delivery and returns once it is committed durably.
@@ -358,6 +396,13 @@ pub trait Store: Send + Sync + 'static {
         identifier: DeviceIdentifier,
         now: OffsetDateTime,
     ) -> BoxFuture<'_, Result<Option<DeviceHistory>, StoreError>>;
+
+    /// The messages of the device one identifier names (any identifier a message named), newest
+    /// first; an empty page if there are none.
+    fn device_messages(
+        &self,
+        query: MessageQuery,
+    ) -> BoxFuture<'_, Result<Page<MessageRecord>, StoreError>>;
 
     /// Deletes raw bodies received before `cutoff` (see the backend for what is kept); returns
     /// how many.

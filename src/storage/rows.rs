@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use super::{
     DeliveryQuery, DeliveryRecord, DeviceHistory, DeviceJobRecord, FaultRecord, JobQuery,
-    JobRecord, OutcomeRecord, Page, RawBody,
+    JobRecord, MessageRecord, OutcomeRecord, Page, RawBody,
 };
 use crate::domain::{DeliveryResult, DeviceIdentifier};
 
@@ -304,6 +304,66 @@ impl DeviceJobs {
     }
 }
 
+/// The columns of a device message `m`, as [`DeviceMessages::add`] reads them.
+pub(crate) const MESSAGE_COLUMNS: &str =
+    "m.id, m.delivery_id, m.request_id, m.channel, m.received_at, m.sent_at, m.text, m.payload";
+
+/// A page of device messages, built from their identifier rows, then their message rows newest
+/// first.
+#[derive(Default)]
+pub(crate) struct DeviceMessages {
+    identifiers: HashMap<i64, Vec<DeviceIdentifier>>,
+    messages: Vec<MessageRecord>,
+}
+
+impl DeviceMessages {
+    /// One row of [`identifier_from_row`] (`message_id, kind, identifier`).
+    pub fn add_identifier<R: RowReader>(&mut self, row: &R) -> Result<(), R::Error> {
+        let (message, identifier) = identifier_from_row(row)?;
+        self.identifiers
+            .entry(message)
+            .or_default()
+            .push(identifier);
+        Ok(())
+    }
+
+    /// One row of [`MESSAGE_COLUMNS`], newest first, after the identifiers of its message.
+    pub fn add<R: RowReader>(&mut self, row: &R) -> Result<(), R::Error> {
+        let id = row.integer(0)?;
+        let mut identifiers = self.identifiers.remove(&id).unwrap_or_default();
+        sort_identifiers(&mut identifiers);
+        self.messages.push(MessageRecord {
+            id,
+            delivery_id: row.integer(1)?,
+            request_id: row.optional_text(2)?,
+            channel: row.text(3)?,
+            received_at: row.text(4)?,
+            sent_at: row.optional_text(5)?,
+            text: row.optional_text(6)?,
+            payload: row.optional_text(7)?,
+            identifiers,
+        });
+        Ok(())
+    }
+
+    /// The page of `limit` messages from the `limit + 1` (at most) of [`newest_message_ids`].
+    pub fn page(self, limit: i64) -> Page<MessageRecord> {
+        page(self.messages, limit, |message| message.id)
+    }
+}
+
+/// The message ids of a page, from those each candidate of an identifier found (see
+/// [`identifier_candidates`]; each list newest first): newest first, each once, `limit + 1` at
+/// most, so that the extra one says that more follow. Each candidate is looked up on its own, in
+/// index order, rather than all of them with `IN`, which would sort every message of the device.
+pub(crate) fn newest_message_ids(found: Vec<i64>, limit: i64) -> Vec<i64> {
+    let mut ids = found;
+    ids.sort_unstable_by(|left, right| right.cmp(left));
+    ids.dedup();
+    ids.truncate(usize::try_from(limit.saturating_add(1)).unwrap_or(usize::MAX));
+    ids
+}
+
 /// A value a listing filters on.
 #[derive(Clone, Debug)]
 pub(crate) enum FilterValue {
@@ -447,4 +507,16 @@ pub(crate) fn fault_record(code: Option<String>, message: Option<String>) -> Opt
 /// The stored JSON text of an outcome's other fields.
 pub(crate) fn parse_details(details: Option<String>) -> Option<serde_json::Value> {
     details.and_then(|details| serde_json::from_str(&details).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::newest_message_ids;
+
+    #[test]
+    fn the_message_ids_of_several_candidates_are_merged_newest_first_each_once() {
+        assert_eq!(newest_message_ids(vec![9, 4, 1, 7, 4, 2], 2), [9, 7, 4]);
+        assert_eq!(newest_message_ids(vec![3], 5), [3]);
+        assert!(newest_message_ids(Vec::new(), 1).is_empty());
+    }
 }

@@ -613,3 +613,8 @@ pub fn terminate(child: &std::process::Child) {
         .expect("kill runs");
     assert!(status.success());
 }
+
+/// A mobile-originated SMS from `mdn` with the empty credentials of seed 004.
+pub fn sms_mo_callback(mdn: &str, message: &str) -> String {
+    payloads::sms_mo_callback(Envelope::default(), mdn, message)
+}

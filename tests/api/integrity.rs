@@ -9,6 +9,7 @@ use serde_json::json;
 
 use crate::helpers::{
     CarrierResult, TestApp, carrier_callback, fixture, spawn_app_with, upload_callback,
+    with_callback_count,
 };
 
 /// Each job's counters, recounted from its devices: (request_id, stored, recounted).
@@ -97,10 +98,17 @@ async fn every_stored_reference_points_at_a_row_after_every_kind_of_write() {
     }
     let statuses = requests.join_all().await;
     assert!(statuses.iter().all(|status| *status == 200), "{statuses:?}");
-    // Re-deliveries, an MO SMS and a body that cannot be parsed.
+    // Re-deliveries, device messages (an MO SMS, a NIDD uplink, each delivered twice) and a
+    // body that cannot be parsed.
     for body in [
         bodies[0].clone().into_bytes(),
         fixture("sms_mo.xml"),
+        with_callback_count("sms_mo.xml", 2),
+        fixture("json_nidd_uplink.json"),
+        String::from_utf8(fixture("json_nidd_uplink.json"))
+            .expect("UTF-8 fixture")
+            .replace("\"callbackCount\": 1", "\"callbackCount\": 2")
+            .into_bytes(),
         fixture("activate_seed004_malformed.xml"),
     ] {
         assert_eq!(app.post_callback(body).await.status(), 200);
@@ -122,6 +130,9 @@ async fn every_stored_reference_points_at_a_row_after_every_kind_of_write() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // Messages are facts: the prune of raw bodies leaves them (and their identifiers) as they were.
+    assert_eq!(app.count("SELECT count(*) FROM device_messages"), 2);
+    assert_eq!(app.count("SELECT count(*) FROM message_identifiers"), 2 + 6);
     let violations = app.database.rows("PRAGMA foreign_key_check");
     assert!(violations.is_empty(), "dangling references: {violations:?}");
     assert_eq!(

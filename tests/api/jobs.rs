@@ -353,6 +353,20 @@ async fn a_device_is_found_by_any_of_its_identifiers_and_the_csv_export_parses()
         .await;
     let by_mdn = app.get_json("/api/v1/devices/Mdn/5550000051").await;
 
+    // The same device whichever identifier asks; the messages link names the one asked with.
+    assert_eq!(
+        by_iccid["messages"]["href"],
+        "/api/v1/devices/ICCID/89140000000000000051/messages"
+    );
+    let without_link = |mut view: serde_json::Value| {
+        view["messages"]["href"] = serde_json::Value::Null;
+        view
+    };
+    let (by_imei, by_iccid, by_mdn) = (
+        without_link(by_imei),
+        without_link(by_iccid),
+        without_link(by_mdn),
+    );
     assert_eq!(by_imei, by_iccid);
     assert_eq!(by_imei, by_mdn);
     assert_eq!(

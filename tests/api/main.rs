@@ -17,6 +17,7 @@ mod hostile;
 mod integrity;
 mod jobs;
 mod json_callbacks;
+mod messages;
 mod observability;
 mod openapi;
 mod properties;

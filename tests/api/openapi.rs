@@ -28,6 +28,7 @@ const SERVED: &[&str] = &[
     "/api/v1/jobs/{request_id}",
     "/api/v1/jobs/{request_id}/devices",
     "/api/v1/devices/{kind}/{identifier}",
+    "/api/v1/devices/{kind}/{identifier}/messages",
     "/api/v1/deliveries",
     "/api/v1/deliveries/{id}/raw",
     "/api/v1/deliveries/{id}/reprocess",

@@ -23,6 +23,8 @@ mod hostile;
 mod jobs;
 #[path = "../api/json_callbacks.rs"]
 mod json_callbacks;
+#[path = "../api/messages.rs"]
+mod messages;
 #[path = "../api/observability.rs"]
 mod observability;
 #[path = "../api/openapi.rs"]

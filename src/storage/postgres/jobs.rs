@@ -518,7 +518,7 @@ pub(super) async fn register(
     for device in &registration.devices {
         devices.register(row.id, device);
     }
-    let [_, _, fresh] = reserve_ids(transaction, [0, 0, devices.new_devices.len()]).await?;
+    let [_, _, fresh, _] = reserve_ids(transaction, [0, 0, devices.new_devices.len(), 0]).await?;
     devices.write(transaction, fresh).await?;
     // The identifiers a registration names are indexed for the device lookup (see the schema).
     let kinds: Vec<String> = registration

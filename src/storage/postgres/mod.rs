@@ -38,7 +38,8 @@ use super::batch::{WRITE_QUEUE, Write, prune_in_chunks};
 use super::jobs::{JobCompletion, RegistrationPlan};
 use super::{
     BackupError, BoxFuture, DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord,
-    NewDelivery, OutcomeRecord, Page, Purpose, RawBody, Receipt, Registered, Store, StoreError,
+    MessageQuery, MessageRecord, NewDelivery, OutcomeRecord, Page, Purpose, RawBody, Receipt,
+    Registered, Store, StoreError,
 };
 use crate::configuration::{StorageSettings, mask_url_password};
 use crate::domain::DeviceIdentifier;
@@ -251,6 +252,13 @@ impl Store for PostgresStore {
         Box::pin(self.read(async move |client| {
             queries::device_history(client, &identifier, &super::timestamp(now)).await
         }))
+    }
+
+    fn device_messages(
+        &self,
+        query: MessageQuery,
+    ) -> BoxFuture<'_, Result<Page<MessageRecord>, StoreError>> {
+        Box::pin(self.read(async move |client| queries::device_messages(client, &query).await))
     }
 
     fn prune_raw_bodies(&self, cutoff: OffsetDateTime) -> BoxFuture<'_, Result<usize, StoreError>> {

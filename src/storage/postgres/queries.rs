@@ -9,12 +9,14 @@ use super::text::clean_key;
 use crate::domain::DeviceIdentifier;
 use crate::storage::jobs::{JOB_COLUMNS, JobRow};
 use crate::storage::rows::{
-    Conditions, DEVICE_JOB_COLUMNS, DeviceJobs, FilterValue, HISTORY_LIMIT, History, JobDevices,
-    OUTCOME_COLUMNS, RAW_BODY_COLUMNS, RowReader, delivery_columns, delivery_from_row,
-    identifier_candidates, job_device_columns, page, raw_body_from_row,
+    Conditions, DEVICE_JOB_COLUMNS, DeviceJobs, DeviceMessages, FilterValue, HISTORY_LIMIT,
+    History, JobDevices, MESSAGE_COLUMNS, OUTCOME_COLUMNS, RAW_BODY_COLUMNS, RowReader,
+    delivery_columns, delivery_from_row, identifier_candidates, job_device_columns,
+    newest_message_ids, page, raw_body_from_row,
 };
 use crate::storage::{
-    DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord, OutcomeRecord, Page, RawBody,
+    DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord, MessageQuery, MessageRecord,
+    OutcomeRecord, Page, RawBody,
 };
 
 type Error = tokio_postgres::Error;
@@ -310,6 +312,55 @@ async fn device_jobs(
         }
     }
     Ok(jobs)
+}
+
+/// A page of a device's messages, newest first: the ids from the identifier index (in index
+/// order, from the cursor on), then the messages and their identifiers by those ids.
+pub(super) async fn device_messages(
+    client: &Object,
+    query: &MessageQuery,
+) -> Result<Page<MessageRecord>, Error> {
+    let limit = i64::from(query.limit.max(1));
+    let before = query.before_id.unwrap_or(i64::MAX);
+    let statement = client
+        .prepare_cached(
+            "SELECT message_id FROM message_identifiers
+             WHERE kind = $1 AND identifier = $2 AND message_id < $3
+             ORDER BY message_id DESC LIMIT $4",
+        )
+        .await?;
+    let kind = clean_key(&query.identifier.kind);
+    let mut found: Vec<i64> = Vec::new();
+    for candidate in identifier_candidates(&clean_key(&query.identifier.id)) {
+        for row in client
+            .query(&statement, &[&kind, &candidate, &before, &(limit + 1)])
+            .await?
+        {
+            found.push(row.try_get(0)?);
+        }
+    }
+    let message_ids = newest_message_ids(found, limit);
+    let mut messages = DeviceMessages::default();
+    if message_ids.is_empty() {
+        return Ok(messages.page(limit));
+    }
+    let identifiers = client
+        .prepare_cached(
+            "SELECT message_id, kind, identifier FROM message_identifiers WHERE message_id = ANY($1)",
+        )
+        .await?;
+    let rows = client
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM device_messages m WHERE m.id = ANY($1) ORDER BY m.id DESC"
+        ))
+        .await?;
+    for row in client.query(&identifiers, &[&message_ids]).await? {
+        messages.add_identifier(&row)?;
+    }
+    for row in client.query(&rows, &[&message_ids]).await? {
+        messages.add(&row)?;
+    }
+    Ok(messages.page(limit))
 }
 
 /// How many jobs are in each state (for the `m2m_jobs` gauge).

@@ -232,18 +232,19 @@ async fn reprocess_one(
         Some(original) => Fate::Duplicate { original },
         None => Fate::First,
     };
-    let outcomes = if original.is_some() {
-        0
+    let (outcomes, messages) = if original.is_some() {
+        (0, 0)
     } else {
-        callback.outcomes.len()
+        (callback.outcomes.len(), callback.messages.len())
     };
-    let [_, outcome_ids, device_ids] = reserve_ids(transaction, [0, outcomes, outcomes]).await?;
+    let [_, outcome_ids, device_ids, message_ids] =
+        reserve_ids(transaction, [0, outcomes, outcomes, messages]).await?;
     let (job_operations, completed) = write_contents(
         transaction,
         &[&delivery],
         &[id],
         &[fate],
-        (outcome_ids, device_ids),
+        (outcome_ids, device_ids, message_ids),
         job_timeout,
         Writing::Reprocessed,
     )

@@ -6,8 +6,8 @@ use crate::storage::batch::PRUNE_CHUNK;
 
 /// Deletes up to [`PRUNE_CHUNK`] raw bodies of stored deliveries received before `cutoff`.
 /// Kept whatever their age: quarantined bodies (the only copy of what was sent) and bodies of
-/// jobs still pending or in progress (they may need re-processing). Delivery rows, outcomes and
-/// jobs are never pruned. Replicas pruning at once skip each other's rows. Returns how many
+/// jobs still pending or in progress (they may need re-processing). Delivery rows, outcomes, device
+/// messages (whose payload is then the only copy) and jobs are never pruned. Replicas pruning at once skip each other's rows. Returns how many
 /// bodies were deleted.
 pub(super) async fn prune_chunk(
     transaction: &Transaction<'_>,

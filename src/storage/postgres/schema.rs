@@ -168,6 +168,28 @@ UPDATE job_device_identifiers SET registered = TRUE
  WHERE job_device_id IN (SELECT id FROM job_devices WHERE registered);
 CREATE INDEX job_device_identifiers_registered
     ON job_device_identifiers (kind, identifier, job_device_id) WHERE registered;
+-- Device messages (MO SMS, NIDD uplinks): facts, kept like outcomes (never pruned), stored with
+-- the first delivery of their callback.
+CREATE TABLE device_messages (
+    id          BIGSERIAL PRIMARY KEY,
+    delivery_id BIGINT NOT NULL REFERENCES deliveries (id) DEFERRABLE INITIALLY DEFERRED,
+    request_id  TEXT,
+    channel     TEXT NOT NULL,
+    payload     TEXT,
+    text        TEXT,
+    sent_at     TEXT,
+    received_at TEXT NOT NULL
+);
+
+-- Every identifier a message names: a lookup by any (kind, identifier) pair finds its messages,
+-- newest first, in index order.
+CREATE TABLE message_identifiers (
+    kind       TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    message_id BIGINT NOT NULL REFERENCES device_messages (id) DEFERRABLE INITIALLY DEFERRED,
+    PRIMARY KEY (kind, identifier, message_id)
+);
+CREATE INDEX message_identifiers_message ON message_identifiers (message_id);
 "#,
 ];
 

@@ -1,5 +1,5 @@
-//! One write batch: every delivery, its raw body, outcomes and upload report, and the jobs they
-//! touch, in one transaction with a fixed number of set-based statements.
+//! One write batch: every delivery, its raw body, outcomes, device messages and upload report,
+//! and the jobs they touch, in one transaction with a fixed number of set-based statements.
 //!
 //! Locks are taken in one order by every transaction: first delivery rows (dedup-key order),
 //! then job rows (`request_id` order). Everything else a batch writes hangs off a job row it has
@@ -175,13 +175,21 @@ pub(super) async fn write_batch(
     job_timeout: Duration,
 ) -> Result<(Vec<Receipt>, Vec<JobCompletion>), Failure> {
     let transaction = client.transaction().await?;
-    // Enough outcome and job device ids for every outcome of the batch.
+    // Enough outcome and job device ids for every outcome of the batch, message ids for every
+    // message.
     let outcomes: usize = deliveries
         .iter()
         .map(|delivery| delivery.content.outcome_count())
         .sum();
-    let [ids, outcome_ids, device_ids] =
-        reserve_ids(&transaction, [deliveries.len(), outcomes, outcomes]).await?;
+    let messages: usize = deliveries
+        .iter()
+        .map(|delivery| delivery.content.message_count())
+        .sum();
+    let [ids, outcome_ids, device_ids, message_ids] = reserve_ids(
+        &transaction,
+        [deliveries.len(), outcomes, outcomes, messages],
+    )
+    .await?;
 
     let plan = DedupPlan::new(deliveries);
     let mut firsts = DeliveryColumns::default();
@@ -239,7 +247,7 @@ pub(super) async fn write_batch(
         deliveries,
         &ids,
         &fates,
-        (outcome_ids, device_ids),
+        (outcome_ids, device_ids, message_ids),
         job_timeout,
         Writing::Arrived,
     )
@@ -275,7 +283,7 @@ pub(super) async fn write_contents(
     deliveries: &[&NewDelivery],
     ids: &[i64],
     fates: &[Fate],
-    (outcome_ids, device_ids): (Vec<i64>, Vec<i64>),
+    (outcome_ids, device_ids, message_ids): (Vec<i64>, Vec<i64>, Vec<i64>),
     job_timeout: Duration,
     writing: Writing,
 ) -> Result<(HashMap<usize, Operation>, Vec<JobCompletion>), Failure> {
@@ -287,7 +295,10 @@ pub(super) async fn write_contents(
         deliveries,
         ids,
         &new_deliveries,
-        outcome_ids,
+        Fresh {
+            outcomes: outcome_ids,
+            messages: message_ids,
+        },
         writing,
     )
     .await?;
@@ -407,15 +418,21 @@ fn missing_original() -> Failure {
     Failure::Defect("a stored message could not be found again")
 }
 
-/// Inserts the raw bodies, outcomes, identifiers and upload reports of the new deliveries, in one
-/// pipelined round trip, with outcome ids from `fresh`. Returns the outcome ids of each delivery
-/// (in the order of `new_deliveries`, then of its outcomes).
+/// Ids reserved for the rows [`insert_contents`] inserts.
+struct Fresh {
+    outcomes: Vec<i64>,
+    messages: Vec<i64>,
+}
+
+/// Inserts the raw bodies, outcomes, device messages, their identifiers and upload reports of the
+/// new deliveries, in one pipelined round trip, with ids from `fresh`. Returns the outcome ids of
+/// each delivery (in the order of `new_deliveries`, then of its outcomes).
 async fn insert_contents(
     transaction: &Transaction<'_>,
     deliveries: &[&NewDelivery],
     ids: &[i64],
     new_deliveries: &[usize],
-    fresh: Vec<i64>,
+    fresh: Fresh,
     writing: Writing,
 ) -> Result<Vec<Vec<i64>>, Failure> {
     let callbacks: Vec<(i64, &NewDelivery, &crate::domain::Callback)> = new_deliveries
@@ -432,7 +449,9 @@ async fn insert_contents(
         .iter()
         .map(|index| timestamp(deliveries[*index].received_at))
         .collect();
-    let mut fresh = fresh.into_iter();
+    let mut fresh_messages = fresh.messages.into_iter();
+    let mut messages = MessageColumns::default();
+    let mut fresh = fresh.outcomes.into_iter();
     let mut outcome_ids = Vec::with_capacity(new_deliveries.len());
     let mut outcomes = OutcomeColumns::default();
     let mut identifiers: [Vec<Cow<'_, str>>; 2] = Default::default();
@@ -456,6 +475,12 @@ async fn insert_contents(
                 identified.push(outcome_id);
             }
             these.push(outcome_id);
+        }
+        for message in &callback.messages {
+            let Some(message_id) = fresh_messages.next() else {
+                return Err(Failure::Defect("fewer message ids than messages"));
+            };
+            messages.push(message_id, ids[*index], received_at, callback, message);
         }
         if let Some(upload) = &callback.upload {
             uploads.push(ids[*index], callback, upload);
@@ -498,11 +523,13 @@ async fn insert_contents(
             .await
             .map(drop)
     };
-    // Sent in this order (outcome rows before the identifiers referring to them).
+    // Sent in this order (outcome and message rows before the identifiers referring to them).
     tokio::try_join!(
         raw_bodies,
         outcomes.insert(transaction),
         identifier_rows,
+        messages.insert(transaction),
+        messages.insert_identifiers(transaction),
         uploads.insert(transaction),
     )?;
     Ok(outcome_ids)
@@ -595,6 +622,103 @@ impl<'a> OutcomeColumns<'a> {
                     &self.details,
                     &self.received_at,
                 ],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// The `device_messages` columns of several rows, and the `message_identifiers` rows of each.
+#[derive(Default)]
+struct MessageColumns<'a> {
+    id: Vec<i64>,
+    delivery_id: Vec<i64>,
+    request_id: Vec<Option<Cow<'a, str>>>,
+    channel: Vec<&'static str>,
+    payload: Vec<Option<Cow<'a, str>>>,
+    text: Vec<Option<Cow<'a, str>>>,
+    sent_at: Vec<Option<Cow<'a, str>>>,
+    received_at: Vec<&'a str>,
+    /// Every identifier of every message: kind, identifier and the message's id.
+    identifiers: [Vec<Cow<'a, str>>; 2],
+    identified: Vec<i64>,
+}
+
+impl<'a> MessageColumns<'a> {
+    fn push(
+        &mut self,
+        id: i64,
+        delivery_id: i64,
+        received_at: &'a str,
+        callback: &'a crate::domain::Callback,
+        message: &'a crate::domain::DeviceMessage,
+    ) {
+        self.id.push(id);
+        self.delivery_id.push(delivery_id);
+        self.request_id
+            .push(callback.request_id.as_deref().map(clean_key));
+        self.channel.push(message.channel.as_str());
+        self.payload.push(clean_option(message.payload.as_deref()));
+        self.text.push(clean_option(message.text.as_deref()));
+        self.sent_at.push(clean_option(message.sent_at.as_deref()));
+        self.received_at.push(received_at);
+        for identifier in &message.identifiers {
+            self.identifiers[0].push(clean_key(&identifier.kind));
+            self.identifiers[1].push(clean_key(&identifier.id));
+            self.identified.push(id);
+        }
+    }
+
+    async fn insert(&self, transaction: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        if self.id.is_empty() {
+            return Ok(());
+        }
+        let statement = transaction
+            .prepare_cached(
+                "INSERT INTO device_messages (id, delivery_id, request_id, channel, payload, text, sent_at,
+                     received_at)
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::text[])",
+            )
+            .await?;
+        transaction
+            .execute(
+                &statement,
+                &[
+                    &self.id,
+                    &self.delivery_id,
+                    &self.request_id,
+                    &self.channel,
+                    &self.payload,
+                    &self.text,
+                    &self.sent_at,
+                    &self.received_at,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// A message is new, and its identifiers distinct (the parser keeps each pair once), so
+    /// nothing conflicts; `DO NOTHING` keeps a repeated pair from failing the batch all the same.
+    async fn insert_identifiers(
+        &self,
+        transaction: &Transaction<'_>,
+    ) -> Result<(), tokio_postgres::Error> {
+        if self.identified.is_empty() {
+            return Ok(());
+        }
+        let statement = transaction
+            .prepare_cached(
+                "INSERT INTO message_identifiers (kind, identifier, message_id)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
+                 ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        transaction
+            .execute(
+                &statement,
+                &[&self.identifiers[0], &self.identifiers[1], &self.identified],
             )
             .await?;
         Ok(())

@@ -29,8 +29,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::batch::{FailureMemory, WRITE_QUEUE, Write, prune_in_chunks};
 use super::{
     BackupError, BoxFuture, DeliveryQuery, DeliveryRecord, DeviceHistory, Fault, JobQuery,
-    JobRecord, NewDelivery, OutcomeRecord, Page, Purpose, RawBody, Receipt, Registered, Store,
-    StoreError, timestamp,
+    JobRecord, MessageQuery, MessageRecord, NewDelivery, OutcomeRecord, Page, Purpose, RawBody,
+    Receipt, Registered, Store, StoreError, timestamp,
 };
 use crate::configuration::StorageSettings;
 use crate::domain::DeviceIdentifier;
@@ -244,6 +244,13 @@ impl Store for SqliteStore {
         Box::pin(self.read(move |connection| {
             queries::device_history(connection, &identifier, &timestamp(now))
         }))
+    }
+
+    fn device_messages(
+        &self,
+        query: MessageQuery,
+    ) -> BoxFuture<'_, Result<Page<MessageRecord>, StoreError>> {
+        Box::pin(self.read(move |connection| queries::device_messages(connection, &query)))
     }
 
     fn prune_raw_bodies(&self, cutoff: OffsetDateTime) -> BoxFuture<'_, Result<usize, StoreError>> {

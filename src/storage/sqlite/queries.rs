@@ -6,12 +6,14 @@ use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 use crate::domain::DeviceIdentifier;
 use crate::storage::jobs::{JOB_COLUMNS, JobRow};
 use crate::storage::rows::{
-    Conditions, DEVICE_JOB_COLUMNS, DeviceJobs, FilterValue, HISTORY_LIMIT, History, JobDevices,
-    OUTCOME_COLUMNS, RAW_BODY_COLUMNS, RowReader, delivery_columns, delivery_from_row,
-    identifier_candidates, job_device_columns, page, raw_body_from_row,
+    Conditions, DEVICE_JOB_COLUMNS, DeviceJobs, DeviceMessages, FilterValue, HISTORY_LIMIT,
+    History, JobDevices, MESSAGE_COLUMNS, OUTCOME_COLUMNS, RAW_BODY_COLUMNS, RowReader,
+    delivery_columns, delivery_from_row, identifier_candidates, job_device_columns,
+    newest_message_ids, page, raw_body_from_row,
 };
 use crate::storage::{
-    DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord, OutcomeRecord, Page, RawBody,
+    DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord, MessageQuery, MessageRecord,
+    OutcomeRecord, Page, RawBody,
 };
 
 impl RowReader for rusqlite::Row<'_> {
@@ -247,6 +249,49 @@ fn device_jobs(
     Ok(jobs)
 }
 
+/// A page of a device's messages, newest first: the ids from the identifier index (in index
+/// order, from the cursor on), then one primary-key lookup per message.
+pub(super) fn device_messages(
+    connection: &Connection,
+    query: &MessageQuery,
+) -> rusqlite::Result<Page<MessageRecord>> {
+    let limit = i64::from(query.limit.max(1));
+    let before = query.before_id.unwrap_or(i64::MAX);
+    let mut found: Vec<i64> = Vec::new();
+    let mut ids_statement = connection.prepare_cached(
+        "SELECT message_id FROM message_identifiers
+         WHERE kind = ?1 AND identifier = ?2 AND message_id < ?3
+         ORDER BY message_id DESC LIMIT ?4",
+    )?;
+    for candidate in identifier_candidates(&query.identifier.id) {
+        let ids = ids_statement
+            .query_map(
+                params![query.identifier.kind, candidate, before, limit + 1],
+                |row| row.get::<_, i64>(0),
+            )?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        found.extend(ids);
+    }
+    let mut messages = DeviceMessages::default();
+    let mut identifier_statement = connection.prepare_cached(
+        "SELECT message_id, kind, identifier FROM message_identifiers WHERE message_id = ?1",
+    )?;
+    let mut message_statement = connection.prepare_cached(&format!(
+        "SELECT {MESSAGE_COLUMNS} FROM device_messages m WHERE m.id = ?1"
+    ))?;
+    for message_id in newest_message_ids(found, limit) {
+        let mut rows = identifier_statement.query([message_id])?;
+        while let Some(row) = rows.next()? {
+            messages.add_identifier(row)?;
+        }
+        let mut rows = message_statement.query([message_id])?;
+        while let Some(row) = rows.next()? {
+            messages.add(row)?;
+        }
+    }
+    Ok(messages.page(limit))
+}
+
 /// How many jobs are in each state (for the `m2m_jobs` gauge).
 pub(super) fn job_counts(connection: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {
     connection
@@ -314,6 +359,16 @@ mod tests {
         assert!(
             !device_jobs.lines().any(|step| step.starts_with("SCAN ")),
             "{device_jobs}"
+        );
+        let messages = plan(
+            &connection,
+            "SELECT message_id FROM message_identifiers
+             WHERE kind = ? AND identifier = ? AND message_id < ? ORDER BY message_id DESC LIMIT 10",
+            &[&"IMEI", &"1", &5_i64],
+        );
+        assert!(
+            messages.contains("PRIMARY KEY") && !messages.contains("TEMP B-TREE"),
+            "{messages}"
         );
     }
 

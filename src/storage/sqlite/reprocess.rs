@@ -8,7 +8,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 
 use super::jobs::JobBatch;
-use super::write::insert_outcomes;
+use super::write::{insert_messages, insert_outcomes};
 use crate::domain::DeliveryResult;
 use crate::storage::jobs::JobCompletion;
 use crate::storage::reprocess::{
@@ -150,6 +150,7 @@ pub(super) fn reprocess(
                 callback,
                 job_id.map(|job_id| (job_id, &mut jobs)),
             )?;
+            insert_messages(connection, id, &received_at, callback)?;
             job_operation = (operation != callback.operation).then_some(operation);
         }
         report.add(read_item(id, callback, original, job_operation));

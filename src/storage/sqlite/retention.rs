@@ -11,8 +11,8 @@ use crate::storage::timestamp;
 
 /// Deletes up to [`PRUNE_CHUNK`] raw bodies of stored deliveries received before `cutoff`.
 /// Kept whatever their age: quarantined bodies (the only copy of what was sent) and bodies of
-/// jobs still pending or in progress (they may need re-processing). Delivery rows, outcomes and
-/// jobs are never pruned. Returns how many bodies were deleted.
+/// jobs still pending or in progress (they may need re-processing). Delivery rows, outcomes, device
+/// messages (whose payload is then the only copy) and jobs are never pruned. Returns how many bodies were deleted.
 pub(super) fn prune_chunk(
     connection: &Connection,
     cutoff: OffsetDateTime,

@@ -200,6 +200,28 @@ UPDATE job_device_identifiers SET registered = 1
  WHERE job_device_id IN (SELECT id FROM job_devices WHERE registered = 1);
 CREATE INDEX job_device_identifiers_registered
     ON job_device_identifiers (kind, identifier, job_device_id) WHERE registered = 1;
+-- Device messages (MO SMS, NIDD uplinks): facts, kept like outcomes (never pruned), stored with
+-- the first delivery of their callback.
+CREATE TABLE device_messages (
+    id          INTEGER PRIMARY KEY,
+    delivery_id INTEGER NOT NULL REFERENCES deliveries (id),
+    request_id  TEXT,
+    channel     TEXT NOT NULL,
+    payload     TEXT,
+    text        TEXT,
+    sent_at     TEXT,
+    received_at TEXT NOT NULL
+);
+
+-- Every identifier a message names: a lookup by any (kind, identifier) pair finds its messages,
+-- newest first, in index order.
+CREATE TABLE message_identifiers (
+    kind       TEXT NOT NULL,
+    identifier TEXT NOT NULL,
+    message_id INTEGER NOT NULL REFERENCES device_messages (id),
+    PRIMARY KEY (kind, identifier, message_id)
+) WITHOUT ROWID;
+CREATE INDEX message_identifiers_message ON message_identifiers (message_id);
 "#,
     ),
 ];

@@ -1,5 +1,5 @@
-//! One delivery's rows: the delivery (or its duplicate row), raw body, outcomes with their
-//! identifiers, upload report; and what it adds to its job, through [`JobBatch`]. Inside the
+//! One delivery's rows: the delivery (or its duplicate row), raw body, outcomes and device
+//! messages with their identifiers, upload report; and what it adds to its job, through [`JobBatch`]. Inside the
 //! writer's transaction.
 
 use std::time::Duration;
@@ -17,6 +17,9 @@ use crate::storage::{DeliveryContent, NewDelivery, Receipt, timestamp};
 /// An outcome is new, and its identifiers are distinct (the parser keeps each pair once), so
 /// nothing conflicts; `DO NOTHING` keeps a repeated pair from failing the delivery all the same.
 const OUTCOME_IDENTIFIER: &str = "INSERT INTO outcome_identifiers (kind, identifier, outcome_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING";
+
+/// As [`OUTCOME_IDENTIFIER`], for a device message.
+const MESSAGE_IDENTIFIER: &str = "INSERT INTO message_identifiers (kind, identifier, message_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING";
 
 /// A delivery's row. (Its plan opens no ephemeral table: see the migration that rewrote the
 /// `result` check, tested in [`super::schema`].)
@@ -123,6 +126,7 @@ pub(super) fn insert_delivery(
                 callback,
                 job_id.map(|job_id| (job_id, &mut *jobs)),
             )?;
+            insert_messages(transaction, delivery_id, &received_at, callback)?;
             receipt.job_operation = (operation != callback.operation).then_some(operation);
         }
         None => {
@@ -132,6 +136,41 @@ pub(super) fn insert_delivery(
         }
     }
     Ok(receipt)
+}
+
+/// The device messages of a first delivery, each with every identifier it names.
+pub(super) fn insert_messages(
+    transaction: &Connection,
+    delivery_id: i64,
+    received_at: &str,
+    callback: &Callback,
+) -> rusqlite::Result<()> {
+    if callback.messages.is_empty() {
+        return Ok(());
+    }
+    let mut insert_message = transaction.prepare_cached(
+        "INSERT INTO device_messages (delivery_id, request_id, channel, payload, text, sent_at, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for message in &callback.messages {
+        insert_message.execute(params![
+            delivery_id,
+            callback.request_id,
+            message.channel.as_str(),
+            message.payload,
+            message.text,
+            message.sent_at,
+            received_at,
+        ])?;
+        let message_id = transaction.last_insert_rowid();
+        let rows: Vec<[&dyn ToSql; 3]> = message
+            .identifiers
+            .iter()
+            .map(|identifier| [&identifier.kind as &dyn ToSql, &identifier.id, &message_id])
+            .collect();
+        insert_rows(transaction, MESSAGE_IDENTIFIER, &rows)?;
+    }
+    Ok(())
 }
 
 /// Inserts a callback's outcomes (with their identifiers) and upload report, and counts them on
