@@ -353,8 +353,19 @@ async fn a_device_is_found_by_any_of_its_identifiers_and_the_csv_export_parses()
         .await;
     let by_mdn = app.get_json("/api/v1/devices/Mdn/5550000051").await;
 
-    assert_eq!(by_imei, by_iccid);
-    assert_eq!(by_imei, by_mdn);
+    // The same device whichever identifier finds it; only the link to its messages names the
+    // identifier asked about (a message is found by the identifiers it names).
+    assert_eq!(
+        by_iccid["messages"]["href"],
+        "/api/v1/devices/ICCID/89140000000000000051/messages"
+    );
+    let without_link = |view: &Value| {
+        let mut view = view.clone();
+        view.as_object_mut().map(|view| view.remove("messages"));
+        view
+    };
+    assert_eq!(without_link(&by_imei), without_link(&by_iccid));
+    assert_eq!(without_link(&by_imei), without_link(&by_mdn));
     assert_eq!(
         by_imei["identifiers"],
         json!([{"kind": "ICCID", "id": "89140000000000000051"}, {"kind": "IMEI", "id": "350000000000051"}, {"kind": "MDN", "id": "5550000051"}])
