@@ -451,7 +451,7 @@ async fn insert_contents(
         .collect();
     let mut fresh_messages = fresh.messages.into_iter();
     let mut messages = MessageColumns::default();
-    let mut fresh = fresh.outcomes.into_iter();
+    let mut fresh_outcomes = fresh.outcomes.into_iter();
     let mut outcome_ids = Vec::with_capacity(new_deliveries.len());
     let mut outcomes = OutcomeColumns::default();
     let mut identifiers: [Vec<Cow<'_, str>>; 2] = Default::default();
@@ -465,7 +465,7 @@ async fn insert_contents(
         };
         let mut these = Vec::with_capacity(callback.outcomes.len());
         for outcome in &callback.outcomes {
-            let Some(outcome_id) = fresh.next() else {
+            let Some(outcome_id) = fresh_outcomes.next() else {
                 return Err(Failure::Defect("fewer outcome ids than outcomes"));
             };
             outcomes.push(outcome_id, ids[*index], received_at, callback, outcome);
