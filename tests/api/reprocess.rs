@@ -241,3 +241,61 @@ async fn a_quarantined_delivery_is_counted_on_its_job_and_reprocess_turns_it_int
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
+
+/// Several reprocess runs at once (on PostgreSQL each on its own connection, as replicas would
+/// be) store a delivery once: one run stores it, the others find it no longer quarantined.
+#[tokio::test]
+async fn concurrent_reprocess_runs_store_a_delivery_once() {
+    let app = std::sync::Arc::new(spawn_app().await);
+    app.register(json!({"request_id": SEED_004, "operation": "activate", "expected_devices": 1}))
+        .await;
+    assert_eq!(
+        app.post_callback(fixture("activate_seed004_ambiguous.xml"))
+            .await
+            .status(),
+        200
+    );
+    let id = app.get_json("/api/v1/deliveries?result=quarantined").await["items"][0]["id"]
+        .as_i64()
+        .expect("a quarantined delivery");
+    let malformed = fixture("activate_seed004_malformed.xml");
+    match &app.database {
+        crate::helpers::TestDatabase::Sqlite(_) => app.database.execute(&format!(
+            "UPDATE raw_bodies SET body = x'{}' WHERE delivery_id = {id}",
+            hex(&malformed)
+        )),
+        crate::helpers::TestDatabase::Postgres(_) => app.database.execute(&format!(
+            "UPDATE raw_bodies SET body = '\\x{}'::bytea WHERE delivery_id = {id}",
+            hex(&malformed)
+        )),
+    }
+    let mut runs = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let app = std::sync::Arc::clone(&app);
+        runs.spawn(async move { post_reprocess(&app, id, "").await });
+    }
+    let answers = runs.join_all().await;
+    let results: Vec<&str> = answers
+        .iter()
+        .map(|(status, answer)| {
+            assert_eq!(*status, 200, "{answer}");
+            answer["delivery"]["result"].as_str().unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(
+        results.iter().filter(|result| **result == "stored").count(),
+        1,
+        "{results:?}"
+    );
+    assert!(
+        results
+            .iter()
+            .all(|result| *result == "stored" || *result == "skipped"),
+        "{results:?}"
+    );
+    assert_eq!(app.count("SELECT count(*) FROM device_outcomes"), 1);
+    let job = app.get_json(&format!("/api/v1/jobs/{SEED_004}")).await;
+    assert_eq!(job["devices_reported"], 1, "{job}");
+    assert_eq!(job["quarantined"], 0);
+    assert_eq!(job["state"], "completed");
+}
