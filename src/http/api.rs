@@ -948,12 +948,10 @@ async fn reprocess(state: &ApiState, id: &str, query: &HashMap<String, String>) 
         Ok(report) => {
             count_reprocessed(&state.metrics, &report);
             match report.items.into_iter().next() {
-                Some(item) if item.reason.as_deref() == Some("no such first delivery") => error(
+                Some(item) if item.reason.as_deref() == Some("no such delivery") => error(
                     StatusCode::NOT_FOUND,
                     "DELIVERY_NOT_FOUND",
-                    &format!(
-                        "no first delivery with id {delivery_id} (a re-delivery has no body of its own)"
-                    ),
+                    &format!("no delivery with id {delivery_id}"),
                 ),
                 Some(item) => json_response(
                     StatusCode::OK,

@@ -16,7 +16,8 @@ use crate::parser::{self, Parsed};
 /// already (its outcomes are facts that were acted on), a duplicate has no body of its own.
 #[derive(Clone, Debug, Default)]
 pub struct ReprocessQuery {
-    /// These deliveries (any that is not quarantined is reported as skipped).
+    /// These deliveries (any that is not quarantined is reported as skipped; one that does not
+    /// exist as such).
     pub ids: Vec<i64>,
     /// Those the current parser reads as this kind (`nidd`, `carrier_service`...).
     pub kind: Option<CallbackKind>,
@@ -174,9 +175,9 @@ pub(crate) fn selection(
     placeholder: impl Fn(usize) -> String,
 ) -> (String, Vec<Selected>) {
     let mut values = Vec::new();
-    let mut clause = String::from("d.duplicate_of IS NULL");
+    let mut clause = String::new();
     if query.ids.is_empty() {
-        clause.push_str(" AND d.result = 'quarantined'");
+        clause.push_str("d.duplicate_of IS NULL AND d.result = 'quarantined'");
     } else {
         let list: Vec<String> = query
             .ids
@@ -186,7 +187,9 @@ pub(crate) fn selection(
                 placeholder(values.len())
             })
             .collect();
-        clause.push_str(&format!(" AND d.id IN ({})", list.join(", ")));
+        // Named deliveries are looked at whatever they are, so that one read already (or found
+        // to be a re-delivery) is reported as skipped, not as unknown.
+        clause.push_str(&format!("d.id IN ({})", list.join(", ")));
     }
     if let Some(since) = query.since {
         values.push(Selected::Since(super::timestamp(since)));
@@ -219,10 +222,7 @@ mod tests {
             ..ReprocessQuery::default()
         };
         let (clause, values) = selection(&query, |n| format!("${n}"));
-        assert_eq!(
-            clause,
-            "d.duplicate_of IS NULL AND d.id IN ($1, $2) AND d.received_at >= $3"
-        );
+        assert_eq!(clause, "d.id IN ($1, $2) AND d.received_at >= $3");
         assert_eq!(
             values,
             [

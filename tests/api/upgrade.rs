@@ -314,6 +314,64 @@ async fn every_released_database_is_answered_as_its_release_answered_it_and_take
             "{}: registration",
             database.display()
         );
+
+        // The release quarantined the seed 004 example with its malformed tag; this build reads
+        // it. The same message was stored by its well-formed delivery, so reprocess makes it a
+        // duplicate of that one (no second outcome), and the job no longer counts it
+        // quarantined. The broken JSON body stays quarantined. A second run changes nothing.
+        let quarantined = get(
+            &app,
+            &token,
+            "/api/v1/deliveries?result=quarantined&limit=1000",
+        )
+        .await;
+        let quarantined: Vec<(i64, Option<String>)> = quarantined["items"]
+            .as_array()
+            .expect("quarantined deliveries")
+            .iter()
+            .map(|item| {
+                (
+                    item["id"].as_i64().expect("id"),
+                    item["request_id"].as_str().map(str::to_owned),
+                )
+            })
+            .collect();
+        let seed = quarantined
+            .iter()
+            .find(|(_, request_id)| {
+                request_id.as_deref() == Some("2c90bd28-ece4-42ef-9f02-7e3bd4fbff33")
+            })
+            .map(|(id, _)| *id)
+            .expect("the fixture holds the malformed seed 004 body");
+        let outcomes_before = get(&app, &token, &format!("{job_path}/devices")).await;
+        let reprocess = async |id: i64| -> Value {
+            let response = app
+                .client
+                .post(format!("{}/api/v1/deliveries/{id}/reprocess", app.api_url))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("reprocess sent");
+            assert_eq!(
+                response.status(),
+                200,
+                "{}: reprocess {id}",
+                database.display()
+            );
+            serde_json::from_slice(&response.bytes().await.expect("answer")).expect("JSON")
+        };
+        let first = reprocess(seed).await;
+        assert_eq!(first["delivery"]["result"], "duplicate", "{first}");
+        assert_eq!(first["delivery"]["duplicate_of"], original, "{first}");
+        assert_eq!(get(&app, &token, job_path).await["quarantined"], 0);
+        assert_eq!(
+            get(&app, &token, &format!("{job_path}/devices")).await,
+            outcomes_before
+        );
+        assert_eq!(reprocess(seed).await["delivery"]["result"], "skipped");
+        for (id, _) in quarantined.iter().filter(|(id, _)| *id != seed) {
+            assert_eq!(reprocess(*id).await["delivery"]["result"], "quarantined");
+        }
         app.stop().await;
     }
 }

@@ -66,7 +66,7 @@ pub(super) async fn reprocess(
         .map_err(|error| Failure::Db(error).into_store_error())?;
     for id in &query.ids {
         if !candidates.iter().any(|(candidate, _)| candidate == id) {
-            report.skipped(*id, "no such first delivery");
+            report.skipped(*id, "no such delivery");
         }
     }
     let now = timestamp(OffsetDateTime::now_utc());

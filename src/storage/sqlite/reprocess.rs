@@ -49,7 +49,7 @@ pub(super) fn reprocess(
         .collect::<rusqlite::Result<_>>()?;
     for id in &query.ids {
         if !candidates.iter().any(|(candidate, _)| candidate == id) {
-            report.skipped(*id, "no such first delivery");
+            report.skipped(*id, "no such delivery");
         }
     }
     let reprocessed_at = timestamp(now);
