@@ -49,15 +49,16 @@ struct BatchJob {
 }
 
 impl JobBatch {
-    /// Finds or creates the job for `request_id` and counts this delivery on it. Returns its id.
-    pub fn record_delivery(
+    /// Finds or creates the job for `request_id` and counts a delivery on it with `count` (see
+    /// [`TouchedJob::record_delivery`] and [`TouchedJob::record_reprocessed`]). Returns its id.
+    pub fn record(
         &mut self,
         connection: &Connection,
         request_id: &str,
         operation: Option<&'static str>,
         received_at: OffsetDateTime,
-        duplicate: bool,
         default_timeout: Duration,
+        count: impl FnOnce(&mut TouchedJob),
     ) -> rusqlite::Result<i64> {
         let job_id = self.job(
             connection,
@@ -66,35 +67,11 @@ impl JobBatch {
             received_at,
             default_timeout,
         )?;
-        self.touched
-            .entry(job_id)
-            .or_insert_with(|| TouchedJob::new(received_at))
-            .record_delivery(operation, received_at, duplicate);
-        Ok(job_id)
-    }
-
-    /// Finds or creates the job of a quarantined delivery `reprocess` could read, and counts it
-    /// there (see [`TouchedJob::record_reprocessed`]). Returns its id.
-    pub fn record_reprocessed(
-        &mut self,
-        connection: &Connection,
-        request_id: &str,
-        operation: Option<&'static str>,
-        received_at: OffsetDateTime,
-        duplicate: bool,
-        default_timeout: Duration,
-    ) -> rusqlite::Result<i64> {
-        let job_id = self.job(
-            connection,
-            request_id,
-            operation,
-            received_at,
-            default_timeout,
-        )?;
-        self.touched
-            .entry(job_id)
-            .or_insert_with(|| TouchedJob::new(received_at))
-            .record_reprocessed(operation, duplicate);
+        count(
+            self.touched
+                .entry(job_id)
+                .or_insert_with(|| TouchedJob::new(received_at)),
+        );
         Ok(job_id)
     }
 

@@ -130,14 +130,17 @@ pub(super) fn reprocess(
                 .execute([original])?;
         }
         let job_id = match callback.request_id.as_deref() {
-            Some(request_id) => Some(jobs.record_reprocessed(
-                connection,
-                request_id,
-                delivery.content.job_operation(),
-                delivery.received_at,
-                original.is_some(),
-                job_timeout,
-            )?),
+            Some(request_id) => {
+                let operation = delivery.content.job_operation();
+                Some(jobs.record(
+                    connection,
+                    request_id,
+                    operation,
+                    delivery.received_at,
+                    job_timeout,
+                    |job| job.record_reprocessed(operation, original.is_some()),
+                )?)
+            }
             None => None,
         };
         let mut job_operation = None;

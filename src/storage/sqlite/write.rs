@@ -89,13 +89,13 @@ pub(super) fn insert_delivery(
         insert(DeliveryResult::Duplicate, Some(original))?;
         let delivery_id = transaction.last_insert_rowid();
         if let Some(request_id) = delivery.content.request_id() {
-            jobs.record_delivery(
+            jobs.record(
                 transaction,
                 request_id,
                 job_operation,
                 delivery.received_at,
-                true,
                 job_timeout,
+                |job| job.record_delivery(job_operation, delivery.received_at, true),
             )?;
         }
         return Ok(Fate::Duplicate { original }.receipt(delivery_id, &delivery.content));
@@ -106,13 +106,13 @@ pub(super) fn insert_delivery(
         .prepare_cached("INSERT INTO raw_bodies (delivery_id, body) VALUES (?1, ?2)")?
         .execute(params![delivery_id, &delivery.body[..]])?;
     let job_id = match delivery.content.request_id() {
-        Some(request_id) => Some(jobs.record_delivery(
+        Some(request_id) => Some(jobs.record(
             transaction,
             request_id,
             job_operation,
             delivery.received_at,
-            false,
             job_timeout,
+            |job| job.record_delivery(job_operation, delivery.received_at, false),
         )?),
         None => None,
     };
