@@ -88,9 +88,33 @@ pub(crate) fn raw_body_from_row<R: RowReader>(row: &R) -> Result<RawBody, R::Err
 /// The columns of a device outcome `o`, as [`outcome_from_row`] reads them.
 pub(crate) const OUTCOME_COLUMNS: &str =
     "o.id, o.request_id, o.operation, o.status, o.line_status, o.fault_code, o.fault_message,
-     o.state, o.service_plan, o.ip_address, o.mdn, o.received_at, o.delivery_id, o.details";
+     o.state, o.service_plan, o.ip_address, o.mdn, o.received_at, o.delivery_id, o.details,
+     o.identifiers";
 
-/// An outcome selected with [`OUTCOME_COLUMNS`] from column `first` on, identifiers left empty.
+/// The `identifiers` column of an outcome: its identifiers as a JSON list of `[kind, identifier]`
+/// pairs (read back by [`outcome_from_row`]). They are also rows of `outcome_identifiers`, which
+/// finds an outcome by identifier; kept on the outcome as well, an outcome's identifiers need no
+/// index on `outcome_identifiers (outcome_id)`, which was about a tenth of the SQLite writer's
+/// work per callback.
+pub(crate) fn identifiers_text<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let pairs: Vec<[&str; 2]> = pairs.map(|(kind, id)| [kind, id]).collect();
+    serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// The identifiers of an outcome's `identifiers` column; anything else reads as none.
+fn parse_identifiers(text: Option<String>) -> Vec<DeviceIdentifier> {
+    let pairs: Vec<(String, String)> = text
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
+    let mut identifiers: Vec<DeviceIdentifier> = pairs
+        .into_iter()
+        .map(|(kind, id)| DeviceIdentifier { kind, id })
+        .collect();
+    sort_identifiers(&mut identifiers);
+    identifiers
+}
+
+/// An outcome selected with [`OUTCOME_COLUMNS`] from column `first` on.
 pub(crate) fn outcome_from_row<R: RowReader>(
     row: &R,
     first: usize,
@@ -98,7 +122,7 @@ pub(crate) fn outcome_from_row<R: RowReader>(
     Ok(OutcomeRecord {
         request_id: row.optional_text(first + 1)?,
         operation: row.optional_text(first + 2)?,
-        identifiers: Vec::new(),
+        identifiers: parse_identifiers(row.optional_text(first + 14)?),
         status: row.text(first + 3)?,
         line_status: row.optional_text(first + 4)?,
         fault: fault_record(row.optional_text(first + 5)?, row.optional_text(first + 6)?),
@@ -181,28 +205,13 @@ impl<'a> JobDevices<'a> {
 /// A device's history, built from its outcome rows, newest first.
 #[derive(Default)]
 pub(crate) struct History {
-    identifiers: HashMap<i64, Vec<DeviceIdentifier>>,
     history: Vec<OutcomeRecord>,
 }
 
 impl History {
-    /// One row of [`identifier_from_row`] (`outcome_id, kind, identifier`).
-    pub fn add_identifier<R: RowReader>(&mut self, row: &R) -> Result<(), R::Error> {
-        let (outcome, identifier) = identifier_from_row(row)?;
-        self.identifiers
-            .entry(outcome)
-            .or_default()
-            .push(identifier);
-        Ok(())
-    }
-
-    /// One row of [`OUTCOME_COLUMNS`], newest first, after the identifiers of its outcome.
+    /// One row of [`OUTCOME_COLUMNS`], newest first.
     pub fn add<R: RowReader>(&mut self, row: &R) -> Result<(), R::Error> {
-        let outcome_id = row.integer(0)?;
-        let mut outcome = outcome_from_row(row, 0)?;
-        outcome.identifiers = self.identifiers.remove(&outcome_id).unwrap_or_default();
-        sort_identifiers(&mut outcome.identifiers);
-        self.history.push(outcome);
+        self.history.push(outcome_from_row(row, 0)?);
         Ok(())
     }
 

@@ -230,15 +230,7 @@ pub(super) async fn device_history(
             "SELECT {OUTCOME_COLUMNS} FROM device_outcomes o WHERE o.id = ANY($1) ORDER BY o.id DESC"
         ))
         .await?;
-    let identifiers = client
-        .prepare_cached(
-            "SELECT outcome_id, kind, identifier FROM outcome_identifiers WHERE outcome_id = ANY($1)",
-        )
-        .await?;
     let mut history = History::default();
-    for row in client.query(&identifiers, &[&outcome_ids]).await? {
-        history.add_identifier(&row)?;
-    }
     for row in client.query(&outcomes, &[&outcome_ids]).await? {
         history.add(&row)?;
     }

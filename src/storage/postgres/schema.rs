@@ -191,6 +191,17 @@ CREATE TABLE message_identifiers (
 );
 CREATE INDEX message_identifiers_message ON message_identifiers (message_id);
 "#,
+    r#"
+-- An outcome's identifiers on its row as well (a JSON list of [kind, identifier] pairs), so that
+-- reading them needs no index on outcome_identifiers (outcome_id). outcome_identifiers still
+-- finds outcomes by identifier.
+ALTER TABLE device_outcomes ADD COLUMN identifiers TEXT;
+UPDATE device_outcomes o SET identifiers = coalesce((
+    SELECT json_agg(json_build_array(i.kind, i.identifier))::text
+      FROM outcome_identifiers i WHERE i.outcome_id = o.id
+), '[]');
+DROP INDEX outcome_identifiers_outcome;
+"#,
 ];
 
 /// Applies the migrations not yet recorded, under an advisory lock: replicas starting together

@@ -19,7 +19,7 @@ use super::text::{clean_key, clean_option, clean_owned};
 use crate::domain::{DeliveryResult, Operation};
 use crate::storage::batch::{DedupPlan, Fate};
 use crate::storage::jobs::{JobCompletion, TouchedJob, outcome_operation, stored_count};
-use crate::storage::rows::repairs_text;
+use crate::storage::rows::{identifiers_text, repairs_text};
 use crate::storage::{DeliveryContent, NewDelivery, Receipt, timestamp};
 
 /// The `deliveries` columns of several rows, one array per column.
@@ -551,6 +551,8 @@ struct OutcomeColumns<'a> {
     mdn: Vec<Option<Cow<'a, str>>>,
     details: Vec<Option<Cow<'a, str>>>,
     received_at: Vec<&'a str>,
+    /// See [`identifiers_text`]: the same (cleaned) pairs as the outcome's identifier rows.
+    identifiers: Vec<String>,
 }
 
 impl<'a> OutcomeColumns<'a> {
@@ -589,6 +591,14 @@ impl<'a> OutcomeColumns<'a> {
                 .map(|details| clean_owned(details.to_string())),
         );
         self.received_at.push(received_at);
+        let cleaned: Vec<(Cow<'_, str>, Cow<'_, str>)> = outcome
+            .identifiers
+            .iter()
+            .map(|identifier| (clean_key(&identifier.kind), clean_key(&identifier.id)))
+            .collect();
+        self.identifiers.push(identifiers_text(
+            cleaned.iter().map(|(kind, id)| (kind.as_ref(), id.as_ref())),
+        ));
     }
 
     async fn insert(&self, transaction: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
@@ -598,9 +608,10 @@ impl<'a> OutcomeColumns<'a> {
         let statement = transaction
             .prepare_cached(
                 "INSERT INTO device_outcomes (id, delivery_id, request_id, operation, status, line_status, fault_code,
-                     fault_message, state, service_plan, ip_address, mdn, details, received_at)
+                     fault_message, state, service_plan, ip_address, mdn, details, received_at, identifiers)
                  SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[])",
+                     $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
+                     $15::text[])",
             )
             .await?;
         transaction
@@ -621,6 +632,7 @@ impl<'a> OutcomeColumns<'a> {
                     &self.mdn,
                     &self.details,
                     &self.received_at,
+                    &self.identifiers,
                 ],
             )
             .await?;

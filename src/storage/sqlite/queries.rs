@@ -177,15 +177,8 @@ pub(super) fn device_history(
     let mut outcome_statement = connection.prepare_cached(&format!(
         "SELECT {OUTCOME_COLUMNS} FROM device_outcomes o WHERE o.id = ?1"
     ))?;
-    let mut identifier_statement = connection.prepare_cached(
-        "SELECT outcome_id, kind, identifier FROM outcome_identifiers WHERE outcome_id = ?1",
-    )?;
     // One primary-key lookup per outcome, newest first.
     for outcome_id in outcome_ids {
-        let mut rows = identifier_statement.query([outcome_id])?;
-        while let Some(row) = rows.next()? {
-            history.add_identifier(row)?;
-        }
         let mut rows = outcome_statement.query([outcome_id])?;
         while let Some(row) = rows.next()? {
             history.add(row)?;

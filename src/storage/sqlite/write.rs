@@ -11,7 +11,7 @@ use super::jobs::JobBatch;
 use crate::domain::{Callback, DeliveryResult, DeviceOutcome, Operation};
 use crate::storage::batch::Fate;
 use crate::storage::jobs::stored_count;
-use crate::storage::rows::repairs_text;
+use crate::storage::rows::{identifiers_text, repairs_text};
 use crate::storage::{DeliveryContent, NewDelivery, Receipt, timestamp};
 
 /// An outcome is new, and its identifiers are distinct (the parser keeps each pair once), so
@@ -25,8 +25,8 @@ const INSERT_MESSAGE: &str = "INSERT INTO device_messages (delivery_id, request_
  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 
 const INSERT_OUTCOME: &str = "INSERT INTO device_outcomes (delivery_id, request_id, operation, status, line_status, fault_code,
-     fault_message, state, service_plan, ip_address, mdn, details, received_at)
- VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+     fault_message, state, service_plan, ip_address, mdn, details, received_at, identifiers)
+ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
 
 const INSERT_UPLOAD_SUMMARY: &str =
     "INSERT INTO upload_summaries (delivery_id, request_id, account_name, device_sku, total_lines,
@@ -230,6 +230,11 @@ pub(super) fn insert_outcomes(
                 mdn,
                 details.as_ref().map(|details| details.to_string()),
                 received_at,
+                identifiers_text(
+                    identifiers
+                        .iter()
+                        .map(|identifier| (identifier.kind.as_str(), identifier.id.as_str()))
+                ),
             ])
         })?;
         let outcome_id = transaction.last_insert_rowid();
