@@ -597,7 +597,9 @@ impl<'a> OutcomeColumns<'a> {
             .map(|identifier| (clean_key(&identifier.kind), clean_key(&identifier.id)))
             .collect();
         self.identifiers.push(identifiers_text(
-            cleaned.iter().map(|(kind, id)| (kind.as_ref(), id.as_ref())),
+            cleaned
+                .iter()
+                .map(|(kind, id)| (kind.as_ref(), id.as_ref())),
         ));
     }
 

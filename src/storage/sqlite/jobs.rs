@@ -3,7 +3,7 @@
 //! so a job row read in this transaction is the job as stored; what the row becomes is decided
 //! by [`crate::storage::jobs`], and it is written back once per batch.
 
-use std::collections::HashMap;
+use std::collections::HashMap as StdHashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -11,6 +11,10 @@ use rusqlite::{Connection, OptionalExtension, ToSql, params};
 use time::OffsetDateTime;
 
 use super::connection::{Statements, insert_rows};
+
+/// The batch's maps live for one transaction and are keyed by what the writer has just read from
+/// authenticated callbacks: a fast hasher rather than SipHash.
+type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 
 use crate::domain::{Callback, DeviceIdentifier, Operation, OutcomeStatus, UploadSummary};
 use crate::jobs::JobState;
@@ -50,6 +54,18 @@ struct BatchJob {
 }
 
 impl JobBatch {
+    /// An empty batch with room for the jobs of `deliveries` deliveries (growing the maps was
+    /// another 2% of the writer's work with one new job per callback).
+    pub fn for_deliveries(deliveries: usize) -> Self {
+        Self {
+            job_ids: HashMap::with_capacity_and_hasher(deliveries, Default::default()),
+            rows: HashMap::with_capacity_and_hasher(deliveries, Default::default()),
+            touched: HashMap::with_capacity_and_hasher(deliveries, Default::default()),
+            next_job_id: None,
+            new_job_devices: HashMap::with_capacity_and_hasher(deliveries * 3, Default::default()),
+        }
+    }
+
     /// Finds or creates the job for `request_id` and counts a delivery on it with `count` (see
     /// [`TouchedJob::record_delivery`] and [`TouchedJob::record_reprocessed`]). Returns its id.
     pub fn record(

@@ -275,7 +275,7 @@ fn write_deliveries(
     {
         // Savepoints are SQL here: a held statement borrows the transaction.
         let statements = Statements::new(&transaction);
-        let mut jobs = JobBatch::default();
+        let mut jobs = JobBatch::for_deliveries(deliveries.len());
         for delivery in deliveries {
             if !isolate {
                 results.push(Ok(insert_delivery(
