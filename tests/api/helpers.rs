@@ -542,6 +542,27 @@ pub async fn wait_until_ready(api_port: u16) {
     panic!("the listener did not become ready");
 }
 
+/// Waits until the listener `child` on `api_port` is ready, or says that it exited first (on a
+/// port another process took between [`free_port`] and its bind, say) or never became ready.
+pub async fn ready_or_exited(api_port: u16, child: &mut std::process::Child) -> Result<(), String> {
+    // Generous: a busy two-core machine starting a PostgreSQL-backed listener is slow.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "the listener exited before it was ready ({status})"
+            ));
+        }
+        if let Ok(response) = reqwest::get(format!("http://127.0.0.1:{api_port}/readyz")).await {
+            if response.status() == 200 {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    Err("the listener did not become ready".to_owned())
+}
+
 /// A tmpfs the test mounts itself, so that "read-only" and "full" are real even for root (who
 /// ignores file permissions). Unmounted on drop.
 pub struct Volume {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{fixture, free_port, spawn_app, spawn_app_with, wait_until_ready};
+use crate::helpers::{fixture, free_port, spawn_app, spawn_app_with};
 
 fn address(url: &str) -> String {
     url.trim_start_matches("http://")
@@ -305,6 +305,28 @@ fn logging_listener(directory: &std::path::Path, format: &str) -> (std::process:
     (child, callback_port, api_port)
 }
 
+/// [`logging_listener`], started again on other ports if it lost them to another process between
+/// choosing and binding them; with its output collector and its callback port.
+async fn started_logging_listener(
+    directory: &std::path::Path,
+    format: &str,
+) -> (std::process::Child, std::thread::JoinHandle<String>, u16) {
+    let mut failures = Vec::new();
+    for _ in 0..3 {
+        let (mut child, callback_port, api_port) = logging_listener(directory, format);
+        let collected = collect_output(&mut child);
+        match crate::helpers::ready_or_exited(api_port, &mut child).await {
+            Ok(()) => return (child, collected, callback_port),
+            Err(why) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                failures.push(format!("{why}:\n{}", collected.join().unwrap_or_default()));
+            }
+        }
+    }
+    panic!("the listener did not start:\n{}", failures.join("\n"));
+}
+
 /// Everything the process writes, read as it comes (a full pipe would stop it), until it exits.
 fn collect_output(child: &mut std::process::Child) -> std::thread::JoinHandle<String> {
     let streams: Vec<Box<dyn Read + Send>> = [
@@ -353,9 +375,8 @@ fn stop_and_read(
 async fn wire_values_cannot_forge_log_lines_or_flood_them_in_either_format() {
     for format in ["pretty", "json"] {
         let directory = tempfile::tempdir().unwrap();
-        let (mut child, callback_port, api_port) = logging_listener(directory.path(), format);
-        let collected = collect_output(&mut child);
-        wait_until_ready(api_port).await;
+        let (child, collected, callback_port) =
+            started_logging_listener(directory.path(), format).await;
         let url = format!("http://127.0.0.1:{callback_port}/");
         let client = reqwest::Client::new();
         let forged = "INFO callback acknowledged delivery_id=1 FORGED";
