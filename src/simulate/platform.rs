@@ -127,6 +127,8 @@ struct Inner {
     registrations: BTreeMap<String, HeldRegistration>,
     stats: PlatformStats,
     next_callback: u64,
+    /// Every access and session token handed out (for tests that check they leak nowhere).
+    issued: Vec<String>,
 }
 
 struct State {
@@ -163,6 +165,7 @@ impl PlatformSimulator {
                 registrations: BTreeMap::new(),
                 stats: PlatformStats::default(),
                 next_callback: 0,
+                issued: Vec::new(),
             }),
         });
         let server = tokio::spawn(serve(Arc::clone(&state), listener));
@@ -185,6 +188,11 @@ impl PlatformSimulator {
 
     pub fn stats(&self) -> PlatformStats {
         self.state.lock().stats.clone()
+    }
+
+    /// Every access and session token it handed out.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.state.lock().issued.clone()
     }
 
     pub fn registration(&self, service: &str) -> Option<HeldRegistration> {
@@ -343,6 +351,7 @@ async fn handle(state: &State, request: Request<hyper::body::Incoming>) -> Answe
             Some((token, issued)) if now.duration_since(*issued) < lifetime => token.clone(),
             _ => {
                 let token = random_token();
+                inner.issued.push(token.clone());
                 inner.token = Some((token.clone(), now));
                 token
             }
@@ -395,6 +404,7 @@ async fn handle(state: &State, request: Request<hyper::body::Incoming>) -> Answe
         }
         inner.consecutive_failures = 0;
         let token = random_token();
+        inner.issued.push(token.clone());
         inner.sessions.insert(token.clone(), Instant::now());
         return reply(StatusCode::OK, &json!({"sessionToken": token}));
     }
