@@ -460,6 +460,73 @@ async fn deregistering_a_service_registered_to_this_listener_needs_yes() {
     assert_eq!(status.status.code(), Some(1));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_pair_is_accepted_on_its_first_callback_without_waiting_for_the_periodic_refresh()
+ {
+    // The platform switches to the new password at once, and the listener would read the stored
+    // pairs again only in an hour: the unknown pair itself makes it read them.
+    let simulator = simulator(|options| options.previous_password_ms = 0).await;
+    let (callback_port, api_port) = (free_port(), free_port());
+    let mut setup = Setup::new(
+        &simulator,
+        callback_port,
+        &[("M2M_PLATFORM__CREDENTIALS_REFRESH_MS", "3600000")],
+    );
+    let (listener, database) = setup.start_listener(callback_port, api_port);
+    wait_until_ready(api_port).await;
+    assert!(setup.platform(&["register"]).await.status.success());
+    eventually(20, "callbacks flowing", async || {
+        stored_platform_callbacks(&database) >= 2
+    })
+    .await;
+    let rotated = setup.platform(&["rotate"]).await;
+    assert!(rotated.status.success(), "{}", text(&rotated));
+    eventually(20, "callbacks with the new password acknowledged", async || {
+        simulator.stats().acknowledged_with_current_password >= 8
+    })
+    .await;
+    stop(listener);
+    let stats = simulator.stats();
+    assert_eq!(stats.sent_with_previous_password, 0, "{stats:?}");
+    assert_eq!(stats.callbacks_refused, 0, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_login_of_the_periodic_check_is_not_retried_in_a_loop_and_the_gauge_says_error() {
+    let simulator = simulator(|_| {}).await;
+    let (callback_port, api_port) = (free_port(), free_port());
+    let mut setup = Setup::new(
+        &simulator,
+        callback_port,
+        &[
+            ("M2M_PLATFORM__CHECK_INTERVAL_S", "1"),
+            ("M2M_PLATFORM__PASSWORD", "Wrong-Uws-Password-Marker-6"),
+        ],
+    );
+    let (listener, _) = setup.start_listener(callback_port, api_port);
+    wait_until_ready(api_port).await;
+    eventually(10, "the gauge says error", async || {
+        reqwest::get(format!("http://127.0.0.1:{api_port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .contains("m2m_platform_registration{service=\"CarrierService\",state=\"error\"} 1")
+    })
+    .await;
+    // One login per interval, and after two refused ones no more until a restart.
+    eventually(10, "a second interval's login", async || {
+        simulator.stats().logins >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    stop(listener);
+    assert_eq!(simulator.stats().logins, 2, "{:?}", simulator.stats());
+    assert!(!simulator.stats().locked);
+    setup.assert_no_secret_anywhere(&simulator, &["Wrong-Uws-Password-Marker-6".to_owned()]);
+}
+
 fn link_settings(simulator: &PlatformSimulator, password: &str) -> PlatformSettings {
     PlatformSettings {
         oauth_url: simulator.url(),
