@@ -9,7 +9,12 @@
 use std::time::Duration;
 
 use base64::Engine;
-use reqwest::{Method, header};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode, header};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
 use super::Registration;
@@ -47,7 +52,7 @@ pub enum PlatformError {
     Transport {
         what: &'static str,
         #[source]
-        source: reqwest::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The OAuth token request failed: platform.client_id / client_secret.
     #[error(
@@ -82,9 +87,11 @@ impl PlatformError {
     }
 }
 
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 /// A client of one account's callback registrations.
 pub struct PlatformClient {
-    http: reqwest::Client,
+    http: HttpsClient,
     settings: PlatformSettings,
     access_token: Option<Secret>,
     session_token: Option<Secret>,
@@ -94,14 +101,16 @@ pub struct PlatformClient {
 
 impl PlatformClient {
     pub fn new(settings: &PlatformSettings) -> anyhow::Result<Self> {
-        // The binary's one crypto provider (ring); installed once, by whoever comes first.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(settings.request_timeout_s))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("m2m-listener/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|error| anyhow::anyhow!("cannot set up the platform's HTTP client: {error}"))?;
+        // The binary's one crypto provider (ring), and the system's trust; `http://` URLs are
+        // accepted too (tests, a local proxy: the settings warn about them). No redirect is
+        // followed.
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_platform_verifier(rustls::crypto::ring::default_provider())
+            .map_err(|error| anyhow::anyhow!("cannot set up TLS for the platform: {error}"))?
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let http = Client::builder(TokioExecutor::new()).build(connector);
         Ok(Self {
             http,
             settings: settings.clone(),
@@ -133,20 +142,22 @@ impl PlatformClient {
             self.settings.oauth_url.trim_end_matches('/')
         );
         let response = self
-            .http
-            .post(url)
-            .header(header::AUTHORIZATION, format!("Basic {basic}"))
-            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body("grant_type=client_credentials")
-            .send()
-            .await
-            .map_err(|source| PlatformError::Transport {
-                what: "the OAuth token",
-                source,
-            })?;
-        let body = answer(response, "the OAuth token")
-            .await
-            .map_err(|error| PlatformError::Token(Box::new(error)))?;
+            .send(
+                Method::POST,
+                &url,
+                &[
+                    (header::AUTHORIZATION, format!("Basic {basic}")),
+                    (
+                        header::CONTENT_TYPE,
+                        "application/x-www-form-urlencoded".to_owned(),
+                    ),
+                ],
+                "grant_type=client_credentials".to_owned(),
+                "the OAuth token",
+            )
+            .await?;
+        let body =
+            answer(response, "the OAuth token").map_err(|error| PlatformError::Token(Box::new(error)))?;
         let token = body["access_token"]
             .as_str()
             .filter(|token| !token.is_empty())
@@ -171,21 +182,19 @@ impl PlatformClient {
             "password": self.settings.password.expose(),
         });
         let sent = self
-            .http
-            .post(self.m2m("/v1/session/login"))
-            .bearer_auth(token.expose())
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body.to_string())
-            .send()
+            .send(
+                Method::POST,
+                &self.m2m("/v1/session/login"),
+                &[
+                    (header::AUTHORIZATION, format!("Bearer {}", token.expose())),
+                    (header::CONTENT_TYPE, "application/json".to_owned()),
+                ],
+                body.to_string(),
+                "the session login",
+            )
             .await;
         // Whatever happened (even a lost answer), the attempt may have counted on the platform.
-        let answered = match sent {
-            Ok(response) => answer(response, "the session login").await,
-            Err(source) => Err(PlatformError::Transport {
-                what: "the session login",
-                source,
-            }),
-        };
+        let answered = sent.and_then(|response| answer(response, "the session login"));
         let session = answered.and_then(|body| {
             body["sessionToken"]
                 .as_str()
@@ -224,20 +233,23 @@ impl PlatformClient {
                 None => self.login().await?,
             };
             let token = self.token().await?;
-            let mut request = self
-                .http
-                .request(method.clone(), self.m2m(path))
-                .bearer_auth(token.expose())
-                .header("VZ-M2M-Token", session.expose())
-                .header(header::CONTENT_TYPE, "application/json");
-            if let Some(body) = &body {
-                request = request.body(body.to_string());
-            }
-            let response = request
-                .send()
-                .await
-                .map_err(|source| PlatformError::Transport { what, source })?;
-            match answer(response, what).await {
+            let response = self
+                .send(
+                    method.clone(),
+                    &self.m2m(path),
+                    &[
+                        (header::AUTHORIZATION, format!("Bearer {}", token.expose())),
+                        (
+                            header::HeaderName::from_static("vz-m2m-token"),
+                            session.expose().to_owned(),
+                        ),
+                        (header::CONTENT_TYPE, "application/json".to_owned()),
+                    ],
+                    body.as_ref().map(Value::to_string).unwrap_or_default(),
+                    what,
+                )
+                .await?;
+            match answer(response, what) {
                 Err(error)
                     if !renewed
                         && error
@@ -311,23 +323,75 @@ impl PlatformClient {
             return;
         };
         let _ = self
-            .http
-            .post(self.m2m("/v1/session/logout"))
-            .bearer_auth(token.expose())
-            .header("VZ-M2M-Token", session.expose())
-            .header(header::CONTENT_TYPE, "application/json")
-            .send()
+            .send(
+                Method::POST,
+                &self.m2m("/v1/session/logout"),
+                &[
+                    (header::AUTHORIZATION, format!("Bearer {}", token.expose())),
+                    (
+                        header::HeaderName::from_static("vz-m2m-token"),
+                        session.expose().to_owned(),
+                    ),
+                    (header::CONTENT_TYPE, "application/json".to_owned()),
+                ],
+                String::new(),
+                "the logout",
+            )
             .await;
+    }
+
+    /// One request, answered (status and body) within `platform.request_timeout_s`.
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(header::HeaderName, String)],
+        body: String,
+        what: &'static str,
+    ) -> Result<(StatusCode, Bytes), PlatformError> {
+        let transport = |source: Box<dyn std::error::Error + Send + Sync>| {
+            PlatformError::Transport { what, source }
+        };
+        let mut request = Request::builder()
+            .method(method)
+            .uri(url)
+            .header(
+                header::USER_AGENT,
+                concat!("m2m-listener/", env!("CARGO_PKG_VERSION")),
+            );
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|error| transport(Box::new(error)))?;
+        let timeout = Duration::from_secs(self.settings.request_timeout_s);
+        let exchange = async {
+            let response = self
+                .http
+                .request(request)
+                .await
+                .map_err(|error| transport(Box::new(error)))?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|error| transport(Box::new(error)))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| transport(format!("no answer within {} s", timeout.as_secs()).into()))?
     }
 }
 
 /// The JSON body of a 2xx answer (`null` for an empty one), or the platform's error.
-async fn answer(response: reqwest::Response, what: &'static str) -> Result<Value, PlatformError> {
-    let status = response.status();
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|source| PlatformError::Transport { what, source })?;
+fn answer(
+    (status, bytes): (StatusCode, Bytes),
+    what: &'static str,
+) -> Result<Value, PlatformError> {
     let body: Option<Value> = serde_json::from_slice(&bytes).ok();
     if status.is_success() {
         if bytes.iter().all(u8::is_ascii_whitespace) {
