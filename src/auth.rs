@@ -83,7 +83,11 @@ impl Authenticator {
     /// matched nor how much of a guess was right. Surrounding white space is ignored, as the
     /// platform pads values (`test ` in the upload example).
     pub fn verify(&self, username: &str, password: &Secret) -> Option<Authenticated> {
-        self.verify_at(username, password, &crate::storage::timestamp(OffsetDateTime::now_utc()))
+        self.verify_at(
+            username,
+            password,
+            &crate::storage::timestamp(OffsetDateTime::now_utc()),
+        )
     }
 
     /// [`Self::verify`] at `now` (as [`crate::storage::timestamp`] writes it).
@@ -431,5 +435,52 @@ mod tests {
         assert!(matches!(source, CredentialSource::Stored(_)));
         assert_eq!(first[0].username, second[0].username);
         assert_eq!(first[0].password, second[0].password);
+    }
+
+    #[test]
+    fn a_pair_retired_by_a_rotation_is_accepted_until_its_overlap_ends_and_the_rotated_one_after() {
+        use crate::storage::credentials::{SOURCE_RETIRED, StoredCredential};
+        let configured = [pair("ops", "configured-password", None)];
+        let stored = [
+            StoredCredential {
+                username: "ops".to_owned(),
+                password_digest: password_digest("configured-password"),
+                password: None,
+                account: None,
+                source: SOURCE_RETIRED.to_owned(),
+                created_at: "2026-12-01T00:00:00.000000Z".to_owned(),
+                valid_until: Some("2026-12-02T00:00:00.000000Z".to_owned()),
+            },
+            StoredCredential {
+                username: "ops".to_owned(),
+                password_digest: password_digest("rotated-password"),
+                password: Some(Secret::new("rotated-password")),
+                account: Some("A".to_owned()),
+                source: SOURCE_ROTATED.to_owned(),
+                created_at: "2026-12-01T00:00:00.000000Z".to_owned(),
+                valid_until: None,
+            },
+        ];
+        let authenticator = Authenticator::with_stored(&configured, &stored);
+        let before = "2026-12-01T23:59:59.999999Z";
+        let after = "2026-12-02T00:00:00.000000Z";
+        let old = Secret::new("configured-password");
+        let new = Secret::new("rotated-password");
+        assert!(authenticator.verify_at("ops", &old, before).is_some());
+        assert!(authenticator.verify_at("ops", &old, after).is_none());
+        assert_eq!(
+            authenticator
+                .verify_at("ops", &new, after)
+                .unwrap()
+                .account
+                .as_deref(),
+            Some("A")
+        );
+        let current = current_pair(&configured, &stored).unwrap();
+        assert_eq!(current.password.expose(), "rotated-password");
+        assert_eq!(
+            current_pair(&configured, &[]).unwrap().password.expose(),
+            "configured-password"
+        );
     }
 }

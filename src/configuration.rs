@@ -1311,4 +1311,64 @@ mod tests {
             "postgres://m2m:********@db.internal:5433/fleet?sslmode=require"
         );
     }
+
+    #[test]
+    fn platform_services_are_checked_against_the_documented_names() {
+        let settings = Settings::load_with_environment(
+            None,
+            environment(&[("M2M_PLATFORM__SERVICES", "CarrierService, DeviceService")]),
+        )
+        .unwrap();
+        assert_eq!(
+            settings.platform.services,
+            ["CarrierService", "DeviceService"]
+        );
+        let error = Settings::load_with_environment(
+            None,
+            environment(&[("M2M_PLATFORM__SERVICES", "CarrierService,carrierservice")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("platform.services[1]") && error.contains("did you mean CarrierService"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_periodic_platform_check_needs_the_whole_link_and_secrets_are_masked() {
+        let error = Settings::load_with_environment(
+            None,
+            environment(&[("M2M_PLATFORM__CHECK_INTERVAL_S", "60")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("platform.client_id"), "{error}");
+        let settings = Settings::load_with_environment(
+            None,
+            environment(&[
+                ("M2M_PLATFORM__CHECK_INTERVAL_S", "60"),
+                ("M2M_PLATFORM__CLIENT_ID", "app-key"),
+                ("M2M_PLATFORM__CLIENT_SECRET", "Client-Secret-Very-Secret"),
+                ("M2M_PLATFORM__USERNAME", "uws-user"),
+                ("M2M_PLATFORM__PASSWORD", "Uws-Password-Very-Secret"),
+                ("M2M_PLATFORM__ACCOUNT", "0342077109-00001"),
+                (
+                    "M2M_PLATFORM__CALLBACK_URL",
+                    "http://listener.example:9001/",
+                ),
+                ("M2M_PLATFORM__SERVICES", "CarrierService"),
+            ]),
+        )
+        .unwrap();
+        let shown = settings.to_masked_toml();
+        assert!(!shown.contains("Very-Secret"), "{shown}");
+        assert!(shown.contains("client_id = \"app-key\""), "{shown}");
+        let warnings = settings.platform.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("platform.callback_url"),
+            "{warnings:?}"
+        );
+    }
 }

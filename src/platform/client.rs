@@ -42,7 +42,9 @@ pub enum PlatformError {
         message: String,
     },
     /// Any other answer; the body is not shown (it may hold what it should not).
-    #[error("the platform answered HTTP {status} to {what} ({length} bytes, not a platform error body)")]
+    #[error(
+        "the platform answered HTTP {status} to {what} ({length} bytes, not a platform error body)"
+    )]
     Unexpected {
         what: &'static str,
         status: u16,
@@ -156,8 +158,8 @@ impl PlatformClient {
                 "the OAuth token",
             )
             .await?;
-        let body =
-            answer(response, "the OAuth token").map_err(|error| PlatformError::Token(Box::new(error)))?;
+        let body = answer(response, "the OAuth token")
+            .map_err(|error| PlatformError::Token(Box::new(error)))?;
         let token = body["access_token"]
             .as_str()
             .filter(|token| !token.is_empty())
@@ -352,13 +354,10 @@ impl PlatformClient {
         let transport = |source: Box<dyn std::error::Error + Send + Sync>| {
             PlatformError::Transport { what, source }
         };
-        let mut request = Request::builder()
-            .method(method)
-            .uri(url)
-            .header(
-                header::USER_AGENT,
-                concat!("m2m-listener/", env!("CARGO_PKG_VERSION")),
-            );
+        let mut request = Request::builder().method(method).uri(url).header(
+            header::USER_AGENT,
+            concat!("m2m-listener/", env!("CARGO_PKG_VERSION")),
+        );
         for (name, value) in headers {
             request = request.header(name, value);
         }

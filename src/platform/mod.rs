@@ -189,7 +189,12 @@ mod tests {
             .map(str::to_owned)
             .to_vec();
         let list = [
-            registration("CarrierService", "HTTPS://Listener.example/cb/", "ops", "right"),
+            registration(
+                "CarrierService",
+                "HTTPS://Listener.example/cb/",
+                "ops",
+                "right",
+            ),
             registration("DeviceService", "https://other.example/cb", "ops", "right"),
             registration("NiddService", "https://listener.example/cb", "ops", "wrong"),
         ];

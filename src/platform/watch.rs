@@ -83,7 +83,10 @@ pub async fn run(
                         }
                     );
                 } else {
-                    if matches!(error, PlatformError::Token(_) | PlatformError::Gateway { .. }) {
+                    if matches!(
+                        error,
+                        PlatformError::Token(_) | PlatformError::Gateway { .. }
+                    ) {
                         client = None;
                     }
                     tracing::warn!(

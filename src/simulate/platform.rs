@@ -567,8 +567,9 @@ fn random_token() -> String {
 /// Every `callback_interval_ms`, one REST carrier callback to each registered service.
 async fn send_callbacks(state: Arc<State>) {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut ticks =
-        tokio::time::interval(Duration::from_millis(state.options.callback_interval_ms.max(1)));
+    let mut ticks = tokio::time::interval(Duration::from_millis(
+        state.options.callback_interval_ms.max(1),
+    ));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;

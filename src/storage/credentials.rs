@@ -39,9 +39,7 @@ pub struct StoredCredential {
 impl StoredCredential {
     /// Whether the pair is still accepted at `now`.
     pub fn valid_at(&self, now: &str) -> bool {
-        self.valid_until
-            .as_deref()
-            .is_none_or(|until| until > now)
+        self.valid_until.as_deref().is_none_or(|until| until > now)
     }
 }
 

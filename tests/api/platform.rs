@@ -192,7 +192,9 @@ async fn platform_register_then_the_simulators_callbacks_with_the_registered_cre
 
     let registered = setup.platform(&["register"]).await;
     assert!(registered.status.success(), "{}", text(&registered));
-    let carrier = simulator.registration("CarrierService").expect("registered");
+    let carrier = simulator
+        .registration("CarrierService")
+        .expect("registered");
     assert_eq!(carrier.url, format!("http://127.0.0.1:{callback_port}/"));
     assert_eq!(
         (carrier.username.as_str(), carrier.password.as_str()),
@@ -204,7 +206,11 @@ async fn platform_register_then_the_simulators_callbacks_with_the_registered_cre
     .await;
     let again = setup.platform(&["register"]).await;
     assert!(again.status.success(), "{}", text(&again));
-    assert!(text(&again).contains("already registered"), "{}", text(&again));
+    assert!(
+        text(&again).contains("already registered"),
+        "{}",
+        text(&again)
+    );
     let status = setup.platform(&["status"]).await;
     assert!(status.status.success(), "{}", text(&status));
     stop(listener);
@@ -254,12 +260,21 @@ async fn platform_rotate_while_callbacks_flow_refuses_none_and_every_replica_ref
         simulator.registration("DeviceService").unwrap().password,
         new_password
     );
-    eventually(20, "callbacks with the new password acknowledged", async || {
-        let stats = simulator.stats();
-        stats.sent_with_previous_password > 0 && stats.acknowledged_with_current_password >= 10
-    })
+    eventually(
+        20,
+        "callbacks with the new password acknowledged",
+        async || {
+            let stats = simulator.stats();
+            stats.sent_with_previous_password > 0 && stats.acknowledged_with_current_password >= 10
+        },
+    )
     .await;
-    assert_eq!(simulator.stats().callbacks_refused, 0, "{:?}", simulator.stats());
+    assert_eq!(
+        simulator.stats().callbacks_refused,
+        0,
+        "{:?}",
+        simulator.stats()
+    );
 
     // Both replicas: the new pair accepted; the old one too within the overlap, then refused.
     let client = reqwest::Client::new();
@@ -287,20 +302,37 @@ async fn platform_rotate_while_callbacks_flow_refuses_none_and_every_replica_ref
     let mut number = 0;
     for port in [first_callback, second_callback] {
         number += 1;
-        assert_eq!(post(port, &new_password, number).await, 200, "new pair on {port}");
+        assert_eq!(
+            post(port, &new_password, number).await,
+            200,
+            "new pair on {port}"
+        );
     }
     for port in [first_callback, second_callback] {
-        eventually(15, "the old password refused after the overlap", async || {
-            number += 1;
-            post(port, CALLBACK_PASSWORD, number).await == 403
-        })
+        eventually(
+            15,
+            "the old password refused after the overlap",
+            async || {
+                number += 1;
+                post(port, CALLBACK_PASSWORD, number).await == 403
+            },
+        )
         .await;
         number += 1;
-        assert_eq!(post(port, &new_password, number).await, 200, "new pair on {port}");
+        assert_eq!(
+            post(port, &new_password, number).await,
+            200,
+            "new pair on {port}"
+        );
     }
     stop(first);
     stop(second);
-    assert_eq!(simulator.stats().callbacks_refused, 0, "{:?}", simulator.stats());
+    assert_eq!(
+        simulator.stats().callbacks_refused,
+        0,
+        "{:?}",
+        simulator.stats()
+    );
     setup.assert_no_secret_anywhere(&simulator, &[new_password]);
 }
 
@@ -375,7 +407,10 @@ async fn platform_status_exits_non_zero_when_a_service_points_elsewhere_or_is_mi
         .collect();
     assert_eq!(
         states,
-        [("CarrierService", "elsewhere"), ("DeviceService", "missing")]
+        [
+            ("CarrierService", "elsewhere"),
+            ("DeviceService", "missing")
+        ]
     );
     eventually(10, "the gauge says elsewhere and missing", async || {
         let shown = metrics().await;
@@ -428,7 +463,10 @@ async fn wrong_oauth_credentials_are_shown_as_the_gateways_fault_and_no_login_is
     let mut setup = Setup::new(
         &simulator,
         free_port(),
-        &[("M2M_PLATFORM__CLIENT_SECRET", "Wrong-Client-Secret-Marker-2")],
+        &[(
+            "M2M_PLATFORM__CLIENT_SECRET",
+            "Wrong-Client-Secret-Marker-2",
+        )],
     );
     let output = setup.platform(&["status"]).await;
     assert_eq!(output.status.code(), Some(1));
@@ -462,7 +500,7 @@ async fn deregistering_a_service_registered_to_this_listener_needs_yes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_pair_is_accepted_on_its_first_callback_without_waiting_for_the_periodic_refresh()
- {
+{
     // The platform switches to the new password at once, and the listener would read the stored
     // pairs again only in an hour: the unknown pair itself makes it read them.
     let simulator = simulator(|options| options.previous_password_ms = 0).await;
@@ -481,9 +519,11 @@ async fn a_rotated_pair_is_accepted_on_its_first_callback_without_waiting_for_th
     .await;
     let rotated = setup.platform(&["rotate"]).await;
     assert!(rotated.status.success(), "{}", text(&rotated));
-    eventually(20, "callbacks with the new password acknowledged", async || {
-        simulator.stats().acknowledged_with_current_password >= 8
-    })
+    eventually(
+        20,
+        "callbacks with the new password acknowledged",
+        async || simulator.stats().acknowledged_with_current_password >= 8,
+    )
     .await;
     stop(listener);
     let stats = simulator.stats();
@@ -579,4 +619,3 @@ async fn a_client_whose_login_failed_never_logs_in_again_and_five_failures_lock_
     let error = right.list().await.unwrap_err().to_string();
     assert!(error.contains("UserLocked"), "{error}");
 }
-
