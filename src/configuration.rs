@@ -661,11 +661,14 @@ impl Settings {
             ("m2m_url", &platform.m2m_url),
             ("callback_url", &platform.callback_url),
         ] {
-            let empty_allowed = key == "callback_url" && url.is_empty();
-            if !empty_allowed && !(url.starts_with("https://") || url.starts_with("http://")) {
+            // A callback URL is set when the link is used; left empty, the link is off.
+            if key == "callback_url" && url.is_empty() {
+                continue;
+            }
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
                 return fail(key, format!("{url:?} is not an https:// (or http://) URL"));
             }
-            if url.parse::<hyper::Uri>().is_err() && !empty_allowed {
+            if url.parse::<hyper::Uri>().is_err() {
                 return fail(key, format!("{url:?} is not a URL"));
             }
         }

@@ -61,7 +61,7 @@ enum Command {
     Platform(platform::PlatformArgs),
     /// Play the platform: post realistic callbacks (with its retries) to a listener and check that
     /// every acknowledged one was stored.
-    Simulate(SimulateArgs),
+    Simulate(Box<SimulateArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -124,7 +124,7 @@ pub fn run() -> ExitCode {
         Command::Jobs(arguments) => jobs::run(&settings, arguments),
         Command::Errors(arguments) => errors::run(arguments),
         Command::Platform(arguments) => platform::run(&settings, arguments),
-        Command::Simulate(arguments) => simulate(&settings, arguments),
+        Command::Simulate(arguments) => simulate(&settings, *arguments),
         Command::Prune => {
             let cutoff = time::OffsetDateTime::now_utc()
                 - time::Duration::days(i64::from(settings.storage.retention_days));
