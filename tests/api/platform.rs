@@ -619,3 +619,78 @@ async fn a_client_whose_login_failed_never_logs_in_again_and_five_failures_lock_
     let error = right.list().await.unwrap_err().to_string();
     assert!(error.contains("UserLocked"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_with_platform_listen_serves_the_platforms_rest_side_as_a_process() {
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_m2m-listener"))
+        .args([
+            "simulate",
+            "--platform-listen",
+            &format!("127.0.0.1:{port}"),
+            "--duration-s",
+            "3",
+        ])
+        .env_remove("M2M_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("simulator starts");
+    let client = reqwest::Client::new();
+    let token = async |secret: &str| {
+        use base64::Engine;
+        let basic =
+            base64::engine::general_purpose::STANDARD.encode(format!("sim-client-id:{secret}"));
+        client
+            .post(format!("http://127.0.0.1:{port}/oauth2/token"))
+            .header("Authorization", format!("Basic {basic}"))
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body("grant_type=client_credentials")
+            .send()
+            .await
+    };
+    let mut answered = None;
+    eventually(10, "the simulated platform answers", async || {
+        answered = token("wrong").await.ok();
+        answered.is_some()
+    })
+    .await;
+    let refused = answered.unwrap();
+    assert_eq!(refused.status(), 401);
+    let fault: serde_json::Value = serde_json::from_slice(&refused.bytes().await.unwrap()).unwrap();
+    assert_eq!(fault["fault"]["code"], "900901");
+    let first: serde_json::Value = serde_json::from_slice(
+        &token("sim-client-secret")
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let second: serde_json::Value = serde_json::from_slice(
+        &token("sim-client-secret")
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(first["access_token"].is_string());
+    assert_eq!(
+        first["access_token"], second["access_token"],
+        "the same token within its hour"
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        let _ = child.wait();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut text).unwrap();
+        text
+    })
+    .await
+    .unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&output).expect("stats as JSON");
+    assert_eq!(stats["token_requests"], 3, "{output}");
+}
