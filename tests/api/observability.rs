@@ -357,6 +357,17 @@ async fn start_prometheus(target: &str) -> Prometheus {
 }
 
 async fn query(client: &reqwest::Client, prometheus: &Prometheus, expression: &str) -> Value {
+    try_query(client, prometheus, expression)
+        .await
+        .expect("Prometheus answers")
+}
+
+/// A query, or `None` while Prometheus is not listening yet (it starts slowly on a busy machine).
+async fn try_query(
+    client: &reqwest::Client,
+    prometheus: &Prometheus,
+    expression: &str,
+) -> Option<Value> {
     let response = client
         .get(format!(
             "{}/api/v1/query?{}",
@@ -367,8 +378,8 @@ async fn query(client: &reqwest::Client, prometheus: &Prometheus, expression: &s
         ))
         .send()
         .await
-        .expect("Prometheus answers");
-    serde_json::from_slice(&response.bytes().await.unwrap()).unwrap()
+        .ok()?;
+    serde_json::from_slice(&response.bytes().await.ok()?).ok()
 }
 
 /// Grafana's variables, as a dashboard user with everything selected would have them.
@@ -447,12 +458,15 @@ async fn every_dashboard_and_alert_expression_evaluates_against_a_real_prometheu
             "Prometheus did not scrape the listener and evaluate the rules in time"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let scraped = query(
+        let Some(scraped) = try_query(
             &client,
             &prometheus,
             r#"m2m_build_info{job="m2m-listener"}"#,
         )
-        .await;
+        .await
+        else {
+            continue;
+        };
         if scraped["data"]["result"]
             .as_array()
             .is_none_or(Vec::is_empty)

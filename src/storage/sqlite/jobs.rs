@@ -4,12 +4,13 @@
 //! by [`crate::storage::jobs`], and it is written back once per batch.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, ToSql, params};
 use time::OffsetDateTime;
 
-use super::connection::insert_rows;
+use super::connection::{Statements, insert_rows};
 
 use crate::domain::{Callback, DeviceIdentifier, Operation, OutcomeStatus, UploadSummary};
 use crate::jobs::JobState;
@@ -53,7 +54,7 @@ impl JobBatch {
     /// [`TouchedJob::record_delivery`] and [`TouchedJob::record_reprocessed`]). Returns its id.
     pub fn record(
         &mut self,
-        connection: &Connection,
+        connection: &Statements<'_>,
         request_id: &str,
         operation: Option<&'static str>,
         received_at: OffsetDateTime,
@@ -78,7 +79,7 @@ impl JobBatch {
     /// The id of the job for `request_id`: read at its first delivery in the batch, or created.
     fn job(
         &mut self,
-        connection: &Connection,
+        connection: &Statements<'_>,
         request_id: &str,
         operation: Option<&'static str>,
         received_at: OffsetDateTime,
@@ -109,12 +110,12 @@ impl JobBatch {
         Ok(job_id)
     }
 
-    fn new_job_id(&mut self, connection: &Connection) -> rusqlite::Result<i64> {
+    fn new_job_id(&mut self, connection: &Statements<'_>) -> rusqlite::Result<i64> {
         let next = match self.next_job_id {
             Some(next) => next,
-            None => connection
-                .prepare_cached("SELECT coalesce(max(id), 0) + 1 FROM jobs")?
-                .query_row([], |row| row.get(0))?,
+            None => connection.with("SELECT coalesce(max(id), 0) + 1 FROM jobs", |statement| {
+                statement.query_row([], |row| row.get(0))
+            })?,
         };
         self.next_job_id = Some(next + 1);
         Ok(next)
@@ -125,7 +126,7 @@ impl JobBatch {
     /// ICCID).
     pub fn record_outcome(
         &mut self,
-        connection: &Connection,
+        connection: &Statements<'_>,
         job_id: i64,
         outcome_id: i64,
         identifiers: &[DeviceIdentifier],
@@ -151,18 +152,18 @@ impl JobBatch {
         };
         let device_id = match found {
             Some((device_id, previous)) => {
-                connection
-                    .prepare_cached(
-                        "UPDATE job_devices SET latest_outcome_id = ?2, status = ?3 WHERE id = ?1",
-                    )?
-                    .execute(params![device_id, outcome_id, status.as_str()])?;
+                connection.with(
+                    "UPDATE job_devices SET latest_outcome_id = ?2, status = ?3 WHERE id = ?1",
+                    |statement| statement.execute(params![device_id, outcome_id, status.as_str()]),
+                )?;
                 touched.count_outcome(previous.as_deref(), status);
                 device_id
             }
             None => {
-                connection
-                    .prepare_cached("INSERT INTO job_devices (job_id, latest_outcome_id, status) VALUES (?1, ?2, ?3)")?
-                    .execute(params![job_id, outcome_id, status.as_str()])?;
+                connection.with(
+                    "INSERT INTO job_devices (job_id, latest_outcome_id, status) VALUES (?1, ?2, ?3)",
+                    |statement| statement.execute(params![job_id, outcome_id, status.as_str()]),
+                )?;
                 touched.count_outcome(None, status);
                 connection.last_insert_rowid()
             }
@@ -213,7 +214,7 @@ impl JobBatch {
     /// other updated without (its state columns, and the two indexes on them, stay as they are).
     pub fn finish(
         self,
-        connection: &Connection,
+        connection: &Statements<'_>,
         completions: &mut Vec<JobCompletion>,
     ) -> rusqlite::Result<()> {
         let JobBatch {
@@ -236,13 +237,16 @@ impl JobBatch {
     }
 }
 
-fn job_row(connection: &Connection, request_id: &str) -> rusqlite::Result<Option<JobRow>> {
-    connection
-        .prepare_cached(&format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE request_id = ?1"
-        ))?
-        .query_row([request_id], |row| JobRow::from_row(row))
-        .optional()
+/// A job's row by its request id.
+static JOB_BY_REQUEST: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {JOB_COLUMNS} FROM jobs WHERE request_id = ?1"));
+
+fn job_row(connection: &Statements<'_>, request_id: &str) -> rusqlite::Result<Option<JobRow>> {
+    connection.with(JOB_BY_REQUEST.as_str(), |statement| {
+        statement
+            .query_row([request_id], |row| JobRow::from_row(row))
+            .optional()
+    })
 }
 
 /// A new job, pending, with its deadline `timeout` after `received_at` (a registration's).
@@ -277,16 +281,14 @@ fn create_job(
 
 /// Inserts a job a batch created, as the batch leaves it (never registered: a registration is a
 /// transaction of its own).
-fn insert_job(connection: &Connection, row: &JobRow) -> rusqlite::Result<()> {
-    connection
-        .prepare_cached(
+fn insert_job(connection: &Statements<'_>, row: &JobRow) -> rusqlite::Result<()> {
+    connection.with(
             "INSERT INTO jobs (id, request_id, operation, state, devices_reported, succeeded, failed, accepted,
                  deliveries, duplicates, is_upload, total_lines, pending_lines, success_lines, failed_lines,
                  package_error, created_at, first_callback_at, last_callback_at, completed_at, deadline, quarantined)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21,
                  ?22)",
-        )?
-        .execute(params![
+        |statement| statement.execute(params![
             row.id,
             row.request_id,
             row.operation,
@@ -309,50 +311,57 @@ fn insert_job(connection: &Connection, row: &JobRow) -> rusqlite::Result<()> {
             row.completed_at,
             row.deadline,
             row.quarantined,
-        ])?;
+        ]),
+    )?;
     Ok(())
 }
 
 /// Writes the columns a batch changes on a job row; the state columns only if they changed.
-fn write_job(connection: &Connection, row: &JobRow, state_changed: bool) -> rusqlite::Result<()> {
+fn write_job(
+    connection: &Statements<'_>,
+    row: &JobRow,
+    state_changed: bool,
+) -> rusqlite::Result<()> {
     if state_changed {
         write_state(connection, row)?;
     }
-    connection
-        .prepare_cached(
-            "UPDATE jobs SET operation = ?2, devices_reported = ?3, succeeded = ?4, failed = ?5,
+    connection.with(
+        "UPDATE jobs SET operation = ?2, devices_reported = ?3, succeeded = ?4, failed = ?5,
                  accepted = ?6, deliveries = ?7, duplicates = ?8, is_upload = ?9, total_lines = ?10,
                  pending_lines = ?11, success_lines = ?12, failed_lines = ?13, package_error = ?14,
                  first_callback_at = ?15, last_callback_at = ?16, quarantined = ?17
              WHERE id = ?1",
-        )?
-        .execute(params![
-            row.id,
-            row.operation,
-            row.devices_reported,
-            row.succeeded,
-            row.failed,
-            row.accepted,
-            row.deliveries,
-            row.duplicates,
-            row.is_upload,
-            row.total_lines,
-            row.pending_lines,
-            row.success_lines,
-            row.failed_lines,
-            row.package_error,
-            row.first_callback_at,
-            row.last_callback_at,
-            row.quarantined,
-        ])?;
+        |statement| {
+            statement.execute(params![
+                row.id,
+                row.operation,
+                row.devices_reported,
+                row.succeeded,
+                row.failed,
+                row.accepted,
+                row.deliveries,
+                row.duplicates,
+                row.is_upload,
+                row.total_lines,
+                row.pending_lines,
+                row.success_lines,
+                row.failed_lines,
+                row.package_error,
+                row.first_callback_at,
+                row.last_callback_at,
+                row.quarantined,
+            ])
+        },
+    )?;
     Ok(())
 }
 
 /// Writes what the state rule changes on a job row (registration, sweep).
-fn write_state(connection: &Connection, row: &JobRow) -> rusqlite::Result<()> {
-    connection
-        .prepare_cached("UPDATE jobs SET state = ?2, completed_at = ?3 WHERE id = ?1")?
-        .execute(params![row.id, row.state, row.completed_at])?;
+fn write_state(connection: &Statements<'_>, row: &JobRow) -> rusqlite::Result<()> {
+    connection.with(
+        "UPDATE jobs SET state = ?2, completed_at = ?3 WHERE id = ?1",
+        |statement| statement.execute(params![row.id, row.state, row.completed_at]),
+    )?;
     Ok(())
 }
 
@@ -360,29 +369,31 @@ fn write_state(connection: &Connection, row: &JobRow) -> rusqlite::Result<()> {
 /// per identifier: an `OR` of them lets SQLite scan every identifier of the job instead, which
 /// makes a 10,000-line upload quadratic.
 fn find_job_device(
-    connection: &Connection,
+    connection: &Statements<'_>,
     job_id: i64,
     identifiers: &[DeviceIdentifier],
 ) -> rusqlite::Result<Option<(i64, Option<String>)>> {
-    let mut find = connection.prepare_cached(
+    connection.with(
         "SELECT d.id, d.status FROM job_device_identifiers i JOIN job_devices d ON d.id = i.job_device_id
          WHERE i.job_id = ?1 AND i.kind = ?2 AND i.identifier = ?3",
-    )?;
-    for identifier in identifiers {
-        let found = find
-            .query_row(params![job_id, identifier.kind, identifier.id], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })
-            .optional()?;
-        if found.is_some() {
-            return Ok(found);
-        }
-    }
-    Ok(None)
+        |find| {
+            for identifier in identifiers {
+                let found = find
+                    .query_row(params![job_id, identifier.kind, identifier.id], |row| {
+                        Ok((row.get(0)?, row.get(1)?))
+                    })
+                    .optional()?;
+                if found.is_some() {
+                    return Ok(found);
+                }
+            }
+            Ok(None)
+        },
+    )
 }
 
 fn add_identifiers(
-    connection: &Connection,
+    connection: &Statements<'_>,
     job_id: i64,
     device_id: i64,
     identifiers: &[DeviceIdentifier],
@@ -413,6 +424,7 @@ pub(super) fn register(
     now: OffsetDateTime,
     completions: &mut Vec<JobCompletion>,
 ) -> rusqlite::Result<Registered> {
+    let connection = &Statements::new(connection);
     let registration = plan.registration();
     let existing = job_row(connection, &registration.request_id)?;
     if let Some(row) = existing.as_ref().filter(|row| row.registered) {
@@ -496,6 +508,7 @@ pub(super) fn sweep(
     now: OffsetDateTime,
     completions: &mut Vec<JobCompletion>,
 ) -> rusqlite::Result<u64> {
+    let connection = &Statements::new(connection);
     let overdue: Vec<JobRow> = connection
         .prepare_cached(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('pending', 'in_progress') AND deadline < ?1"

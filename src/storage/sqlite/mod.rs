@@ -42,7 +42,7 @@ use connection::{
     Readers, create_private_database, is_transient_open_failure, open_and_migrate, open_writer,
     run_checkpoints,
 };
-use writer::{Command, Writer};
+use writer::{Command, Writer, free_deliveries};
 
 pub struct SqliteStore {
     /// The writer thread's queue.
@@ -112,6 +112,11 @@ impl SqliteStore {
         };
         let readers = Arc::new(Readers::new(path.clone()));
         let (commands, receiver) = mpsc::channel(WRITE_QUEUE);
+        let (freed, to_free) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("sqlite-free".to_owned())
+            .spawn(move || free_deliveries(to_free))
+            .context("failed to start the SQLite writer's freeing thread")?;
         let writer = Writer {
             connection,
             readers: Arc::clone(&readers),
@@ -121,6 +126,7 @@ impl SqliteStore {
             memory: FailureMemory::default(),
             job_timeout,
             metrics,
+            freed,
         };
         let writer_thread = std::thread::Builder::new()
             .name("sqlite-writer".to_owned())

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 
+use super::connection::Statements;
 use super::jobs::JobBatch;
 use super::write::{insert_messages, insert_outcomes};
 use crate::domain::DeliveryResult;
@@ -53,6 +54,7 @@ pub(super) fn reprocess(
         }
     }
     let reprocessed_at = timestamp(now);
+    let connection = &Statements::new(connection);
     let mut jobs = JobBatch::default();
     for (id, result) in candidates {
         if result != DeliveryResult::Quarantined.as_str() {

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, ToSql, params};
+use rusqlite::{OptionalExtension, ToSql, params};
 
-use super::connection::insert_rows;
+use super::connection::{Statements, insert_rows};
 use super::jobs::JobBatch;
 use crate::domain::{Callback, DeliveryResult, DeviceOutcome, Operation};
 use crate::storage::batch::Fate;
@@ -21,6 +21,18 @@ const OUTCOME_IDENTIFIER: &str = "INSERT INTO outcome_identifiers (kind, identif
 /// As [`OUTCOME_IDENTIFIER`], for a device message.
 const MESSAGE_IDENTIFIER: &str = "INSERT INTO message_identifiers (kind, identifier, message_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING";
 
+const INSERT_MESSAGE: &str = "INSERT INTO device_messages (delivery_id, request_id, channel, payload, text, sent_at, received_at)
+ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+
+const INSERT_OUTCOME: &str = "INSERT INTO device_outcomes (delivery_id, request_id, operation, status, line_status, fault_code,
+     fault_message, state, service_plan, ip_address, mdn, details, received_at)
+ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+
+const INSERT_UPLOAD_SUMMARY: &str =
+    "INSERT INTO upload_summaries (delivery_id, request_id, account_name, device_sku, total_lines,
+     pending_lines, success_lines, failed_lines, package_error)
+ VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+
 /// A delivery's row. (Its plan opens no ephemeral table: see the migration that rewrote the
 /// `result` check, tested in [`super::schema`].)
 pub(super) const INSERT_DELIVERY: &str = "INSERT INTO deliveries (received_at, form, kind, operation, request_id,
@@ -31,7 +43,7 @@ pub(super) const INSERT_DELIVERY: &str = "INSERT INTO deliveries (received_at, f
 /// Inserts one delivery: its row (a duplicate row, if its message is stored already), its raw
 /// body, outcomes and upload report, and counts it on its job.
 pub(super) fn insert_delivery(
-    transaction: &Connection,
+    transaction: &Statements<'_>,
     delivery: &NewDelivery,
     job_timeout: Duration,
     jobs: &mut JobBatch,
@@ -44,9 +56,8 @@ pub(super) fn insert_delivery(
     let fault = callback.and_then(|callback| callback.fault.as_ref());
     let job_operation = delivery.content.job_operation();
     let insert = |result: DeliveryResult, duplicate_of: Option<i64>| -> rusqlite::Result<usize> {
-        transaction
-            .prepare_cached(INSERT_DELIVERY)?
-            .execute(params![
+        transaction.with(INSERT_DELIVERY, |statement| {
+            statement.execute(params![
                 received_at,
                 callback.map(|callback| callback.form.as_str()),
                 callback.map(|callback| callback.kind.as_str()),
@@ -71,21 +82,27 @@ pub(super) fn insert_delivery(
                 parse_error,
                 callback.and_then(|callback| repairs_text(&callback.repairs)),
             ])
+        })
     };
 
     // The writer is the database's only writer, so a message not found here cannot be stored by
     // anyone before this transaction commits: look it up, then insert (rather than an `INSERT ...
     // ON CONFLICT DO NOTHING` followed, for a re-delivery, by this same lookup). The unique index
     // still refuses a second first delivery, whatever happens here.
-    let original: Option<i64> = transaction
-        .prepare_cached("SELECT id FROM deliveries WHERE dedup_key = ?1 AND duplicate_of IS NULL")?
-        .query_row([&delivery.content.dedup_key()[..]], |row| row.get(0))
-        .optional()?;
+    let original: Option<i64> = transaction.with(
+        "SELECT id FROM deliveries WHERE dedup_key = ?1 AND duplicate_of IS NULL",
+        |statement| {
+            statement
+                .query_row([&delivery.content.dedup_key()[..]], |row| row.get(0))
+                .optional()
+        },
+    )?;
     if let Some(original) = original {
         // The message is already stored: record this re-delivery against the first one.
-        transaction
-            .prepare_cached("UPDATE deliveries SET duplicates = duplicates + 1 WHERE id = ?1")?
-            .execute([original])?;
+        transaction.with(
+            "UPDATE deliveries SET duplicates = duplicates + 1 WHERE id = ?1",
+            |statement| statement.execute([original]),
+        )?;
         insert(DeliveryResult::Duplicate, Some(original))?;
         let delivery_id = transaction.last_insert_rowid();
         if let Some(request_id) = delivery.content.request_id() {
@@ -102,9 +119,10 @@ pub(super) fn insert_delivery(
     }
     insert(delivery.content.first_result(), None)?;
     let delivery_id = transaction.last_insert_rowid();
-    transaction
-        .prepare_cached("INSERT INTO raw_bodies (delivery_id, body) VALUES (?1, ?2)")?
-        .execute(params![delivery_id, &delivery.body[..]])?;
+    transaction.with(
+        "INSERT INTO raw_bodies (delivery_id, body) VALUES (?1, ?2)",
+        |statement| statement.execute(params![delivery_id, &delivery.body[..]]),
+    )?;
     let job_id = match delivery.content.request_id() {
         Some(request_id) => Some(jobs.record(
             transaction,
@@ -140,7 +158,7 @@ pub(super) fn insert_delivery(
 
 /// The device messages of a first delivery, each with every identifier it names.
 pub(super) fn insert_messages(
-    transaction: &Connection,
+    transaction: &Statements<'_>,
     delivery_id: i64,
     received_at: &str,
     callback: &Callback,
@@ -148,20 +166,18 @@ pub(super) fn insert_messages(
     if callback.messages.is_empty() {
         return Ok(());
     }
-    let mut insert_message = transaction.prepare_cached(
-        "INSERT INTO device_messages (delivery_id, request_id, channel, payload, text, sent_at, received_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?;
     for message in &callback.messages {
-        insert_message.execute(params![
-            delivery_id,
-            callback.request_id,
-            message.channel.as_str(),
-            message.payload,
-            message.text,
-            message.sent_at,
-            received_at,
-        ])?;
+        transaction.with(INSERT_MESSAGE, |statement| {
+            statement.execute(params![
+                delivery_id,
+                callback.request_id,
+                message.channel.as_str(),
+                message.payload,
+                message.text,
+                message.sent_at,
+                received_at,
+            ])
+        })?;
         let message_id = transaction.last_insert_rowid();
         let rows: Vec<[&dyn ToSql; 3]> = message
             .identifiers
@@ -177,7 +193,7 @@ pub(super) fn insert_messages(
 /// its job. Returns the operation the outcomes were stored under (see
 /// [`crate::storage::jobs::outcome_operation`]).
 pub(super) fn insert_outcomes(
-    transaction: &Connection,
+    transaction: &Statements<'_>,
     delivery_id: i64,
     received_at: &str,
     callback: &Callback,
@@ -187,11 +203,6 @@ pub(super) fn insert_outcomes(
         Some((job_id, jobs)) => jobs.outcome_operation(*job_id, callback),
         None => callback.operation,
     };
-    let mut insert_outcome = transaction.prepare_cached(
-        "INSERT INTO device_outcomes (delivery_id, request_id, operation, status, line_status, fault_code,
-             fault_message, state, service_plan, ip_address, mdn, details, received_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-    )?;
     for outcome in &callback.outcomes {
         let DeviceOutcome {
             identifiers,
@@ -204,21 +215,23 @@ pub(super) fn insert_outcomes(
             mdn,
             details,
         } = outcome;
-        insert_outcome.execute(params![
-            delivery_id,
-            callback.request_id,
-            operation.as_str(),
-            status.as_str(),
-            line_status,
-            fault.as_ref().map(|fault| fault.code.as_str()),
-            fault.as_ref().map(|fault| fault.message.as_str()),
-            state,
-            service_plan,
-            ip_address,
-            mdn,
-            details.as_ref().map(|details| details.to_string()),
-            received_at,
-        ])?;
+        transaction.with(INSERT_OUTCOME, |statement| {
+            statement.execute(params![
+                delivery_id,
+                callback.request_id,
+                operation.as_str(),
+                status.as_str(),
+                line_status,
+                fault.as_ref().map(|fault| fault.code.as_str()),
+                fault.as_ref().map(|fault| fault.message.as_str()),
+                state,
+                service_plan,
+                ip_address,
+                mdn,
+                details.as_ref().map(|details| details.to_string()),
+                received_at,
+            ])
+        })?;
         let outcome_id = transaction.last_insert_rowid();
         let rows: Vec<[&dyn ToSql; 3]> = identifiers
             .iter()
@@ -234,13 +247,8 @@ pub(super) fn insert_outcomes(
     }
     if let Some(upload) = &callback.upload {
         let count = stored_count;
-        transaction
-            .prepare_cached(
-                "INSERT INTO upload_summaries (delivery_id, request_id, account_name, device_sku, total_lines,
-                     pending_lines, success_lines, failed_lines, package_error)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )?
-            .execute(params![
+        transaction.with(INSERT_UPLOAD_SUMMARY, |statement| {
+            statement.execute(params![
                 delivery_id,
                 callback.request_id,
                 upload.account_name,
@@ -250,7 +258,8 @@ pub(super) fn insert_outcomes(
                 count(upload.success_lines),
                 count(upload.failed_lines),
                 upload.package_error,
-            ])?;
+            ])
+        })?;
     }
     Ok(operation)
 }
