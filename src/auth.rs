@@ -109,12 +109,15 @@ impl Authenticator {
     }
 }
 
-/// The smallest gap between two reads of the stored credentials that an unknown pair causes.
-const MISS_REFRESH_SPACING: Duration = Duration::from_secs(1);
+/// The smallest gap between two reads of the stored credentials that an unknown pair causes. A
+/// callback with an unknown pair waits for the next read (at most this long) instead of being
+/// refused: short, so that a sender repeating a wrong password is not slowed much, and long
+/// enough to bound the reads a flood of wrong passwords causes (one in flight, ten a second).
+const MISS_REFRESH_SPACING: Duration = Duration::from_millis(100);
 
 /// The accepted pairs of a serving listener: those of the configuration file (or the generated
 /// pair) and those in the database, read again every `platform.credentials_refresh_ms` and
-/// whenever a callback presents a pair the last read did not know (at most once a second, waiting
+/// whenever a callback presents a pair the last read did not know (at most ten times a second, waiting
 /// for it rather than refusing), so that a pair rotated by any replica or command is accepted on
 /// its first use. A retired pair's end of overlap is checked on every callback against the clock.
 pub struct CallbackCredentials {
@@ -145,7 +148,9 @@ impl CallbackCredentials {
     pub async fn load(configured: &[CredentialSettings], store: Arc<dyn Store>) -> Self {
         let mut credentials = Self::fixed(configured);
         credentials.store = Some(store);
-        let started = Instant::now() - MISS_REFRESH_SPACING;
+        let started = Instant::now()
+            .checked_sub(MISS_REFRESH_SPACING)
+            .unwrap_or_else(Instant::now);
         *credentials.refreshing.get_mut() = started;
         credentials.reload().await;
         credentials

@@ -355,7 +355,7 @@ pub struct PlatformSettings {
     /// platform keeps sending it for 9-14 minutes after a re-registration), then refused.
     pub rotation_overlap_s: u64,
     /// How often a serving listener reads the rotated credentials from the database again (an
-    /// unknown pair also makes it read them, at most once a second).
+    /// unknown pair also makes it read them, at most ten times a second).
     pub credentials_refresh_ms: u64,
     /// Each request to the platform must be answered within this.
     pub request_timeout_s: u64,
