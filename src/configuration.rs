@@ -39,6 +39,7 @@ pub struct Settings {
     pub telemetry: TelemetrySettings,
     pub shutdown: ShutdownSettings,
     pub jobs: JobSettings,
+    pub platform: PlatformSettings,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -324,6 +325,104 @@ impl Default for JobSettings {
     }
 }
 
+/// The platform link (`m2m-listener platform ...`, and the periodic check while serving): the
+/// platform's REST API, the logins it takes, and what to hold registered there.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlatformSettings {
+    /// The OAuth base URL (`POST {oauth_url}/oauth2/token`).
+    pub oauth_url: String,
+    /// The M2M REST base URL (session and callback registration endpoints).
+    pub m2m_url: String,
+    /// The OAuth key of the ThingSpace application (client credentials).
+    pub client_id: String,
+    /// The OAuth secret.
+    pub client_secret: Secret,
+    /// The UWS login. Five failed logins in a row lock it: a failed login is never retried.
+    pub username: String,
+    pub password: Secret,
+    /// The billing account whose callback registrations are managed.
+    pub account: String,
+    /// The public URL the platform posts callbacks to (this listener, or its proxy).
+    pub callback_url: String,
+    /// The callback services to hold registered to `callback_url` (PLATFORM.md's list).
+    /// From the environment also as one comma-separated string.
+    #[serde(deserialize_with = "string_list")]
+    pub services: Vec<String>,
+    /// While serving, check the registrations this often (0: never).
+    pub check_interval_s: u64,
+    /// After `platform rotate`, the previous callback password is accepted this long (the
+    /// platform keeps sending it for 9-14 minutes after a re-registration), then refused.
+    pub rotation_overlap_s: u64,
+    /// How often a serving listener reads the rotated credentials from the database again (an
+    /// unknown pair also makes it read them, at most ten times a second).
+    pub credentials_refresh_ms: u64,
+    /// Each request to the platform must be answered within this.
+    pub request_timeout_s: u64,
+}
+
+impl Default for PlatformSettings {
+    fn default() -> Self {
+        Self {
+            oauth_url: "https://thingspace.verizon.com/api/ts/v1".to_owned(),
+            m2m_url: "https://thingspace.verizon.com/api/m2m".to_owned(),
+            client_id: String::new(),
+            client_secret: Secret::new(""),
+            username: String::new(),
+            password: Secret::new(""),
+            account: String::new(),
+            callback_url: String::new(),
+            services: Vec::new(),
+            check_interval_s: 0,
+            rotation_overlap_s: 86_400,
+            credentials_refresh_ms: 10_000,
+            request_timeout_s: 30,
+        }
+    }
+}
+
+impl PlatformSettings {
+    /// What a `platform` command (or the periodic check) needs: every key it uses set.
+    pub fn require_link(&self) -> Result<(), SettingsError> {
+        for (key, missing) in [
+            ("client_id", self.client_id.is_empty()),
+            ("client_secret", self.client_secret.is_empty()),
+            ("username", self.username.is_empty()),
+            ("password", self.password.is_empty()),
+            ("account", self.account.is_empty()),
+            ("callback_url", self.callback_url.is_empty()),
+            ("services", self.services.is_empty()),
+        ] {
+            if missing {
+                return Err(SettingsError(format!(
+                    "invalid configuration: platform.{key}: is required for the platform link \
+                     (M2M_PLATFORM__{})",
+                    key.to_uppercase()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Warnings about settings that work but should not be used in production: plain `http://`.
+    pub fn warnings(&self) -> Vec<String> {
+        [
+            ("oauth_url", &self.oauth_url),
+            ("m2m_url", &self.m2m_url),
+            ("callback_url", &self.callback_url),
+        ]
+        .into_iter()
+        .filter(|(_, url)| url.starts_with("http://"))
+        .map(|(key, url)| {
+            format!(
+                "platform.{key} ({url}) is plain http://: secrets cross the network unencrypted \
+                 (acceptable for tests and a local proxy only)"
+            )
+        })
+        .collect()
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ShutdownSettings {
@@ -536,6 +635,7 @@ impl Settings {
                 ),
             );
         }
+        self.validate_platform()?;
         if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.level) {
             return fail(
                 "telemetry.level",
@@ -544,6 +644,74 @@ impl Settings {
                     self.telemetry.level
                 ),
             );
+        }
+        Ok(())
+    }
+
+    /// The `[platform]` values that are set (a link not configured at all is valid: it is off).
+    fn validate_platform(&self) -> Result<(), SettingsError> {
+        let platform = &self.platform;
+        let fail = |key: &str, message: String| {
+            Err(SettingsError(format!(
+                "invalid configuration: platform.{key}: {message}"
+            )))
+        };
+        for (key, url) in [
+            ("oauth_url", &platform.oauth_url),
+            ("m2m_url", &platform.m2m_url),
+            ("callback_url", &platform.callback_url),
+        ] {
+            // A callback URL is set when the link is used; left empty, the link is off.
+            if key == "callback_url" && url.is_empty() {
+                continue;
+            }
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return fail(key, format!("{url:?} is not an https:// (or http://) URL"));
+            }
+            if url.parse::<hyper::Uri>().is_err() {
+                return fail(key, format!("{url:?} is not a URL"));
+            }
+        }
+        for (index, service) in platform.services.iter().enumerate() {
+            if !crate::platform::CALLBACK_SERVICES.contains(&service.as_str()) {
+                let suggestion = crate::platform::CALLBACK_SERVICES
+                    .iter()
+                    .find(|known| known.eq_ignore_ascii_case(service))
+                    .map(|known| format!(" (did you mean {known}?)"))
+                    .unwrap_or_default();
+                return fail(
+                    &format!("services[{index}]"),
+                    format!(
+                        "{service:?} is not a documented callback service name{suggestion}; one of {}",
+                        crate::platform::CALLBACK_SERVICES.join(", ")
+                    ),
+                );
+            }
+        }
+        if platform.rotation_overlap_s == 0 {
+            return fail(
+                "rotation_overlap_s",
+                "must be at least 1 (the platform keeps sending the previous password for minutes)"
+                    .to_owned(),
+            );
+        }
+        if !(100..=3_600_000).contains(&platform.credentials_refresh_ms) {
+            return fail(
+                "credentials_refresh_ms",
+                format!(
+                    "must be from 100 to 3600000, got {}",
+                    platform.credentials_refresh_ms
+                ),
+            );
+        }
+        if !(1..=600).contains(&platform.request_timeout_s) {
+            return fail(
+                "request_timeout_s",
+                format!("must be from 1 to 600, got {}", platform.request_timeout_s),
+            );
+        }
+        if platform.check_interval_s > 0 {
+            platform.require_link()?;
         }
         Ok(())
     }
@@ -1144,6 +1312,66 @@ mod tests {
         assert_eq!(
             mask_url_password("postgres://m2m:x@db.internal:5433/fleet?sslmode=require"),
             "postgres://m2m:********@db.internal:5433/fleet?sslmode=require"
+        );
+    }
+
+    #[test]
+    fn platform_services_are_checked_against_the_documented_names() {
+        let settings = Settings::load_with_environment(
+            None,
+            environment(&[("M2M_PLATFORM__SERVICES", "CarrierService, DeviceService")]),
+        )
+        .unwrap();
+        assert_eq!(
+            settings.platform.services,
+            ["CarrierService", "DeviceService"]
+        );
+        let error = Settings::load_with_environment(
+            None,
+            environment(&[("M2M_PLATFORM__SERVICES", "CarrierService,carrierservice")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("platform.services[1]") && error.contains("did you mean CarrierService"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_periodic_platform_check_needs_the_whole_link_and_secrets_are_masked() {
+        let error = Settings::load_with_environment(
+            None,
+            environment(&[("M2M_PLATFORM__CHECK_INTERVAL_S", "60")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("platform.client_id"), "{error}");
+        let settings = Settings::load_with_environment(
+            None,
+            environment(&[
+                ("M2M_PLATFORM__CHECK_INTERVAL_S", "60"),
+                ("M2M_PLATFORM__CLIENT_ID", "app-key"),
+                ("M2M_PLATFORM__CLIENT_SECRET", "Client-Secret-Very-Secret"),
+                ("M2M_PLATFORM__USERNAME", "uws-user"),
+                ("M2M_PLATFORM__PASSWORD", "Uws-Password-Very-Secret"),
+                ("M2M_PLATFORM__ACCOUNT", "0342077109-00001"),
+                (
+                    "M2M_PLATFORM__CALLBACK_URL",
+                    "http://listener.example:9001/",
+                ),
+                ("M2M_PLATFORM__SERVICES", "CarrierService"),
+            ]),
+        )
+        .unwrap();
+        let shown = settings.to_masked_toml();
+        assert!(!shown.contains("Very-Secret"), "{shown}");
+        assert!(shown.contains("client_id = \"app-key\""), "{shown}");
+        let warnings = settings.platform.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("platform.callback_url"),
+            "{warnings:?}"
         );
     }
 }

@@ -19,6 +19,7 @@
 //! - [`memory`]: malloc told to return large body buffers to the system.
 //! - [`telemetry`]: the log subscriber; [`tls`]: optional native TLS on the callback port.
 //! - [`startup`]: wiring everything into an [`startup::Application`].
+//! - [`platform`]: the platform's callback registration API, status, rotation, the periodic check.
 //! - [`simulate`]: a stand-in for the platform (load, demos, the benchmark).
 //! - [`cli`]: the command line; [`client`]: its client for the API.
 pub mod access;
@@ -33,6 +34,7 @@ pub mod jobs;
 pub mod memory;
 pub mod metrics;
 pub mod parser;
+pub mod platform;
 pub mod private_files;
 pub mod redact;
 pub mod simulate;

@@ -130,7 +130,12 @@ pub struct Metrics {
     job_completion: HistogramVec,
     store_commit: Histogram,
     store_batch_size: Histogram,
+    /// Whether each configured callback service is registered to this listener (`platform`).
+    platform_registration: IntGaugeVec,
 }
+
+/// The `state` values of `m2m_platform_registration`.
+pub const PLATFORM_REGISTRATION_STATES: &[&str] = &["ours", "missing", "elsewhere", "error"];
 
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
@@ -224,7 +229,16 @@ impl Metrics {
         registry.register(Box::new(job_completion.clone()))?;
         registry.register(Box::new(store_commit.clone()))?;
         registry.register(Box::new(store_batch_size.clone()))?;
+        let platform_registration = IntGaugeVec::new(
+            Opts::new(
+                "m2m_platform_registration",
+                "1 for the state the last platform check found each configured callback service in \
+                 (ours, missing, elsewhere, error), 0 for the others.",
+            ),
+            &["service", "state"],
+        )?;
         registry.register(Box::new(build_info.clone()))?;
+        registry.register(Box::new(platform_registration.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -276,7 +290,28 @@ impl Metrics {
             job_completion,
             store_commit,
             store_batch_size,
+            platform_registration,
         })
+    }
+
+    /// Creates the registration series of every configured service at zero (they are known only
+    /// once the settings are, after [`Metrics::new`]).
+    pub fn watch_platform_services(&self, services: &[String]) {
+        for service in services {
+            for state in PLATFORM_REGISTRATION_STATES {
+                self.platform_registration
+                    .with_label_values(&[service.as_str(), state]);
+            }
+        }
+    }
+
+    /// What the last check found `service` to be: 1 for `state`, 0 for the other states.
+    pub fn set_platform_registration(&self, service: &str, state: &str) {
+        for known in PLATFORM_REGISTRATION_STATES {
+            self.platform_registration
+                .with_label_values(&[service, known])
+                .set(i64::from(*known == state));
+        }
     }
 
     /// One answered callback POST.

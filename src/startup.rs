@@ -12,7 +12,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::auth::{self, Authenticator, CredentialSource};
+use crate::auth::{self, CallbackCredentials, CredentialSource};
 use crate::configuration::Settings;
 use crate::http::{self, ConnectionLimits, api::ApiState, callback::CallbackState};
 use crate::metrics::Metrics;
@@ -53,6 +53,14 @@ pub struct Application {
     callback_tls: Option<tokio_rustls::TlsAcceptor>,
     /// Where the accepted callback credentials came from; the CLI tells the operator.
     pub credential_source: CredentialSource,
+    /// The accepted pairs, configured and rotated; refreshed every `credentials_refresh`.
+    callback_credentials: Arc<CallbackCredentials>,
+    /// How often the rotated pairs are read again (`platform.credentials_refresh_ms`).
+    credentials_refresh: Duration,
+    /// The link to check periodically (`platform.check_interval_s` > 0).
+    platform_check: Option<crate::configuration::PlatformSettings>,
+    /// For the platform check's gauge.
+    metrics: Arc<Metrics>,
 }
 
 impl Application {
@@ -85,10 +93,20 @@ impl Application {
             .await
             .with_context(|| format!("failed to listen for the API on {}", settings.api.listen))?;
         let shared_store = Arc::clone(&store);
+        let callback_credentials =
+            Arc::new(CallbackCredentials::load(&credentials, Arc::clone(&store)).await);
+        for warning in settings.platform.warnings() {
+            tracing::warn!("{warning}");
+        }
+        metrics.watch_platform_services(if settings.platform.check_interval_s > 0 {
+            &settings.platform.services
+        } else {
+            &[]
+        });
         let callback_state = Arc::new(CallbackState::new(
             Arc::clone(&shared_store),
             Arc::clone(&metrics),
-            Authenticator::new(&credentials),
+            Arc::clone(&callback_credentials),
             settings.callback.source_policy()?,
             &settings.callback,
         ));
@@ -96,7 +114,7 @@ impl Application {
             Duration::from_millis(settings.storage.busy_timeout_ms) + Duration::from_secs(2);
         let api_state = Arc::new(ApiState::new(
             shared_store,
-            metrics,
+            Arc::clone(&metrics),
             settings.api.token.as_ref(),
             readiness_timeout,
         ));
@@ -125,6 +143,11 @@ impl Application {
                 max_connections: settings.callback.max_connections,
             },
             credential_source,
+            callback_credentials,
+            credentials_refresh: Duration::from_millis(settings.platform.credentials_refresh_ms),
+            platform_check: (settings.platform.check_interval_s > 0)
+                .then(|| settings.platform.clone()),
+            metrics,
         })
     }
 
@@ -177,9 +200,24 @@ impl Application {
             self.prune_interval,
             self.retention,
         ));
+        let refresher = tokio::spawn(refresh_credentials(
+            Arc::clone(&self.callback_credentials),
+            self.credentials_refresh,
+        ));
+        let platform_check = self.platform_check.map(|platform| {
+            tokio::spawn(crate::platform::watch::run(
+                platform,
+                Arc::clone(&self.callback_credentials),
+                Arc::clone(&self.metrics),
+            ))
+        });
         shutdown.await;
         sweeper.abort();
         pruner.abort();
+        refresher.abort();
+        if let Some(platform_check) = platform_check {
+            platform_check.abort();
+        }
         tracing::info!("shutting down: no new connections; finishing in-flight callbacks");
         let _ = stop.send(true);
         let (callback_result, api_result) = tokio::join!(callback_server, api_server);
@@ -204,6 +242,18 @@ async fn sweep_overdue_jobs(store: Arc<dyn Store>, interval: Duration) {
                 tracing::warn!(error = %ErrorChain(&error), "job deadline sweep failed; retrying at the next interval")
             }
         }
+    }
+}
+
+/// Reads the rotated callback credentials again every `interval`, so that a pair rotated by any
+/// replica or command is known (and a retired configured pair's overlap applies) without a restart.
+async fn refresh_credentials(credentials: Arc<CallbackCredentials>, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        credentials.reload().await;
     }
 }
 

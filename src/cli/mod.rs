@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod errors;
 mod jobs;
+mod platform;
 
 use crate::auth::CredentialSource;
 use crate::configuration::{LogFormat, Settings, SettingsError};
@@ -56,9 +57,11 @@ enum Command {
     /// can read are stored with their outcomes (their jobs move), the others keep the current
     /// reason. Safe while the listener runs; running it twice changes nothing.
     Reprocess(ReprocessArgs),
+    /// Manage the callback registrations on the platform (status, register, deregister, rotate).
+    Platform(platform::PlatformArgs),
     /// Play the platform: post realistic callbacks (with its retries) to a listener and check that
     /// every acknowledged one was stored.
-    Simulate(SimulateArgs),
+    Simulate(Box<SimulateArgs>),
 }
 
 #[derive(Debug, clap::Args)]
@@ -120,7 +123,8 @@ pub fn run() -> ExitCode {
         Command::Serve => serve(&settings),
         Command::Jobs(arguments) => jobs::run(&settings, arguments),
         Command::Errors(arguments) => errors::run(arguments),
-        Command::Simulate(arguments) => simulate(&settings, arguments),
+        Command::Platform(arguments) => platform::run(&settings, arguments),
+        Command::Simulate(arguments) => simulate(&settings, *arguments),
         Command::Prune => {
             let cutoff = time::OffsetDateTime::now_utc()
                 - time::Duration::days(i64::from(settings.storage.retention_days));
@@ -330,6 +334,23 @@ fn simulate(settings: &Settings, arguments: SimulateArgs) -> ExitCode {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
+    if arguments.options.platform.platform_listen.is_some() {
+        let stats = runtime.block_on(crate::simulate::platform::run(
+            arguments.options.platform.clone(),
+        ));
+        return match stats {
+            Ok(stats) => emit(&format!(
+                "{}\n",
+                serde_json::to_string_pretty(&stats).unwrap_or_default()
+            ))
+            .err()
+            .unwrap_or(ExitCode::SUCCESS),
+            Err(error) => {
+                report(format_args!("{error:#}"));
+                ExitCode::FAILURE
+            }
+        };
+    }
     let pair = crate::auth::existing_credentials(
         &settings.callback.credentials,
         &settings.storage.generated_credentials_path(),

@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{HttpResponse, json_response, response};
 use crate::access::SourcePolicy;
-use crate::auth::{Authenticated, Authenticator};
+use crate::auth::{Authenticated, CallbackCredentials};
 use crate::configuration::CallbackSettings;
 use crate::domain::DeliveryResult;
 use crate::metrics::{CallbackTally, Metrics, UNKNOWN_KIND};
@@ -57,8 +57,8 @@ pub struct CallbackState {
     pub store: Arc<dyn Store>,
     /// Counts every answer, and what each stored callback reported.
     pub metrics: Arc<Metrics>,
-    /// The accepted credential pairs.
-    pub authenticator: Authenticator,
+    /// The accepted credential pairs (configured, generated, rotated).
+    pub authenticator: Arc<CallbackCredentials>,
     /// Which sources may post, and which proxies may name the client.
     pub sources: SourcePolicy,
     /// Larger bodies are refused with 413 (`callback.max_body_bytes`).
@@ -77,7 +77,7 @@ impl CallbackState {
     pub fn new(
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
-        authenticator: Authenticator,
+        authenticator: Arc<CallbackCredentials>,
         sources: SourcePolicy,
         settings: &CallbackSettings,
     ) -> Self {
@@ -245,8 +245,9 @@ async fn receive(
     let refused = |refusal| (refusal, dialect);
 
     // Authenticate: the presented pair is checked and dropped here.
-    let authenticated =
-        authenticate(state, &body).map_err(|refusal| refused(refusal.with_client(client)))?;
+    let authenticated = authenticate(state, &body, Instant::now())
+        .await
+        .map_err(|refusal| refused(refusal.with_client(client)))?;
 
     // Parse. The parsed form of a large callback lives until its commit: hold a slot until then.
     let large_callback_slot = if body.len() > PARSE_INLINE_LIMIT {
@@ -288,13 +289,18 @@ async fn receive(
 }
 
 /// The credentials the body presents, checked; nothing else of the body has been looked at.
-fn authenticate(state: &CallbackState, body: &[u8]) -> Result<Authenticated, Refusal> {
+async fn authenticate(
+    state: &CallbackState,
+    body: &[u8],
+    received: Instant,
+) -> Result<Authenticated, Refusal> {
     let Some(presented) = parser::credentials(body) else {
         return Err(Refusal::NotACallback);
     };
     state
         .authenticator
-        .verify(&presented.username, &presented.password)
+        .verify(&presented.username, &presented.password, received)
+        .await
         .ok_or(Refusal::Unauthorized {
             client: None,
             username: presented.username,

@@ -10,6 +10,7 @@
 //! At the end it checks through the API that every acknowledged callback was stored.
 
 pub mod payloads;
+pub mod platform;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -99,6 +100,9 @@ pub struct SimulateOptions {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// The platform's REST side (`--platform-listen`), instead of a one-off run against --url.
+    #[command(flatten)]
+    pub platform: platform::PlatformOptions,
 }
 
 /// What a planned callback is, so that it can be rendered for any attempt and checked afterwards.

@@ -6,6 +6,7 @@
 //! re-delivery of a stored message as a duplicate, atomically, however many arrive at once.
 
 mod batch;
+pub mod credentials;
 mod error;
 pub(crate) mod jobs;
 pub mod postgres;
@@ -415,6 +416,18 @@ pub trait Store: Send + Sync + 'static {
     /// failure nothing is left there. A backend that has no such copy says so
     /// ([`BackupError::Unsupported`]) and names the tools that make one.
     fn backup(&self, target: std::path::PathBuf) -> BoxFuture<'_, Result<(), BackupError>>;
+
+    /// Every callback credential pair stored by `platform rotate`, current and retired (a
+    /// handful of rows: one per rotation).
+    fn callback_credentials(
+        &self,
+    ) -> BoxFuture<'_, Result<Vec<credentials::StoredCredential>, StoreError>>;
+
+    /// Writes a rotation (see [`credentials::Rotation`]) in one transaction.
+    fn rotate_callback_credentials(
+        &self,
+        rotation: credentials::Rotation,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
 
     /// Finishes queued writes and stops taking new ones.
     fn close(&self) -> BoxFuture<'_, ()>;

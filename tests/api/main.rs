@@ -20,6 +20,7 @@ mod json_callbacks;
 mod messages;
 mod observability;
 mod openapi;
+mod platform;
 mod properties;
 mod reprocess;
 mod retention;

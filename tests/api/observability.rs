@@ -26,9 +26,33 @@ const FAMILIES: &[&str] = &[
     "m2m_store_commit_seconds",
     "m2m_store_batch_size",
     "m2m_build_info",
+    "m2m_platform_registration",
     "process_resident_memory_bytes",
     "process_cpu_seconds_total",
 ];
+
+/// The app with the periodic platform check on, against a platform that cannot be reached (every
+/// service `error`), so that /metrics carries `m2m_platform_registration` as a watching
+/// listener's does.
+async fn spawn_watching_app() -> TestApp {
+    crate::helpers::spawn_app_with(|settings| {
+        let unreachable = "http://127.0.0.1:1".to_owned();
+        settings.platform = m2m_listener::configuration::PlatformSettings {
+            oauth_url: unreachable.clone(),
+            m2m_url: unreachable,
+            client_id: "observability".to_owned(),
+            client_secret: m2m_listener::domain::Secret::new("unused"),
+            username: "observability".to_owned(),
+            password: m2m_listener::domain::Secret::new("unused"),
+            account: "0000000001-00001".to_owned(),
+            callback_url: "http://127.0.0.1:9001/".to_owned(),
+            services: vec!["CarrierService".to_owned(), "DeviceService".to_owned()],
+            check_interval_s: 3600,
+            ..Default::default()
+        };
+    })
+    .await
+}
 
 fn repository(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -120,7 +144,7 @@ fn families(text: &str) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn metrics_carry_every_family_with_bounded_labels_and_pass_promtool() {
-    let app = spawn_app().await;
+    let app = spawn_watching_app().await;
     feed(&app).await;
 
     let text = exposition(&app).await;
@@ -146,6 +170,7 @@ async fn metrics_carry_every_family_with_bounded_labels_and_pass_promtool() {
         r#"m2m_jobs{state="in_progress"} 2"#,
         r#"m2m_job_completion_seconds_count{operation="upload_devices"} 2"#,
         r#"m2m_job_completion_seconds_count{operation="activate"} 1"#,
+        r#"m2m_platform_registration{service="DeviceService",state="ours"} 0"#,
     ] {
         assert!(text.contains(expected), "{expected} not in:\n{text}");
     }
@@ -181,7 +206,7 @@ async fn metrics_carry_every_family_with_bounded_labels_and_pass_promtool() {
 
 #[tokio::test]
 async fn a_fresh_listener_exports_every_family_with_its_known_series_at_zero() {
-    let app = spawn_app().await;
+    let app = spawn_watching_app().await;
 
     let text = exposition(&app).await;
 
@@ -205,6 +230,8 @@ async fn a_fresh_listener_exports_every_family_with_its_known_series_at_zero() {
         r#"m2m_upload_lines_total{result="failed"} 0"#,
         r#"m2m_jobs{state="pending"} 0"#,
         r#"m2m_callback_attempts_total{attempt="1"} 0"#,
+        r#"m2m_platform_registration{service="CarrierService",state="ours"} 0"#,
+        r#"m2m_platform_registration{service="DeviceService",state="missing"} 0"#,
     ] {
         assert!(
             text.contains(expected),
@@ -416,7 +443,7 @@ fn dashboard_expressions() -> Vec<String> {
 
 #[tokio::test]
 async fn every_dashboard_and_alert_expression_evaluates_against_a_real_prometheus() {
-    let app = spawn_app().await;
+    let app = spawn_watching_app().await;
     feed(&app).await;
     let families = families(&exposition(&app).await);
     let target = app.api_url.trim_start_matches("http://").to_owned();
@@ -498,7 +525,7 @@ async fn every_dashboard_and_alert_expression_evaluates_against_a_real_prometheu
         .collect();
     assert_eq!(
         rules.len(),
-        9,
+        10,
         "every rule of dashboards/alerts.yml is loaded"
     );
     for rule in rules {

@@ -29,6 +29,8 @@ mod messages;
 mod observability;
 #[path = "../api/openapi.rs"]
 mod openapi;
+#[path = "../api/platform.rs"]
+mod platform;
 #[path = "../api/properties.rs"]
 mod properties;
 #[path = "../api/reprocess.rs"]

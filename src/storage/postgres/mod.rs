@@ -15,6 +15,7 @@
 //! - the deadline sweep locks with `SKIP LOCKED`, so every replica can run it at once.
 
 mod connection;
+mod credentials;
 mod error;
 mod ids;
 mod jobs;
@@ -282,6 +283,24 @@ impl Store for PostgresStore {
             Err(BackupError::Unsupported(
                 "backup copies the SQLite file; with storage.url use PostgreSQL's own tools (pg_dump, base backups)",
             ))
+        })
+    }
+
+    fn callback_credentials(
+        &self,
+    ) -> BoxFuture<'_, Result<Vec<crate::storage::credentials::StoredCredential>, StoreError>> {
+        Box::pin(self.read(async |client| credentials::all(client).await))
+    }
+
+    fn rotate_callback_credentials(
+        &self,
+        rotation: crate::storage::credentials::Rotation,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let rotation = &rotation;
+            transact!(self, |transaction, completions| {
+                credentials::rotate(&transaction, rotation).await?
+            })
         })
     }
 

@@ -202,6 +202,23 @@ UPDATE device_outcomes o SET identifiers = coalesce((
 ), '[]');
 DROP INDEX outcome_identifiers_outcome;
 "#,
+    r#"
+-- Callback credentials written by `platform rotate`, beside those of the configuration file: every
+-- replica reads them. The password is kept in clear only while its pair is current (to register
+-- it again); a retired pair keeps its SHA-256 digest and the end of its overlap. A configured or
+-- generated pair a rotation retired is a digest-only row (`source = 'retired'`).
+CREATE TABLE callback_credentials (
+    id              BIGSERIAL PRIMARY KEY,
+    username        TEXT NOT NULL,
+    password_digest BYTEA NOT NULL,
+    password        TEXT,
+    account         TEXT,
+    source          TEXT NOT NULL CHECK (source IN ('rotated', 'retired')),
+    created_at      TEXT NOT NULL,
+    valid_until     TEXT
+);
+CREATE UNIQUE INDEX callback_credentials_pair ON callback_credentials (username, password_digest);
+"#,
 ];
 
 /// Applies the migrations not yet recorded, under an advisory lock: replicas starting together

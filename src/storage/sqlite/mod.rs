@@ -8,6 +8,7 @@
 //! the blocking pool and never wait for the writer ([`connection`]).
 
 mod connection;
+mod credentials;
 mod error;
 mod jobs;
 mod queries;
@@ -278,6 +279,19 @@ impl Store for SqliteStore {
                 .map_err(|error| BackupError::Failed(Box::new(error)))?
                 .map_err(|error| BackupError::Failed(error.into()))
         })
+    }
+
+    fn callback_credentials(
+        &self,
+    ) -> BoxFuture<'_, Result<Vec<crate::storage::credentials::StoredCredential>, StoreError>> {
+        Box::pin(self.read(credentials::all))
+    }
+
+    fn rotate_callback_credentials(
+        &self,
+        rotation: crate::storage::credentials::Rotation,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.ask(move |reply| Command::RotateCredentials(Box::new(rotation), reply)))
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

@@ -45,6 +45,10 @@ pub(super) enum Command {
     ),
     /// One chunk of raw bodies received before the cutoff.
     Prune(OffsetDateTime, oneshot::Sender<Result<usize, StoreError>>),
+    RotateCredentials(
+        Box<crate::storage::credentials::Rotation>,
+        oneshot::Sender<Result<(), StoreError>>,
+    ),
     Shutdown,
 }
 
@@ -131,6 +135,11 @@ impl Writer {
                     Command::Sweep(now, reply) => {
                         let _ = reply.send(self.transact(|connection, completions| {
                             jobs::sweep(connection, now, completions)
+                        }));
+                    }
+                    Command::RotateCredentials(rotation, reply) => {
+                        let _ = reply.send(self.transact(|connection, _| {
+                            super::credentials::rotate(connection, &rotation)
                         }));
                     }
                     // Stop taking commands; those already queued are still drained below.
