@@ -135,7 +135,8 @@ pub struct Metrics {
 }
 
 /// The `state` values of `m2m_platform_registration`.
-pub const PLATFORM_REGISTRATION_STATES: &[&str] = &["ours", "missing", "elsewhere", "error"];
+pub const PLATFORM_REGISTRATION_STATES: &[&str] =
+    &["ours", "missing", "elsewhere", "not_visible", "error"];
 
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {

@@ -208,6 +208,7 @@ impl Application {
             tokio::spawn(crate::platform::watch::run(
                 platform,
                 Arc::clone(&self.callback_credentials),
+                Arc::clone(&self.store),
                 Arc::clone(&self.metrics),
             ))
         });

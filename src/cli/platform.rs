@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Subcommand;
+use time::OffsetDateTime;
 
 use super::{emit, report};
 use crate::auth::{self, Authenticator};
@@ -162,7 +163,15 @@ async fn command(
     match command {
         PlatformCommand::Status { json } => {
             let list = client.list().await?;
-            let statuses = platform::classify(&link.services, &list, &link.callback_url, &accepted);
+            let arriving =
+                platform::services_arriving(store, &link.services, OffsetDateTime::now_utc()).await;
+            let statuses = platform::classify(
+                &link.services,
+                &list,
+                &link.callback_url,
+                &accepted,
+                &arriving,
+            );
             let all_ours = statuses
                 .iter()
                 .all(|status| status.state == RegistrationState::Ours);
@@ -229,7 +238,10 @@ async fn command(
         }
         PlatformCommand::Deregister { services, yes } => {
             let list = client.list().await?;
-            let statuses = platform::classify(&services, &list, &link.callback_url, &accepted);
+            let arriving =
+                platform::services_arriving(store, &services, OffsetDateTime::now_utc()).await;
+            let statuses =
+                platform::classify(&services, &list, &link.callback_url, &accepted, &arriving);
             let ours: Vec<&str> = statuses
                 .iter()
                 .filter(|status| status.state == RegistrationState::Ours)

@@ -10,9 +10,65 @@ pub mod watch;
 
 use rand::distr::{Alphanumeric, SampleString};
 use serde::Serialize;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 use crate::auth::Authenticator;
-use crate::domain::Secret;
+use crate::domain::{CallbackKind, DeliveryResult, Secret};
+use crate::storage::{DeliveryQuery, Store};
+
+/// How recent a stored callback of a service must be to show that the service reaches this
+/// listener although the REST list does not name it (a registration made over SOAP).
+pub const ARRIVING_WITHIN: time::Duration = time::Duration::days(7);
+
+/// The kinds this listener stores a service's callbacks under, where it knows them.
+pub fn service_kinds(service: &str) -> &'static [CallbackKind] {
+    match service.to_ascii_lowercase().as_str() {
+        "carrierservice" => &[CallbackKind::CarrierService, CallbackKind::UploadDevices],
+        "externalprovisioningchanges" => &[CallbackKind::ExternalProvisioning],
+        "promochanges" | "devicepromousage" => &[CallbackKind::PromoChange],
+        "smsdeliveryconfirmation" => &[CallbackKind::SmsDelivery],
+        "deviceprlinformation" => &[CallbackKind::PrlInformation],
+        "deviceusage" => &[CallbackKind::Usage],
+        "resumetrackingnotification" => &[CallbackKind::ResumeTracking],
+        "niddservice" => &[CallbackKind::Nidd],
+        _ => &[],
+    }
+}
+
+/// The configured services whose callbacks this listener stored within [`ARRIVING_WITHIN`] of
+/// `now`: evidence that they reach it whatever the REST list says. A store that cannot answer
+/// gives no evidence.
+pub async fn services_arriving(
+    store: &dyn Store,
+    services: &[String],
+    now: OffsetDateTime,
+) -> Vec<String> {
+    let mut arriving = Vec::new();
+    for service in services {
+        for kind in service_kinds(service) {
+            let query = DeliveryQuery {
+                request_id: None,
+                kind: Some(kind.as_str().to_owned()),
+                result: Some(DeliveryResult::Stored),
+                limit: 1,
+                before_id: None,
+            };
+            let Ok(page) = store.list_deliveries(query).await else {
+                continue;
+            };
+            let recent = page.items.first().is_some_and(|latest| {
+                OffsetDateTime::parse(&latest.received_at, &Rfc3339)
+                    .is_ok_and(|received| now - received <= ARRIVING_WITHIN)
+            });
+            if recent {
+                arriving.push(service.clone());
+                break;
+            }
+        }
+    }
+    arriving
+}
 
 /// The callback service names PLATFORM.md lists (the registration page's, and the SDK's newer
 /// ones); `AlertsService` is how the deregistration page spells `AlertService`.
@@ -70,6 +126,9 @@ pub enum RegistrationState {
     Missing,
     /// Another URL, or our URL with a pair we do not accept (its callbacks would be refused).
     Elsewhere,
+    /// Not in the REST list, but its callbacks reach this listener: registered over SOAP (which
+    /// the REST list does not show), so which URL and pair it holds cannot be read here.
+    NotVisible,
 }
 
 impl RegistrationState {
@@ -78,6 +137,7 @@ impl RegistrationState {
             RegistrationState::Ours => "ours",
             RegistrationState::Missing => "missing",
             RegistrationState::Elsewhere => "elsewhere",
+            RegistrationState::NotVisible => "not_visible",
         }
     }
 }
@@ -94,12 +154,14 @@ pub struct ServiceStatus {
     pub detail: String,
 }
 
-/// Each of `services` against the platform's `list` (pure).
+/// Each of `services` against the platform's `list` (pure); `arriving` are the services whose
+/// callbacks reach this listener lately (see [`services_arriving`]).
 pub fn classify(
     services: &[String],
     list: &[Registration],
     callback_url: &str,
     accepted: &Authenticator,
+    arriving: &[String],
 ) -> Vec<ServiceStatus> {
     services
         .iter()
@@ -108,6 +170,22 @@ pub fn classify(
                 .iter()
                 .find(|registration| registration.service.eq_ignore_ascii_case(service))
             else {
+                if arriving
+                    .iter()
+                    .any(|found| found.eq_ignore_ascii_case(service))
+                {
+                    return ServiceStatus {
+                        service: service.clone(),
+                        state: RegistrationState::NotVisible,
+                        url: None,
+                        username: None,
+                        detail: "not in the platform's REST list, but its callbacks reached this \
+                                 listener in the last 7 days: registered over SOAP, which the REST \
+                                 list does not show (check it with GetCallbackRegistrations, or \
+                                 run platform register to hold it over REST)"
+                            .to_owned(),
+                    };
+                }
                 return ServiceStatus {
                     service: service.clone(),
                     state: RegistrationState::Missing,
@@ -198,11 +276,16 @@ mod tests {
             registration("DeviceService", "https://other.example/cb", "ops", "right"),
             registration("NiddService", "https://listener.example/cb", "ops", "wrong"),
         ];
-        let states: Vec<RegistrationState> =
-            classify(&services, &list, "https://listener.example/cb", &accepted)
-                .iter()
-                .map(|status| status.state)
-                .collect();
+        let states: Vec<RegistrationState> = classify(
+            &services,
+            &list,
+            "https://listener.example/cb",
+            &accepted,
+            &[],
+        )
+        .iter()
+        .map(|status| status.state)
+        .collect();
         assert_eq!(
             states,
             [
@@ -210,6 +293,28 @@ mod tests {
                 RegistrationState::Elsewhere,
                 RegistrationState::Elsewhere,
                 RegistrationState::Missing
+            ]
+        );
+        // A service the list does not name but whose callbacks arrive was registered over SOAP;
+        // one the list names is judged by the list whatever arrives.
+        let arriving = ["qos".to_owned(), "NiddService".to_owned()];
+        let states: Vec<RegistrationState> = classify(
+            &services,
+            &list,
+            "https://listener.example/cb",
+            &accepted,
+            &arriving,
+        )
+        .iter()
+        .map(|status| status.state)
+        .collect();
+        assert_eq!(
+            states,
+            [
+                RegistrationState::Ours,
+                RegistrationState::Elsewhere,
+                RegistrationState::Elsewhere,
+                RegistrationState::NotVisible
             ]
         );
     }

@@ -14,6 +14,7 @@ use super::client::{PlatformClient, PlatformError};
 use crate::auth::CallbackCredentials;
 use crate::configuration::PlatformSettings;
 use crate::metrics::Metrics;
+use crate::storage::Store;
 use crate::telemetry::ErrorChain;
 
 /// Refused logins in a row after which the periodic check stops logging in.
@@ -22,6 +23,7 @@ pub const MAX_REFUSED_LOGINS: u32 = 2;
 pub async fn run(
     settings: PlatformSettings,
     credentials: Arc<CallbackCredentials>,
+    store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
 ) {
     let mut ticks = tokio::time::interval(Duration::from_secs(settings.check_interval_s));
@@ -46,11 +48,18 @@ pub async fn run(
         match current.list().await {
             Ok(list) => {
                 refused_logins = 0;
+                let arriving = super::services_arriving(
+                    store.as_ref(),
+                    &settings.services,
+                    time::OffsetDateTime::now_utc(),
+                )
+                .await;
                 let statuses = super::classify(
                     &settings.services,
                     &list,
                     &settings.callback_url,
                     &credentials.authenticator(),
+                    &arriving,
                 );
                 for status in &statuses {
                     metrics.set_platform_registration(&status.service, status.state.as_str());

@@ -419,6 +419,40 @@ async fn platform_status_exits_non_zero_when_a_service_points_elsewhere_or_is_mi
             && shown.contains(&series("DeviceService", "missing", 1))
     })
     .await;
+
+    // A service the REST list does not name, whose callbacks arrive all the same, was registered
+    // over SOAP (which that list does not show): not visible, not missing, and still not ours.
+    simulator.remove_registration("CarrierService");
+    let body = m2m_listener::simulate::payloads::carrier_callback(
+        m2m_listener::simulate::payloads::Envelope {
+            username: CALLBACK_USERNAME,
+            password: CALLBACK_PASSWORD,
+            ..Default::default()
+        },
+        "soap-registered-job",
+        &[("IMEI", "990000862471854")],
+        m2m_listener::simulate::payloads::CarrierResult::Activated { mdn: "5096300001" },
+    );
+    let posted = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{callback_port}/"))
+        .header("Content-Type", "text/xml")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 200);
+    let json = setup.platform(&["status", "--json"]).await;
+    assert_eq!(json.status.code(), Some(1), "{}", text(&json));
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(report["services"][0]["service"], "CarrierService");
+    assert_eq!(report["services"][0]["state"], "not_visible", "{report}");
+    assert_eq!(report["services"][1]["state"], "missing", "{report}");
+    eventually(10, "the gauge says not visible", async || {
+        let shown = metrics().await;
+        shown.contains(&series("CarrierService", "not_visible", 1))
+            && shown.contains(&series("CarrierService", "missing", 0))
+    })
+    .await;
     stop(listener);
     setup.assert_no_secret_anywhere(&simulator, &["Someone-Elses-Password-3".to_owned()]);
 }
