@@ -16,7 +16,7 @@ use super::connection::{Readers, open_writer};
 use super::error::{is_own_fault, is_storage_wide, needs_reopen, store_error};
 use super::jobs::{self, JobBatch};
 use super::write::insert_delivery;
-use super::{reprocess, retention, schema};
+use super::{outbox, reprocess, retention, schema};
 use crate::configuration::StorageSettings;
 use crate::jobs::Registration;
 use crate::metrics::Metrics;
@@ -45,6 +45,9 @@ pub(super) enum Command {
     ),
     /// One chunk of raw bodies received before the cutoff.
     Prune(OffsetDateTime, oneshot::Sender<Result<usize, StoreError>>),
+    /// Outbox work (claims, attempts, redeliveries, sink registration, event pruning), in a
+    /// transaction of its own; the closure answers its caller.
+    Outbox(Box<dyn FnOnce(Result<&Connection, StoreError>) + Send>),
     Shutdown,
 }
 
@@ -104,6 +107,7 @@ impl Writer {
                     }
                     Command::Reprocess(query, now, reply) => {
                         let job_timeout = self.job_timeout;
+                        let record = self.settings.record_events;
                         let _ = reply.send(self.transact_or_roll_back(
                             !query.dry_run,
                             |connection, completions| {
@@ -113,6 +117,7 @@ impl Writer {
                                     now,
                                     job_timeout,
                                     completions,
+                                    record,
                                 )
                             },
                         ));
@@ -122,6 +127,15 @@ impl Writer {
                             jobs::sweep(connection, now, completions)
                         }));
                     }
+                    Command::Outbox(work) => match self.connection() {
+                        Ok(connection) => work(Ok(connection)),
+                        Err(error) => {
+                            if needs_reopen(&error) {
+                                self.connection = None;
+                            }
+                            work(Err(store_error(error)));
+                        }
+                    },
                     // Stop taking commands; those already queued are still drained below.
                     Command::Shutdown => receiver.close(),
                 }
@@ -140,9 +154,10 @@ impl Writer {
         // What a failure of one delivery would take down with it: the others, and the probes.
         let others = deliveries.len().saturating_sub(1) + probes.len();
         let job_timeout = self.job_timeout;
-        let written = self
-            .connection()
-            .and_then(|connection| write_batch(connection, &deliveries, job_timeout, others));
+        let record = self.settings.record_events;
+        let written = self.connection().and_then(|connection| {
+            write_batch(connection, &deliveries, job_timeout, others, record)
+        });
         let written = written
             .map(|(results, completions)| Written {
                 results,
@@ -184,10 +199,12 @@ impl Writer {
         work: impl FnOnce(&Connection, &mut Vec<JobCompletion>) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
         let mut completions = Vec::new();
+        let record = self.settings.record_events;
         let result = self.connection().and_then(|connection| {
             let transaction =
                 connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let value = work(&transaction, &mut completions)?;
+            outbox::insert_finished(&transaction, record, &completions)?;
             if commit {
                 transaction.commit()?;
             } else {
@@ -238,12 +255,13 @@ fn write_batch(
     deliveries: &[&NewDelivery],
     job_timeout: Duration,
     others: usize,
+    record: bool,
 ) -> rusqlite::Result<CommittedBatch> {
-    match write_deliveries(connection, deliveries, job_timeout, false) {
+    match write_deliveries(connection, deliveries, job_timeout, false, record) {
         Err(error) if batch::isolates(is_own_fault(&error), others) => {
             // The delivery's own edge logs its failure; this says only why the batch is redone.
             tracing::debug!(%error, "a delivery failed; writing the batch one delivery at a time");
-            write_deliveries(connection, deliveries, job_timeout, true)
+            write_deliveries(connection, deliveries, job_timeout, true, record)
         }
         written => written,
     }
@@ -254,6 +272,7 @@ fn write_deliveries(
     deliveries: &[&NewDelivery],
     job_timeout: Duration,
     isolate: bool,
+    record: bool,
 ) -> rusqlite::Result<CommittedBatch> {
     let mut transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(deliveries.len());
@@ -265,12 +284,13 @@ fn write_deliveries(
                 delivery,
                 job_timeout,
                 &mut jobs,
+                record,
             )?));
             continue;
         }
         let before = jobs.clone();
         let savepoint = transaction.savepoint()?;
-        match insert_delivery(&savepoint, delivery, job_timeout, &mut jobs) {
+        match insert_delivery(&savepoint, delivery, job_timeout, &mut jobs, record) {
             Ok(receipt) => {
                 savepoint.commit()?;
                 results.push(Ok(receipt));
@@ -286,6 +306,7 @@ fn write_deliveries(
     }
     let mut completions = Vec::new();
     jobs.finish(&transaction, &mut completions)?;
+    outbox::insert_finished(&transaction, record, &completions)?;
     transaction
         .prepare_cached(
             "INSERT INTO heartbeat (id, checked_at) VALUES (1, ?1)
