@@ -53,6 +53,10 @@ pub struct Application {
     callback_tls: Option<tokio_rustls::TlsAcceptor>,
     /// Where the accepted callback credentials came from; the CLI tells the operator.
     pub credential_source: CredentialSource,
+    /// One per configured sink; started with the servers.
+    dispatchers: Vec<crate::outbox::Dispatcher>,
+    /// How long events are kept (`events.retention_days`).
+    event_retention: Duration,
 }
 
 impl Application {
@@ -94,6 +98,13 @@ impl Application {
         ));
         let readiness_timeout =
             Duration::from_millis(settings.storage.busy_timeout_ms) + Duration::from_secs(2);
+        let dispatchers = crate::outbox::dispatchers(&settings.events, &store, &metrics)?;
+        metrics.register_sinks(
+            &dispatchers
+                .iter()
+                .map(|dispatcher| dispatcher.spec.name.clone())
+                .collect::<Vec<_>>(),
+        );
         let api_state = Arc::new(ApiState::new(
             shared_store,
             metrics,
@@ -125,6 +136,10 @@ impl Application {
                 max_connections: settings.callback.max_connections,
             },
             credential_source,
+            dispatchers,
+            event_retention: Duration::from_secs(
+                u64::from(settings.events.retention_days) * 86_400,
+            ),
         })
     }
 
@@ -176,10 +191,21 @@ impl Application {
             Arc::clone(&self.store),
             self.prune_interval,
             self.retention,
+            self.event_retention,
+        ));
+        let (stop_dispatch, dispatch_stopped) = watch::channel(false);
+        let dispatch = tokio::spawn(dispatch_events(
+            Arc::clone(&self.store),
+            self.dispatchers,
+            dispatch_stopped,
         ));
         shutdown.await;
         sweeper.abort();
         pruner.abort();
+        // An attempt cut short is made again: its lease expires (or, on SQLite, is cleared at the
+        // next start), and the event id lets the receiver see it is the same event.
+        let _ = stop_dispatch.send(true);
+        dispatch.abort();
         tracing::info!("shutting down: no new connections; finishing in-flight callbacks");
         let _ = stop.send(true);
         let (callback_result, api_result) = tokio::join!(callback_server, api_server);
@@ -207,8 +233,43 @@ async fn sweep_overdue_jobs(store: Arc<dyn Store>, interval: Duration) {
     }
 }
 
-/// Prunes raw bodies older than `retention` every `interval` (the first time right away).
-async fn prune_raw_bodies(store: Arc<dyn Store>, interval: Duration, retention: Duration) {
+/// Registers the sinks (retrying until the store answers), then runs one dispatcher per sink.
+async fn dispatch_events(
+    store: Arc<dyn Store>,
+    dispatchers: Vec<crate::outbox::Dispatcher>,
+    stop: watch::Receiver<bool>,
+) {
+    if dispatchers.is_empty() {
+        return;
+    }
+    let sinks: Vec<_> = dispatchers
+        .iter()
+        .map(|dispatcher| dispatcher.spec.clone())
+        .collect();
+    let poll = dispatchers
+        .iter()
+        .map(|dispatcher| dispatcher.poll)
+        .min()
+        .unwrap_or(Duration::from_secs(1));
+    while let Err(error) = store.register_sinks(sinks.clone()).await {
+        tracing::warn!(error = %ErrorChain(&error), "cannot register the event sinks yet; retrying");
+        tokio::time::sleep(poll.max(Duration::from_millis(500))).await;
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for dispatcher in dispatchers {
+        tasks.spawn(dispatcher.run(stop.clone()));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Prunes raw bodies older than `retention`, and events older than `event_retention`, every
+/// `interval` (the first time right away).
+async fn prune_raw_bodies(
+    store: Arc<dyn Store>,
+    interval: Duration,
+    retention: Duration,
+    event_retention: Duration,
+) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -221,6 +282,21 @@ async fn prune_raw_bodies(store: Arc<dyn Store>, interval: Duration, retention: 
                 error = %ErrorChain(&error),
                 "pruning failed; retrying at the next interval"
             ),
+        }
+        let cutoff = time::OffsetDateTime::now_utc() - event_retention;
+        let mut pruned = 0;
+        loop {
+            match store.prune_events(cutoff).await {
+                Ok(0) => break,
+                Ok(count) => pruned += count,
+                Err(error) => {
+                    tracing::warn!(error = %ErrorChain(&error), "pruning events failed; retrying at the next interval");
+                    break;
+                }
+            }
+        }
+        if pruned > 0 {
+            tracing::info!(pruned, "pruned events past events.retention_days");
         }
     }
 }
