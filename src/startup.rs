@@ -66,8 +66,11 @@ impl Application {
         settings.validate()?;
         settings.validate_for_serving()?;
         let metrics = Arc::new(Metrics::new().context("failed to set up metrics")?);
+        // Writes record events as `events.enabled` says, however the settings were made.
+        let mut storage = settings.storage.clone();
+        storage.record_events = settings.events.enabled;
         let (store, database_path) = crate::storage::open(
-            &settings.storage,
+            &storage,
             Duration::from_secs(settings.jobs.default_timeout_s),
             Arc::clone(&metrics),
             crate::storage::Purpose::Serve,

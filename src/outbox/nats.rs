@@ -63,7 +63,7 @@ impl NatsSink {
             Err(error) => return Sent::failed(error),
         };
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", event.id().as_str());
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id().as_str());
         let subject = format!("{}.{}", self.settings.subject_prefix, event.kind);
         let published = async {
             jetstream
