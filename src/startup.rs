@@ -55,6 +55,8 @@ pub struct Application {
     pub credential_source: CredentialSource,
     /// One per configured sink; started with the servers.
     dispatchers: Vec<crate::outbox::Dispatcher>,
+    /// The sinks were registered in `build` (else dispatch registers them first).
+    sinks_registered: bool,
     /// How long events are kept (`events.retention_days`).
     event_retention: Duration,
 }
@@ -102,6 +104,18 @@ impl Application {
         let readiness_timeout =
             Duration::from_millis(settings.storage.busy_timeout_ms) + Duration::from_secs(2);
         let dispatchers = crate::outbox::dispatchers(&settings.events, &store, &metrics)?;
+        // Before the first callback: a new sink is sent what happens from its registration on.
+        // A store that cannot answer yet is asked again when dispatch starts.
+        let sinks_registered = dispatchers.is_empty()
+            || store
+                .register_sinks(
+                    dispatchers
+                        .iter()
+                        .map(|dispatcher| dispatcher.spec.clone())
+                        .collect(),
+                )
+                .await
+                .is_ok();
         metrics.register_sinks(
             &dispatchers
                 .iter()
@@ -140,6 +154,7 @@ impl Application {
             },
             credential_source,
             dispatchers,
+            sinks_registered,
             event_retention: Duration::from_secs(
                 u64::from(settings.events.retention_days) * 86_400,
             ),
@@ -200,6 +215,7 @@ impl Application {
         let dispatch = tokio::spawn(dispatch_events(
             Arc::clone(&self.store),
             self.dispatchers,
+            self.sinks_registered,
             dispatch_stopped,
         ));
         shutdown.await;
@@ -240,6 +256,7 @@ async fn sweep_overdue_jobs(store: Arc<dyn Store>, interval: Duration) {
 async fn dispatch_events(
     store: Arc<dyn Store>,
     dispatchers: Vec<crate::outbox::Dispatcher>,
+    registered: bool,
     stop: watch::Receiver<bool>,
 ) {
     if dispatchers.is_empty() {
@@ -254,9 +271,11 @@ async fn dispatch_events(
         .map(|dispatcher| dispatcher.poll)
         .min()
         .unwrap_or(Duration::from_secs(1));
-    while let Err(error) = store.register_sinks(sinks.clone()).await {
-        tracing::warn!(error = %ErrorChain(&error), "cannot register the event sinks yet; retrying");
-        tokio::time::sleep(poll.max(Duration::from_millis(500))).await;
+    if !registered {
+        while let Err(error) = store.register_sinks(sinks.clone()).await {
+            tracing::warn!(error = %ErrorChain(&error), "cannot register the event sinks yet; retrying");
+            tokio::time::sleep(poll.max(Duration::from_millis(500))).await;
+        }
     }
     let mut tasks = tokio::task::JoinSet::new();
     for dispatcher in dispatchers {

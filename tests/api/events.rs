@@ -654,3 +654,275 @@ async fn a_reprocessed_quarantined_delivery_emits_its_outcomes_once() {
         1
     );
 }
+
+/// The `[events]` settings of a listener process, as a config file in `directory`.
+pub fn events_config(directory: &std::path::Path, url: &str) -> std::path::PathBuf {
+    let path = directory.join("events.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[events]\npoll_interval_ms = 50\n\n[[events.webhooks]]\nname = \"ops\"\nurl = \"{url}\"\n\
+             secret = \"{SECRET}\"\nretry_schedule_s = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n\
+             timeout_ms = 2000\n"
+        ),
+    )
+    .expect("config written");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_receiver_down_and_the_listener_killed_every_event_arrives_after_both_restart() {
+    use crate::helpers::{free_port, listener_command, wait_until_ready};
+    let directory = tempfile::tempdir().unwrap();
+    let receiver_port = free_port();
+    let url = format!("http://127.0.0.1:{receiver_port}/hooks");
+    let config = events_config(directory.path(), &url);
+    let (callback_port, api_port) = (free_port(), free_port());
+    let start = || {
+        let (mut command, _) = listener_command(
+            directory.path(),
+            callback_port,
+            api_port,
+            "fleet-ops",
+            "s3cret-rotation-A",
+        );
+        command
+            .env("M2M_CONFIG", &config)
+            .env("M2M_TELEMETRY__LEVEL", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("listener starts")
+    };
+    let client = reqwest::Client::new();
+    let mut listener = start();
+    wait_until_ready(api_port).await;
+    let envelope = m2m_listener::simulate::payloads::Envelope {
+        username: "fleet-ops",
+        password: "s3cret-rotation-A",
+        ..Default::default()
+    };
+    for index in 0..10 {
+        let body = m2m_listener::simulate::payloads::carrier_callback(
+            envelope,
+            &format!("evt-kill-{index}"),
+            &[("IMEI", "350000000000104")],
+            CarrierResult::Activated { mdn: "5550000104" },
+        );
+        let answer = client
+            .post(format!("http://127.0.0.1:{callback_port}/"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+    }
+    let api = format!("http://127.0.0.1:{api_port}");
+    let feed: Value = client
+        .get(format!("{api}/api/v1/events?limit=1000"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .map(|bytes| serde_json::from_slice(&bytes).unwrap())
+        .unwrap();
+    let ids: Vec<String> = feed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 10, "an outcome per callback: {feed}");
+    // Some attempts fail against the closed port before the kill.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    listener.kill().unwrap();
+    listener.wait().unwrap();
+
+    let receiver = Receiver::start_on(receiver_port).await;
+    let mut listener = start();
+    wait_until_ready(api_port).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen: std::collections::BTreeSet<String> =
+            receiver.received().into_iter().map(|r| r.id).collect();
+        if ids.iter().all(|id| seen.contains(id)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still missing: {ids:?} vs {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        verify_with_python(&receiver.received()),
+        receiver.received().len()
+    );
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let detail: Value = client
+                .get(format!("{api}/api/v1/events/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .map(|bytes| serde_json::from_slice(&bytes).unwrap())
+                .unwrap();
+            if detail["deliveries"][0]["state"] == "delivered" {
+                let attempts = detail["attempts"].as_array().unwrap();
+                let numbers: Vec<i64> = attempts
+                    .iter()
+                    .map(|attempt| attempt["attempt"].as_i64().unwrap())
+                    .collect();
+                assert!(
+                    attempts.len() >= 2,
+                    "a failed attempt before the kill: {detail}"
+                );
+                assert_eq!(attempts.last().unwrap()["result"], "delivered");
+                assert!(
+                    numbers.windows(2).all(|pair| pair[0] < pair[1]),
+                    "each attempt once, in order: {detail}"
+                );
+                assert!(
+                    attempts[..attempts.len() - 1]
+                        .iter()
+                        .all(|attempt| attempt["result"] == "failed"
+                            && attempt["status"].is_null()
+                            && attempt["error"].is_string()),
+                    "{detail}"
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "{detail}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    listener.kill().unwrap();
+    listener.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reach_jetstream_once_each_also_when_the_listener_is_killed_mid_publish() {
+    use crate::helpers::{free_port, listener_command, wait_until_ready};
+    let directory = tempfile::tempdir().unwrap();
+    let stream = format!(
+        "M2M_KILL_{}_{}",
+        std::process::id(),
+        crate::helpers::unique_name()
+    );
+    let prefix = format!("m2mkill.{}", stream.to_lowercase());
+    let config = directory.path().join("events.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[events]\npoll_interval_ms = 20\n\n[events.nats]\nurl = \"nats://127.0.0.1:4222\"\n\
+             stream = \"{stream}\"\nsubject_prefix = \"{prefix}\"\nretry_schedule_s = [1, 1, 1, 1, 1]\n\
+             timeout_ms = 2000\n"
+        ),
+    )
+    .unwrap();
+    let (callback_port, api_port) = (free_port(), free_port());
+    let start = || {
+        let (mut command, _) = listener_command(
+            directory.path(),
+            callback_port,
+            api_port,
+            "fleet-ops",
+            "s3cret-rotation-A",
+        );
+        command
+            .env("M2M_CONFIG", &config)
+            .env("M2M_TELEMETRY__LEVEL", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("listener starts")
+    };
+    let client = reqwest::Client::new();
+    let envelope = m2m_listener::simulate::payloads::Envelope {
+        username: "fleet-ops",
+        password: "s3cret-rotation-A",
+        ..Default::default()
+    };
+    let mut listener = start();
+    wait_until_ready(api_port).await;
+    // Callbacks keep arriving while events are published; the kill lands mid-stream.
+    let sender = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            for index in 0..400 {
+                let body = m2m_listener::simulate::payloads::carrier_callback(
+                    envelope,
+                    &format!("evt-nats-kill-{index}"),
+                    &[("IMEI", "350000000000105")],
+                    CarrierResult::Activated { mdn: "5550000105" },
+                );
+                if client
+                    .post(format!("http://127.0.0.1:{callback_port}/"))
+                    .body(body)
+                    .send()
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    listener.kill().unwrap();
+    listener.wait().unwrap();
+    let _ = sender.await;
+    let mut listener = start();
+    wait_until_ready(api_port).await;
+    let api = format!("http://127.0.0.1:{api_port}");
+    let mut ids = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page: Value = client
+            .get(format!("{api}/api/v1/events?limit=500&after={after}"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .map(|bytes| serde_json::from_slice(&bytes).unwrap())
+            .unwrap();
+        for item in page["items"].as_array().unwrap() {
+            ids.push(item["id"].as_str().unwrap().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(cursor) => after = cursor.to_owned(),
+            None => break,
+        }
+    }
+    assert!(!ids.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let messages = loop {
+        let messages = jetstream_messages(&stream).await;
+        if messages.len() >= ids.len() {
+            break messages;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} events in the stream",
+            messages.len(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut seen: Vec<String> = messages.into_iter().map(|(id, _, _)| id).collect();
+    seen.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(seen, expected, "each event once");
+    listener.kill().unwrap();
+    listener.wait().unwrap();
+    let client = async_nats::connect("nats://127.0.0.1:4222").await.unwrap();
+    let _ = async_nats::jetstream::new(client)
+        .delete_stream(&stream)
+        .await;
+}
