@@ -405,7 +405,11 @@ fn dashboard_expressions() -> Vec<String> {
 
 #[tokio::test]
 async fn every_dashboard_and_alert_expression_evaluates_against_a_real_prometheus() {
-    let app = spawn_app().await;
+    // A webhook sink, so that the event families (labelled by sink) are exported too.
+    let app = crate::helpers::spawn_app_with(|settings| {
+        settings.events.webhooks = vec![crate::events::webhook("ops", "http://127.0.0.1:9/", &[])];
+    })
+    .await;
     feed(&app).await;
     let families = families(&exposition(&app).await);
     let target = app.api_url.trim_start_matches("http://").to_owned();
@@ -484,7 +488,7 @@ async fn every_dashboard_and_alert_expression_evaluates_against_a_real_prometheu
         .collect();
     assert_eq!(
         rules.len(),
-        9,
+        10,
         "every rule of dashboards/alerts.yml is loaded"
     );
     for rule in rules {
