@@ -978,7 +978,7 @@ async fn get_event(state: &ApiState, id: &str) -> HttpResponse {
         Ok(Some(detail)) => json_response(StatusCode::OK, &detail),
         Ok(None) => error(
             StatusCode::NOT_FOUND,
-            "NOT_FOUND",
+            "EVENT_NOT_FOUND",
             &format!("no event {id}"),
         ),
         Err(failure) => storage_error(&failure),
@@ -1003,7 +1003,7 @@ async fn redeliver_event(state: &ApiState, id: &str) -> HttpResponse {
         }
         Ok(None) => error(
             StatusCode::NOT_FOUND,
-            "NOT_FOUND",
+            "EVENT_NOT_FOUND",
             &format!("no event {id}"),
         ),
         Err(failure) => storage_error(&failure),
