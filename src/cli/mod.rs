@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod errors;
+mod events;
 mod jobs;
 
 use crate::auth::CredentialSource;
@@ -44,6 +45,8 @@ enum Command {
     Jobs(jobs::JobsArgs),
     /// Explain and search the fault catalog built into the binary (no listener needed).
     Errors(errors::ErrorsArgs),
+    /// The event feed of the running listener: list, show (with every attempt), redeliver.
+    Events(events::EventsArgs),
     /// Prune raw bodies older than storage.retention_days now (the listener also does it hourly).
     Prune,
     /// Copy the database consistently to FILE while the listener keeps running. Written to a
@@ -120,6 +123,7 @@ pub fn run() -> ExitCode {
         Command::Serve => serve(&settings),
         Command::Jobs(arguments) => jobs::run(&settings, arguments),
         Command::Errors(arguments) => errors::run(arguments),
+        Command::Events(arguments) => events::run(&settings, arguments),
         Command::Simulate(arguments) => simulate(&settings, arguments),
         Command::Prune => {
             let cutoff = time::OffsetDateTime::now_utc()
