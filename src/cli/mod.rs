@@ -396,6 +396,18 @@ fn simulate(settings: &Settings, arguments: SimulateArgs) -> ExitCode {
             summary.latency_ms.max,
         )
     };
+    let shown = match (&summary.receiver, as_json) {
+        (Some(receiver), false) => format!(
+            "{shown}events received {} ({} requests, {} bad signatures) {:?}, delivery latency p50 {:.1} ms  p99 {:.1} ms\n",
+            receiver.events,
+            receiver.requests,
+            receiver.bad_signatures,
+            receiver.by_type,
+            receiver.latency_ms.p50,
+            receiver.latency_ms.p99,
+        ),
+        _ => shown,
+    };
     if let Err(code) = emit(&shown) {
         return code;
     }
