@@ -234,7 +234,7 @@ pub(super) async fn redeliver(
 
 /// Deletes one chunk of events created before `cutoff` with their deliveries and attempts.
 pub(super) async fn prune(transaction: &Transaction<'_>, cutoff: &str) -> Result<usize, Error> {
-    let chunk = i64::try_from(crate::storage::batch::PRUNE_CHUNK).unwrap_or(1000);
+    let chunk = crate::storage::batch::PRUNE_CHUNK;
     let ids: Vec<i64> = transaction
         .query(
             "SELECT id FROM events WHERE created_at < $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",

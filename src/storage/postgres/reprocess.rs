@@ -248,8 +248,7 @@ async fn reprocess_one(
         &[fate],
         (outcome_ids, device_ids, message_ids),
         job_timeout,
-        Writing::Reprocessed,
-        record,
+        (Writing::Reprocessed, record),
     )
     .await?;
     completions.extend(completed);

@@ -252,8 +252,7 @@ pub(super) async fn write_batch(
         &fates,
         (outcome_ids, device_ids, message_ids),
         job_timeout,
-        Writing::Arrived,
-        record,
+        (Writing::Arrived, record),
     )
     .await?;
     transaction.commit().await?;
@@ -289,8 +288,7 @@ pub(super) async fn write_contents(
     fates: &[Fate],
     (outcome_ids, device_ids, message_ids): (Vec<i64>, Vec<i64>, Vec<i64>),
     job_timeout: Duration,
-    writing: Writing,
-    record: bool,
+    (writing, record): (Writing, bool),
 ) -> Result<(HashMap<usize, Operation>, Vec<JobCompletion>), Failure> {
     let new_deliveries: Vec<usize> = (0..deliveries.len())
         .filter(|index| fates[*index] == Fate::First)

@@ -248,7 +248,7 @@ fn enable(connection: &Connection, sink: &str) -> rusqlite::Result<()> {
 pub(super) fn prune(connection: &Connection, cutoff: &str) -> rusqlite::Result<usize> {
     let ids = "SELECT id FROM events WHERE created_at < ?1 AND id < (SELECT max(id) FROM events)
                ORDER BY id LIMIT ?2";
-    let chunk = i64::try_from(crate::storage::batch::PRUNE_CHUNK).unwrap_or(1000);
+    let chunk = crate::storage::batch::PRUNE_CHUNK;
     connection.execute(
         &format!("DELETE FROM event_attempts WHERE event_id IN ({ids})"),
         params![cutoff, chunk],

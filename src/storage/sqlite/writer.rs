@@ -28,6 +28,9 @@ use crate::storage::{NewDelivery, Purpose, Receipt, Registered, StoreError, time
 /// Where a readiness probe's answer goes once its commit is done.
 type ProbeSender = oneshot::Sender<Result<(), StoreError>>;
 
+/// Outbox work for the writer's connection; it answers its caller itself.
+pub(super) type OutboxWork = Box<dyn FnOnce(Result<&Connection, StoreError>) + Send>;
+
 pub(super) enum Command {
     Write(Write),
     /// A commit of the heartbeat row, with the batch it lands in.
@@ -47,7 +50,7 @@ pub(super) enum Command {
     Prune(OffsetDateTime, oneshot::Sender<Result<usize, StoreError>>),
     /// Outbox work (claims, attempts, redeliveries, sink registration, event pruning), in a
     /// transaction of its own; the closure answers its caller.
-    Outbox(Box<dyn FnOnce(Result<&Connection, StoreError>) + Send>),
+    Outbox(OutboxWork),
     Shutdown,
 }
 
