@@ -128,16 +128,27 @@ pub fn run() -> ExitCode {
         Command::Prune => {
             let cutoff = time::OffsetDateTime::now_utc()
                 - time::Duration::days(i64::from(settings.storage.retention_days));
+            let event_cutoff = time::OffsetDateTime::now_utc()
+                - time::Duration::days(i64::from(settings.events.retention_days));
             let pruned = with_store(&settings, async |store| {
-                store
+                let bodies = store
                     .prune_raw_bodies(cutoff)
                     .await
-                    .map_err(anyhow::Error::new)
+                    .map_err(anyhow::Error::new)?;
+                let mut events = 0;
+                loop {
+                    match store.prune_events(event_cutoff).await {
+                        Ok(0) => break,
+                        Ok(count) => events += count,
+                        Err(error) => return Err(anyhow::Error::new(error)),
+                    }
+                }
+                Ok((bodies, events))
             });
             match pruned.and_then(|pruned| pruned) {
-                Ok(pruned) => emit(&format!(
-                    "pruned {pruned} raw bodies older than {} days\n",
-                    settings.storage.retention_days
+                Ok((pruned, events)) => emit(&format!(
+                    "pruned {pruned} raw bodies older than {} days\npruned {events} events older than {} days\n",
+                    settings.storage.retention_days, settings.events.retention_days
                 ))
                 .err()
                 .unwrap_or(ExitCode::SUCCESS),

@@ -998,3 +998,107 @@ async fn the_simulators_receiver_verifies_and_counts_every_event_and_refuses_a_b
     assert_eq!(answer.status(), 401);
     assert_eq!(forged.summary().bad_signatures, 1);
 }
+
+#[tokio::test]
+async fn events_past_their_retention_are_pruned_at_start_with_their_attempts() {
+    let app = spawn_app_with(|_| {}).await;
+    finish_a_job(&app, "evt-old").await;
+    finish_a_job(&app, "evt-new").await;
+    assert_eq!(app.count("SELECT count(*) FROM events"), 4);
+    app.database.execute(
+        "UPDATE events SET created_at = '2001-01-01T00:00:00.000000Z'
+         WHERE data LIKE '%evt-old%'",
+    );
+    let database = app.database.clone();
+    let directory = app.stop().await;
+    let restarted = spawn_app_with(move |settings| match &database {
+        crate::helpers::TestDatabase::Sqlite(path) => settings.storage.path = path.clone(),
+        crate::helpers::TestDatabase::Postgres(url) => {
+            settings.storage.url = Some(Secret::new(url.clone()))
+        }
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while restarted.count("SELECT count(*) FROM events") != 2 {
+        assert!(Instant::now() < deadline, "the old events are still there");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kept = restarted.get_json("/api/v1/events").await;
+    assert!(
+        kept["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|item| item["data"].to_string().contains("evt-new")),
+        "{kept}"
+    );
+    drop(directory);
+}
+
+#[test]
+fn sinks_with_events_off_an_unknown_type_or_a_bad_secret_are_refused_naming_the_key_not_the_secret()
+{
+    let mut settings = Settings::default();
+    settings.events.webhooks = vec![webhook("ops", "http://127.0.0.1:9/", &[])];
+    settings.validate().expect("valid");
+    settings.events.enabled = false;
+    let refused = settings.validate().unwrap_err().to_string();
+    assert!(refused.contains("events.enabled"), "{refused}");
+    settings.events.enabled = true;
+    settings.events.webhooks[0].events = vec!["job.done".into()];
+    let refused = settings.validate().unwrap_err().to_string();
+    assert!(refused.contains("events.webhooks[0].events"), "{refused}");
+    settings.events.webhooks[0].events.clear();
+    settings.events.webhooks[0].secret = Some(Secret::new("whsec_short-and-not-base64!"));
+    let refused = settings.validate().unwrap_err().to_string();
+    assert!(refused.contains("events.webhooks[0].secret"), "{refused}");
+    assert!(!refused.contains("short-and-not-base64"), "{refused}");
+    settings.events.webhooks[0].secret = Some(Secret::new(SECRET));
+    settings.events.webhooks[0].url = "ftp://example".into();
+    let refused = settings.validate().unwrap_err().to_string();
+    assert!(refused.contains("events.webhooks[0].url"), "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_commands_list_show_and_redeliver_through_the_api() {
+    let receiver = Receiver::start().await;
+    let url = receiver.url.clone();
+    let app = spawn_app_with(move |settings| {
+        fast(settings);
+        settings.events.webhooks = vec![webhook("ops", &url, &["job.finished"])];
+    })
+    .await;
+    finish_a_job(&app, "evt-cli").await;
+    let first = receiver.wait_for(1).await[0].id.clone();
+    let run = |arguments: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_m2m-listener"))
+            .env_remove("M2M_CONFIG")
+            .arg("events")
+            .args(arguments)
+            .args(["--api-url", &app.api_url])
+            .output()
+            .expect("the CLI runs");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    };
+    let (code, listed) = run(&["list", "--type", "job.finished"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        listed.contains(&first) && listed.contains("evt-cli"),
+        "{listed}"
+    );
+    let (code, shown) = run(&["show", &first, "--json"]);
+    assert_eq!(code, Some(0));
+    let shown: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["id"], first);
+    let (code, redelivered) = run(&["redeliver", &first]);
+    assert_eq!(code, Some(0));
+    assert!(redelivered.contains("ops"), "{redelivered}");
+    receiver.wait_for(2).await;
+    let (code, _) = run(&["show", "evt_000000099999"]);
+    assert_eq!(code, Some(1));
+    let (code, _) = run(&["show", "nope"]);
+    assert_eq!(code, Some(2));
+}
