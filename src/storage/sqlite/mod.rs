@@ -58,6 +58,8 @@ pub struct SqliteStore {
     readers: Arc<Readers>,
     /// The database file (what `backup` copies; what the banner shows).
     path: PathBuf,
+    /// `storage.synchronous`, which the writer's connection is set back to after outbox work.
+    synchronous: &'static str,
 }
 
 impl SqliteStore {
@@ -142,6 +144,7 @@ impl SqliteStore {
             stop_checkpoints: Mutex::new(Some(stop_checkpoints)),
             readers,
             path,
+            synchronous: settings.synchronous.pragma_value(),
         })
     }
 
@@ -167,16 +170,24 @@ impl SqliteStore {
         &self,
         work: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
+        let synchronous = self.synchronous;
         self.ask(move |reply| {
             Command::Outbox(Box::new(move |connection| {
                 let result = connection.and_then(|connection| {
+                    // Without an fsync of its own: what an outbox commit records (a lease, an
+                    // attempt) is at worst done again after a power loss (delivery is at least
+                    // once), and the next callback commit syncs the WAL these frames are in. So
+                    // dispatching costs the callbacks no fsync.
                     let run = || -> rusqlite::Result<T> {
+                        connection.pragma_update(None, "synchronous", "NORMAL")?;
                         let transaction = connection.unchecked_transaction()?;
                         let value = work(&transaction)?;
                         transaction.commit()?;
                         Ok(value)
                     };
-                    run().map_err(error::store_error)
+                    let result = run();
+                    let restored = connection.pragma_update(None, "synchronous", synchronous);
+                    result.and_then(|value| restored.map(|()| value)).map_err(error::store_error)
                 });
                 let _ = reply.send(result);
             }))
