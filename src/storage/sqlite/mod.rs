@@ -187,7 +187,9 @@ impl SqliteStore {
                     };
                     let result = run();
                     let restored = connection.pragma_update(None, "synchronous", synchronous);
-                    result.and_then(|value| restored.map(|()| value)).map_err(error::store_error)
+                    result
+                        .and_then(|value| restored.map(|()| value))
+                        .map_err(error::store_error)
                 });
                 let _ = reply.send(result);
             }))
