@@ -10,7 +10,9 @@
 //! Options (after `--`): `--callbacks N` (default 20000), `--connections C` (default 64),
 //! `--rounds R` (default 2), `--synchronous full|normal` (default full), `--quick` (small sizes),
 //! `--replicas-only` (only the scale-out section: 1, 2 and 3 replicas on PostgreSQL beside SQLite,
-//! on the server at `M2M_TEST_POSTGRES_URL`, default this machine's).
+//! on the server at `M2M_TEST_POSTGRES_URL`, default this machine's), `--events-only` (only the
+//! events section: throughput with events off, on, and on with a local webhook receiver, and the
+//! delivery latency to it).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -45,6 +47,8 @@ struct Options {
     quick: bool,
     /// Only the scale-out section (`--replicas-only`).
     replicas_only: bool,
+    /// Only the events section (`--events-only`).
+    events_only: bool,
     /// Run by `cargo test` (which passes no `--bench`): a small smoke run that keeps the benchmark
     /// working, with no report written.
     smoke: bool,
@@ -76,6 +80,7 @@ fn options() -> Options {
         replicas_only: arguments
             .iter()
             .any(|argument| argument == "--replicas-only"),
+        events_only: arguments.iter().any(|argument| argument == "--events-only"),
         smoke,
     }
 }
@@ -575,6 +580,10 @@ async fn benchmark(options: Options) {
         scale_out(&options, &mut line).await;
         return;
     }
+    if options.events_only {
+        events_on_off(&options, &mut line).await;
+        return;
+    }
 
     // (1) Side by side: probe, listener, alternating, fresh databases; in jobs of ten callbacks,
     // and with one new job per callback (a job row and its first device written by every one).
@@ -703,6 +712,7 @@ async fn benchmark(options: Options) {
     drop(server);
 
     scale_out(&options, &mut line).await;
+    events_on_off(&options, &mut line).await;
 
     if options.smoke {
         println!("\n(smoke run under cargo test; `cargo bench --bench ack` measures)");
@@ -714,6 +724,88 @@ async fn benchmark(options: Options) {
     if std::fs::write(&path, &report).is_ok() {
         println!("\n(report written to {})", path.display());
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events: throughput with the outbox off, on, and on with a webhook endpoint; delivery latency.
+
+const BENCH_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+async fn events_on_off(options: &Options, line: &mut impl FnMut(String)) {
+    line("## Events on vs off (jobs of ten)\n".to_owned());
+    line("| round | events | acknowledged/s | p50 ms | p99 ms | delivered | delivery p50 ms | delivery p99 ms |".to_owned());
+    line("|---|---|---|---|---|---|---|---|".to_owned());
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    for round in 1..=options.rounds {
+        for (index, mode) in ["off", "on", "on + webhook"].into_iter().enumerate() {
+            let receiver = m2m_listener::simulate::receiver::EventReceiver::start(
+                "127.0.0.1:0".parse().expect("address"),
+                BENCH_SECRET,
+            )
+            .await
+            .expect("receiver");
+            let url = format!("http://{}/", receiver.address);
+            let mut settings = vec![("M2M_STORAGE__SYNCHRONOUS", options.synchronous.as_str())];
+            match mode {
+                "off" => settings.push(("M2M_EVENTS__ENABLED", "false")),
+                "on" => {}
+                _ => settings.extend([
+                    ("M2M_EVENTS__WEBHOOKS__0__NAME", "bench"),
+                    ("M2M_EVENTS__WEBHOOKS__0__URL", url.as_str()),
+                    ("M2M_EVENTS__WEBHOOKS__0__SECRET", BENCH_SECRET),
+                ]),
+            }
+            let server = start_listener_with("listener", &settings);
+            let warm_up = Arc::new(carrier_bodies_per_job(
+                500,
+                10,
+                &format!("events-warm-{round}-{index}"),
+            ));
+            load(&server, warm_up, options.connections).await;
+            let bodies = Arc::new(carrier_bodies_per_job(
+                options.callbacks,
+                10,
+                &format!("events-{round}-{index}"),
+            ));
+            let result = load(&server, bodies, options.connections).await;
+            rates[index].push(result.per_second());
+            let (delivered, p50, p99) = if mode == "on + webhook" {
+                // Every callback's outcome, warm-up included (the jobs are not registered, so
+                // none finishes).
+                let expected = (options.callbacks + 500) as u64;
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while receiver.summary().events < expected && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let summary = receiver.summary();
+                (
+                    format!("{} of {expected}", summary.events),
+                    format!("{:.1}", summary.latency_ms.p50),
+                    format!("{:.1}", summary.latency_ms.p99),
+                )
+            } else {
+                ("-".to_owned(), "-".to_owned(), "-".to_owned())
+            };
+            line(format!(
+                "| {round} | {mode} | {:.0} | {:.2} | {:.2} | {delivered} | {p50} | {p99} |",
+                result.per_second(),
+                result.latency.p50,
+                result.latency.p99,
+            ));
+            drop(server);
+        }
+    }
+    let median = |values: &mut Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values.get(values.len() / 2).copied().unwrap_or(0.0)
+    };
+    let [mut off, mut on, mut webhook] = rates;
+    let (off, on, webhook) = (median(&mut off), median(&mut on), median(&mut webhook));
+    line(format!(
+        "\nthroughput with events on / off: **{:.2}**, with a webhook endpoint / off: **{:.2}** (median {on:.0}/s and {webhook:.0}/s vs {off:.0}/s; target ≥ 0.90)\n",
+        on / off.max(1e-9),
+        webhook / off.max(1e-9),
+    ));
 }
 
 // ---------------------------------------------------------------------------------------------

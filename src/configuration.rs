@@ -40,6 +40,107 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     pub jobs: JobSettings,
     pub platform: PlatformSettings,
+    pub events: EventSettings,
+}
+
+/// The outbox and its sinks (`[events]`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventSettings {
+    /// Record events (in the transaction of their cause). Off, nothing is recorded, the feed is
+    /// empty and no sink may be configured.
+    pub enabled: bool,
+    /// Events older than this are deleted with their delivery records.
+    pub retention_days: u32,
+    /// How often an idle dispatcher looks for due events.
+    pub poll_interval_ms: u64,
+    #[serde(deserialize_with = "list_or_indexed_map")]
+    pub webhooks: Vec<WebhookSettings>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsSettings>,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            retention_days: 30,
+            poll_interval_ms: 250,
+            webhooks: Vec::new(),
+            nats: None,
+        }
+    }
+}
+
+/// One Standard Webhooks endpoint (`[[events.webhooks]]`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    pub name: String,
+    pub url: String,
+    /// `whsec_` and base64; masked by `check-config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<Secret>,
+    /// During a rotation: every one signs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<Secret>,
+    /// Event types sent; empty: all.
+    #[serde(default)]
+    pub events: Vec<String>,
+    /// Seconds before each retry after a failed attempt (with a tenth of jitter); then the event
+    /// is dead-lettered for this endpoint.
+    #[serde(default = "default_retry_schedule")]
+    pub retry_schedule_s: Vec<u64>,
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout_ms: u64,
+}
+
+impl WebhookSettings {
+    /// Every signing secret, `secret` first.
+    pub fn signing_secrets(&self) -> Vec<&Secret> {
+        self.secret.iter().chain(self.secrets.iter()).collect()
+    }
+}
+
+fn default_retry_schedule() -> Vec<u64> {
+    vec![5, 300, 1800, 7200, 18000, 36000, 36000]
+}
+
+fn default_webhook_timeout() -> u64 {
+    15_000
+}
+
+/// NATS JetStream (`[events.nats]`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSettings {
+    pub url: String,
+    /// Created (subjects `<subject_prefix>.>`) if it does not exist.
+    pub stream: String,
+    pub subject_prefix: String,
+    #[serde(default)]
+    pub events: Vec<String>,
+    #[serde(default = "default_retry_schedule")]
+    pub retry_schedule_s: Vec<u64>,
+    #[serde(default = "default_nats_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_nats_timeout() -> u64 {
+    5_000
+}
+
+/// The types a sink's `events` names; `None` for all. Unknown names are refused by `validate`.
+pub fn event_filter(names: &[String]) -> Option<Vec<crate::storage::events::EventType>> {
+    if names.is_empty() {
+        return None;
+    }
+    Some(
+        names
+            .iter()
+            .filter_map(|name| crate::storage::events::EventType::from_label(name))
+            .collect(),
+    )
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -234,6 +335,9 @@ pub struct StorageSettings {
     /// `disable`) encrypts but does not check the certificate, as libpq's `require`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// Whether writes record events in the outbox: `events.enabled`, copied here on load.
+    #[serde(skip)]
+    pub record_events: bool,
 }
 
 impl Default for StorageSettings {
@@ -248,6 +352,7 @@ impl Default for StorageSettings {
             url: None,
             pool_size: 16,
             ca_file: None,
+            record_events: true,
         }
     }
 }
@@ -477,8 +582,147 @@ impl Settings {
                     describe_config_error(error)
                 ))
             })?;
+        let mut settings = settings;
+        settings.storage.record_events = settings.events.enabled;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// `[events]`: sinks need events; names unique; URLs, secrets, filters and schedules valid.
+    /// A refusal names the key, never a secret's value.
+    fn validate_events(&self) -> Result<(), SettingsError> {
+        let fail = |key: &str, message: String| {
+            Err(SettingsError(format!(
+                "invalid configuration: {key}: {message}"
+            )))
+        };
+        let events = &self.events;
+        if events.retention_days == 0 {
+            return fail(
+                "events.retention_days",
+                "must be at least 1, got 0".to_owned(),
+            );
+        }
+        if events.poll_interval_ms == 0 {
+            return fail(
+                "events.poll_interval_ms",
+                "must be at least 1, got 0".to_owned(),
+            );
+        }
+        if !events.enabled && (!events.webhooks.is_empty() || events.nats.is_some()) {
+            return fail(
+                "events.enabled",
+                "is false, but sinks are configured: they would never be sent anything".to_owned(),
+            );
+        }
+        let check_filter = |key: &str, names: &[String]| {
+            for name in names {
+                if crate::storage::events::EventType::from_label(name).is_none() {
+                    return fail(
+                        key,
+                        format!(
+                            "unknown event type {name:?} (known: job.finished, device.outcome, \
+                             device.message, delivery.quarantined)"
+                        ),
+                    );
+                }
+            }
+            Ok(())
+        };
+        let mut names = std::collections::HashSet::new();
+        for (index, webhook) in events.webhooks.iter().enumerate() {
+            let key = |field: &str| format!("events.webhooks[{index}].{field}");
+            if webhook.name.is_empty()
+                || webhook.name.len() > 64
+                || !webhook
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return fail(
+                    &key("name"),
+                    "must be 1 to 64 letters, digits, '-' or '_'".to_owned(),
+                );
+            }
+            if webhook.name == "nats" || !names.insert(webhook.name.as_str()) {
+                return fail(
+                    &key("name"),
+                    format!(
+                        "{:?} is used twice (\"nats\" is the NATS sink's)",
+                        webhook.name
+                    ),
+                );
+            }
+            match webhook.url.parse::<hyper::Uri>() {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http") | Some("https"))
+                        && uri.host().is_some() => {}
+                _ => {
+                    return fail(
+                        &key("url"),
+                        "must be an http:// or https:// URL with a host".to_owned(),
+                    );
+                }
+            }
+            let secrets = webhook.signing_secrets();
+            if secrets.is_empty() {
+                return fail(&key("secret"), "set secret or secrets".to_owned());
+            }
+            for secret in secrets {
+                let decoded = secret.expose().strip_prefix("whsec_").map(|key| {
+                    base64::Engine::decode(&base64::engine::general_purpose::STANDARD, key)
+                });
+                if !matches!(decoded, Some(Ok(ref key)) if key.len() >= 16) {
+                    return fail(
+                        &key("secret"),
+                        "must be \"whsec_\" and the base64 of at least 16 bytes (value not shown)"
+                            .to_owned(),
+                    );
+                }
+            }
+            check_filter(&key("events"), &webhook.events)?;
+            if webhook.timeout_ms == 0 || webhook.timeout_ms > 300_000 {
+                return fail(&key("timeout_ms"), "must be 1 to 300000".to_owned());
+            }
+            if webhook.retry_schedule_s.len() > 50 {
+                return fail(&key("retry_schedule_s"), "at most 50 retries".to_owned());
+            }
+        }
+        if let Some(nats) = &events.nats {
+            if nats.stream.is_empty()
+                || !nats
+                    .stream
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return fail(
+                    "events.nats.stream",
+                    "must be letters, digits, '-' or '_'".to_owned(),
+                );
+            }
+            if nats.subject_prefix.is_empty()
+                || nats.subject_prefix.starts_with('.')
+                || nats.subject_prefix.ends_with('.')
+                || nats
+                    .subject_prefix
+                    .bytes()
+                    .any(|b| b.is_ascii_whitespace() || b == b'*' || b == b'>')
+            {
+                return fail(
+                    "events.nats.subject_prefix",
+                    "must be a subject without wildcards, spaces or a leading/trailing '.'"
+                        .to_owned(),
+                );
+            }
+            if nats.url.is_empty() {
+                return fail("events.nats.url", "must be set".to_owned());
+            }
+            check_filter("events.nats.events", &nats.events)?;
+            if nats.timeout_ms == 0 || nats.timeout_ms > 300_000 {
+                return fail("events.nats.timeout_ms", "must be 1 to 300000".to_owned());
+            }
+        }
+        Ok(())
     }
 
     /// Every value and every combination of values that matters to any command; no IO. `load`
@@ -581,6 +825,7 @@ impl Settings {
                 format!("must be at least 10, got {}", self.jobs.sweep_interval_ms),
             );
         }
+        self.validate_events()?;
         if self.storage.retention_days == 0 {
             return fail(
                 "storage.retention_days",

@@ -15,6 +15,7 @@
 //!   share, and the backends (the only SQL).
 //! - [`http`]: the callback port and the API port, with graceful shutdown.
 //! - [`metrics`]: the Prometheus metrics (bounded labels).
+//! - [`outbox`]: the event dispatchers (Standard Webhooks endpoints, NATS JetStream).
 //! - [`configuration`]: defaults, TOML file, `M2M_` environment.
 //! - [`memory`]: malloc told to return large body buffers to the system.
 //! - [`telemetry`]: the log subscriber; [`tls`]: optional native TLS on the callback port.
@@ -33,6 +34,7 @@ pub mod http;
 pub mod jobs;
 pub mod memory;
 pub mod metrics;
+pub mod outbox;
 pub mod parser;
 pub mod platform;
 pub mod private_files;

@@ -132,11 +132,22 @@ pub struct Metrics {
     store_batch_size: Histogram,
     /// Whether each configured callback service is registered to this listener (`platform`).
     platform_registration: IntGaugeVec,
+    /// Events not yet delivered, per sink.
+    events_pending: IntGaugeVec,
+    /// Age of the oldest undelivered event, per sink.
+    events_oldest: prometheus::GaugeVec,
+    /// Events dead-lettered, per sink.
+    events_dead: IntGaugeVec,
+    /// Attempts to hand an event to a sink, by sink and result.
+    event_attempts: IntCounterVec,
 }
 
 /// The `state` values of `m2m_platform_registration`.
 pub const PLATFORM_REGISTRATION_STATES: &[&str] =
     &["ours", "missing", "elsewhere", "not_visible", "error"];
+
+/// Results of `m2m_event_attempts_total`.
+pub const EVENT_ATTEMPT_RESULTS: &[&str] = &["delivered", "failed", "dead", "disabled"];
 
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
@@ -215,6 +226,34 @@ impl Metrics {
                 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
             ]),
         )?;
+        let events_pending = IntGaugeVec::new(
+            Opts::new(
+                "m2m_events_pending",
+                "Events not delivered yet to a sink (pending, waiting for a retry, or held by a disabled endpoint).",
+            ),
+            &["sink"],
+        )?;
+        let events_oldest = prometheus::GaugeVec::new(
+            Opts::new(
+                "m2m_events_oldest_undelivered_seconds",
+                "Age of the oldest event a sink has not been delivered; 0 when none.",
+            ),
+            &["sink"],
+        )?;
+        let events_dead = IntGaugeVec::new(
+            Opts::new(
+                "m2m_events_dead",
+                "Events dead-lettered for a sink (its retry schedule ran out); see POST /api/v1/events/{id}/redeliver.",
+            ),
+            &["sink"],
+        )?;
+        let event_attempts = IntCounterVec::new(
+            Opts::new(
+                "m2m_event_attempts_total",
+                "Attempts to hand an event to a sink, by sink and result (delivered, failed, dead, disabled).",
+            ),
+            &["sink", "result"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new("m2m_build_info", "The running version; always 1."),
             &["version"],
@@ -240,6 +279,10 @@ impl Metrics {
         )?;
         registry.register(Box::new(build_info.clone()))?;
         registry.register(Box::new(platform_registration.clone()))?;
+        registry.register(Box::new(events_pending.clone()))?;
+        registry.register(Box::new(events_oldest.clone()))?;
+        registry.register(Box::new(events_dead.clone()))?;
+        registry.register(Box::new(event_attempts.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -292,6 +335,10 @@ impl Metrics {
             store_commit,
             store_batch_size,
             platform_registration,
+            events_pending,
+            events_oldest,
+            events_dead,
+            event_attempts,
         })
     }
 
@@ -306,12 +353,58 @@ impl Metrics {
         }
     }
 
+    /// Starts the event series of the configured sinks at zero.
+    pub fn register_sinks(&self, sinks: &[String]) {
+        for sink in sinks {
+            self.events_pending.with_label_values(&[sink.as_str()]);
+            self.events_oldest.with_label_values(&[sink.as_str()]);
+            self.events_dead.with_label_values(&[sink.as_str()]);
+            for result in EVENT_ATTEMPT_RESULTS {
+                self.event_attempts
+                    .with_label_values(&[sink.as_str(), result]);
+            }
+        }
+    }
+
     /// What the last check found `service` to be: 1 for `state`, 0 for the other states.
     pub fn set_platform_registration(&self, service: &str, state: &str) {
         for known in PLATFORM_REGISTRATION_STATES {
             self.platform_registration
                 .with_label_values(&[service, known])
                 .set(i64::from(*known == state));
+        }
+    }
+
+    /// One attempt to hand an event to a sink.
+    pub fn event_attempted(&self, sink: &str, result: &str) {
+        self.event_attempts.with_label_values(&[sink, result]).inc();
+    }
+
+    /// Sets the event gauges from the store's backlog, as of `now`.
+    pub fn set_event_backlog(
+        &self,
+        backlog: &[crate::storage::events::SinkBacklog],
+        now: time::OffsetDateTime,
+    ) {
+        for sink in backlog {
+            let name = sink.sink.as_str();
+            self.events_pending
+                .with_label_values(&[name])
+                .set(sink.pending);
+            self.events_dead.with_label_values(&[name]).set(sink.dead);
+            let age = sink
+                .oldest
+                .as_deref()
+                .and_then(|oldest| {
+                    time::OffsetDateTime::parse(
+                        oldest,
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                    .ok()
+                })
+                .map(|oldest| (now - oldest).as_seconds_f64().max(0.0))
+                .unwrap_or(0.0);
+            self.events_oldest.with_label_values(&[name]).set(age);
         }
     }
 

@@ -61,6 +61,12 @@ pub struct Application {
     platform_check: Option<crate::configuration::PlatformSettings>,
     /// For the platform check's gauge.
     metrics: Arc<Metrics>,
+    /// One per configured sink; started with the servers.
+    dispatchers: Vec<crate::outbox::Dispatcher>,
+    /// The sinks were registered in `build` (else dispatch registers them first).
+    sinks_registered: bool,
+    /// How long events are kept (`events.retention_days`).
+    event_retention: Duration,
 }
 
 impl Application {
@@ -70,8 +76,11 @@ impl Application {
         settings.validate()?;
         settings.validate_for_serving()?;
         let metrics = Arc::new(Metrics::new().context("failed to set up metrics")?);
+        // Writes record events as `events.enabled` says, however the settings were made.
+        let mut storage = settings.storage.clone();
+        storage.record_events = settings.events.enabled;
         let (store, database_path) = crate::storage::open(
-            &settings.storage,
+            &storage,
             Duration::from_secs(settings.jobs.default_timeout_s),
             Arc::clone(&metrics),
             crate::storage::Purpose::Serve,
@@ -112,6 +121,25 @@ impl Application {
         ));
         let readiness_timeout =
             Duration::from_millis(settings.storage.busy_timeout_ms) + Duration::from_secs(2);
+        let dispatchers = crate::outbox::dispatchers(&settings.events, &store, &metrics)?;
+        // Before the first callback: a new sink is sent what happens from its registration on.
+        // A store that cannot answer yet is asked again when dispatch starts.
+        let sinks_registered = dispatchers.is_empty()
+            || store
+                .register_sinks(
+                    dispatchers
+                        .iter()
+                        .map(|dispatcher| dispatcher.spec.clone())
+                        .collect(),
+                )
+                .await
+                .is_ok();
+        metrics.register_sinks(
+            &dispatchers
+                .iter()
+                .map(|dispatcher| dispatcher.spec.name.clone())
+                .collect::<Vec<_>>(),
+        );
         let api_state = Arc::new(ApiState::new(
             shared_store,
             Arc::clone(&metrics),
@@ -148,6 +176,11 @@ impl Application {
             platform_check: (settings.platform.check_interval_s > 0)
                 .then(|| settings.platform.clone()),
             metrics,
+            dispatchers,
+            sinks_registered,
+            event_retention: Duration::from_secs(
+                u64::from(settings.events.retention_days) * 86_400,
+            ),
         })
     }
 
@@ -199,6 +232,14 @@ impl Application {
             Arc::clone(&self.store),
             self.prune_interval,
             self.retention,
+            self.event_retention,
+        ));
+        let (stop_dispatch, dispatch_stopped) = watch::channel(false);
+        let dispatch = tokio::spawn(dispatch_events(
+            Arc::clone(&self.store),
+            self.dispatchers,
+            self.sinks_registered,
+            dispatch_stopped,
         ));
         let refresher = tokio::spawn(refresh_credentials(
             Arc::clone(&self.callback_credentials),
@@ -219,6 +260,10 @@ impl Application {
         if let Some(platform_check) = platform_check {
             platform_check.abort();
         }
+        // An attempt cut short is made again: its lease expires (or, on SQLite, is cleared at the
+        // next start), and the event id lets the receiver see it is the same event.
+        let _ = stop_dispatch.send(true);
+        dispatch.abort();
         tracing::info!("shutting down: no new connections; finishing in-flight callbacks");
         let _ = stop.send(true);
         let (callback_result, api_result) = tokio::join!(callback_server, api_server);
@@ -258,8 +303,46 @@ async fn refresh_credentials(credentials: Arc<CallbackCredentials>, interval: Du
     }
 }
 
-/// Prunes raw bodies older than `retention` every `interval` (the first time right away).
-async fn prune_raw_bodies(store: Arc<dyn Store>, interval: Duration, retention: Duration) {
+/// Registers the sinks (retrying until the store answers), then runs one dispatcher per sink.
+async fn dispatch_events(
+    store: Arc<dyn Store>,
+    dispatchers: Vec<crate::outbox::Dispatcher>,
+    registered: bool,
+    stop: watch::Receiver<bool>,
+) {
+    if dispatchers.is_empty() {
+        return;
+    }
+    let sinks: Vec<_> = dispatchers
+        .iter()
+        .map(|dispatcher| dispatcher.spec.clone())
+        .collect();
+    let poll = dispatchers
+        .iter()
+        .map(|dispatcher| dispatcher.poll)
+        .min()
+        .unwrap_or(Duration::from_secs(1));
+    if !registered {
+        while let Err(error) = store.register_sinks(sinks.clone()).await {
+            tracing::warn!(error = %ErrorChain(&error), "cannot register the event sinks yet; retrying");
+            tokio::time::sleep(poll.max(Duration::from_millis(500))).await;
+        }
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for dispatcher in dispatchers {
+        tasks.spawn(dispatcher.run(stop.clone()));
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Prunes raw bodies older than `retention`, and events older than `event_retention`, every
+/// `interval` (the first time right away).
+async fn prune_raw_bodies(
+    store: Arc<dyn Store>,
+    interval: Duration,
+    retention: Duration,
+    event_retention: Duration,
+) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -272,6 +355,21 @@ async fn prune_raw_bodies(store: Arc<dyn Store>, interval: Duration, retention: 
                 error = %ErrorChain(&error),
                 "pruning failed; retrying at the next interval"
             ),
+        }
+        let cutoff = time::OffsetDateTime::now_utc() - event_retention;
+        let mut pruned = 0;
+        loop {
+            match store.prune_events(cutoff).await {
+                Ok(0) => break,
+                Ok(count) => pruned += count,
+                Err(error) => {
+                    tracing::warn!(error = %ErrorChain(&error), "pruning events failed; retrying at the next interval");
+                    break;
+                }
+            }
+        }
+        if pruned > 0 {
+            tracing::info!(pruned, "pruned events past events.retention_days");
         }
     }
 }

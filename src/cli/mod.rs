@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod errors;
+mod events;
 mod jobs;
 mod platform;
 
@@ -45,6 +46,8 @@ enum Command {
     Jobs(jobs::JobsArgs),
     /// Explain and search the fault catalog built into the binary (no listener needed).
     Errors(errors::ErrorsArgs),
+    /// The event feed of the running listener: list, show (with every attempt), redeliver.
+    Events(events::EventsArgs),
     /// Prune raw bodies older than storage.retention_days now (the listener also does it hourly).
     Prune,
     /// Copy the database consistently to FILE while the listener keeps running. Written to a
@@ -124,20 +127,32 @@ pub fn run() -> ExitCode {
         Command::Jobs(arguments) => jobs::run(&settings, arguments),
         Command::Errors(arguments) => errors::run(arguments),
         Command::Platform(arguments) => platform::run(&settings, arguments),
+        Command::Events(arguments) => events::run(&settings, arguments),
         Command::Simulate(arguments) => simulate(&settings, *arguments),
         Command::Prune => {
             let cutoff = time::OffsetDateTime::now_utc()
                 - time::Duration::days(i64::from(settings.storage.retention_days));
+            let event_cutoff = time::OffsetDateTime::now_utc()
+                - time::Duration::days(i64::from(settings.events.retention_days));
             let pruned = with_store(&settings, async |store| {
-                store
+                let bodies = store
                     .prune_raw_bodies(cutoff)
                     .await
-                    .map_err(anyhow::Error::new)
+                    .map_err(anyhow::Error::new)?;
+                let mut events = 0;
+                loop {
+                    match store.prune_events(event_cutoff).await {
+                        Ok(0) => break,
+                        Ok(count) => events += count,
+                        Err(error) => return Err(anyhow::Error::new(error)),
+                    }
+                }
+                Ok((bodies, events))
             });
             match pruned.and_then(|pruned| pruned) {
-                Ok(pruned) => emit(&format!(
-                    "pruned {pruned} raw bodies older than {} days\n",
-                    settings.storage.retention_days
+                Ok((pruned, events)) => emit(&format!(
+                    "pruned {pruned} raw bodies older than {} days\npruned {events} events older than {} days\n",
+                    settings.storage.retention_days, settings.events.retention_days
                 ))
                 .err()
                 .unwrap_or(ExitCode::SUCCESS),
@@ -412,6 +427,18 @@ fn simulate(settings: &Settings, arguments: SimulateArgs) -> ExitCode {
             summary.latency_ms.p99,
             summary.latency_ms.max,
         )
+    };
+    let shown = match (&summary.receiver, as_json) {
+        (Some(receiver), false) => format!(
+            "{shown}events received {} ({} requests, {} bad signatures) {:?}, delivery latency p50 {:.1} ms  p99 {:.1} ms\n",
+            receiver.events,
+            receiver.requests,
+            receiver.bad_signatures,
+            receiver.by_type,
+            receiver.latency_ms.p50,
+            receiver.latency_ms.p99,
+        ),
+        _ => shown,
     };
     if let Err(code) = emit(&shown) {
         return code;

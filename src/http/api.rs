@@ -19,6 +19,7 @@ use crate::catalog;
 use crate::domain::{CallbackKind, DeliveryResult, DeviceIdentifier, Operation, Secret};
 use crate::jobs::{JobState, RegistrationRequest};
 use crate::metrics::Metrics;
+use crate::storage::events::{EventQuery, EventType, parse_event_id};
 use crate::storage::{
     DeliveryQuery, FaultRecord, JobQuery, MessageQuery, MessageRecord, OutcomeRecord, RawBody,
     Registered, Store, StoreError,
@@ -207,6 +208,11 @@ pub async fn handle(
         (Endpoint::Reprocess(id), false) if method == Method::POST => {
             reprocess(&state, id, &query).await
         }
+        (Endpoint::Events, true) => list_events(&state, &query).await,
+        (Endpoint::Event(id), true) => get_event(&state, id).await,
+        (Endpoint::Redeliver(id), false) if method == Method::POST => {
+            redeliver_event(&state, id).await
+        }
         (endpoint, _) => {
             let mut refused = error(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -241,6 +247,10 @@ enum Endpoint<'a> {
     RawBody(&'a str),
     /// `POST`: the delivery read again by the current parser.
     Reprocess(&'a str),
+    Events,
+    Event(&'a str),
+    /// `POST`: the event sent again to its sinks.
+    Redeliver(&'a str),
 }
 
 impl<'a> Endpoint<'a> {
@@ -261,6 +271,9 @@ impl<'a> Endpoint<'a> {
             ["api", "v1", "deliveries"] => Endpoint::Deliveries,
             ["api", "v1", "deliveries", id, "raw"] => Endpoint::RawBody(id),
             ["api", "v1", "deliveries", id, "reprocess"] => Endpoint::Reprocess(id),
+            ["api", "v1", "events"] => Endpoint::Events,
+            ["api", "v1", "events", id] => Endpoint::Event(id),
+            ["api", "v1", "events", id, "redeliver"] => Endpoint::Redeliver(id),
             _ => return None,
         })
     }
@@ -268,7 +281,7 @@ impl<'a> Endpoint<'a> {
     fn allowed_methods(self) -> &'static str {
         match self {
             Endpoint::Jobs => "GET, HEAD, POST",
-            Endpoint::Reprocess(_) => "POST",
+            Endpoint::Reprocess(_) | Endpoint::Redeliver(_) => "POST",
             _ => "GET, HEAD",
         }
     }
@@ -844,6 +857,14 @@ async fn metrics(state: &ApiState) -> HttpResponse {
             tracing::warn!(error = %ErrorChain(&failure), "job counts unavailable for /metrics")
         }
     }
+    match state.store.event_backlog().await {
+        Ok(backlog) => state
+            .metrics
+            .set_event_backlog(&backlog, time::OffsetDateTime::now_utc()),
+        Err(failure) => {
+            tracing::warn!(error = %ErrorChain(&failure), "event backlog unavailable for /metrics")
+        }
+    }
     match state.metrics.render() {
         Ok(text) => response(
             StatusCode::OK,
@@ -900,6 +921,91 @@ async fn list_deliveries(state: &ApiState, query: &HashMap<String, String>) -> H
     };
     match state.store.list_deliveries(filters).await {
         Ok(page) => json_response(StatusCode::OK, &page),
+        Err(failure) => storage_error(&failure),
+    }
+}
+
+/// `GET /api/v1/events?type=&after=&limit=`: the feed, oldest first; `after` is an event id (a
+/// `next_cursor`), so a consumer resumes where it stopped.
+async fn list_events(state: &ApiState, query: &HashMap<String, String>) -> HttpResponse {
+    let types: Vec<&str> = EventType::ALL.iter().map(|kind| kind.as_str()).collect();
+    let filters = (|| {
+        let (limit, _) = paging(&HashMap::from_iter(
+            query
+                .get("limit")
+                .map(|limit| ("limit".to_owned(), limit.clone())),
+        ))?;
+        let after = match query.get("after").filter(|after| !after.is_empty()) {
+            None => None,
+            Some(after) => Some(parse_event_id(after).ok_or_else(|| {
+                InvalidParameter::new(
+                    "INVALID_CURSOR",
+                    "after must be an event id (evt_ and digits), e.g. a next_cursor",
+                )
+            })?),
+        };
+        Ok::<_, InvalidParameter>(EventQuery {
+            kind: one_of(query, "type", &types)?
+                .as_deref()
+                .and_then(EventType::from_label),
+            after,
+            limit,
+        })
+    })();
+    let filters = match filters {
+        Ok(filters) => filters,
+        Err(refused) => return refused.into_response(),
+    };
+    match state.store.list_events(filters).await {
+        Ok(page) => json_response(StatusCode::OK, &page),
+        Err(failure) => storage_error(&failure),
+    }
+}
+
+fn event_row(id: &str) -> Result<i64, InvalidParameter> {
+    parse_event_id(id).ok_or_else(|| {
+        InvalidParameter::new("INVALID_EVENT_ID", "an event id is evt_ followed by digits")
+    })
+}
+
+/// `GET /api/v1/events/{id}`: the event, where it stands at each sink, every attempt.
+async fn get_event(state: &ApiState, id: &str) -> HttpResponse {
+    let row = match event_row(id) {
+        Ok(row) => row,
+        Err(refused) => return refused.into_response(),
+    };
+    match state.store.event_detail(row).await {
+        Ok(Some(detail)) => json_response(StatusCode::OK, &detail),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "EVENT_NOT_FOUND",
+            &format!("no event {id}"),
+        ),
+        Err(failure) => storage_error(&failure),
+    }
+}
+
+/// `POST /api/v1/events/{id}/redeliver`: the event is sent again to every sink it went to (a
+/// recorded, manual attempt; an endpoint disabled by a 410 is enabled again). 202: the
+/// dispatchers send it at their next poll.
+async fn redeliver_event(state: &ApiState, id: &str) -> HttpResponse {
+    let row = match event_row(id) {
+        Ok(row) => row,
+        Err(refused) => return refused.into_response(),
+    };
+    match state
+        .store
+        .redeliver_event(row, time::OffsetDateTime::now_utc())
+        .await
+    {
+        Ok(Some(sinks)) => {
+            json_response(StatusCode::ACCEPTED, &json!({ "id": id, "sinks": sinks }))
+        }
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "EVENT_NOT_FOUND",
+            &format!("no event {id}"),
+        ),
         Err(failure) => storage_error(&failure),
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod payloads;
 pub mod platform;
+pub mod receiver;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -36,6 +37,16 @@ use payloads::{CarrierResult, Envelope};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct SimulateOptions {
+    /// Also run a Standard Webhooks receiver on this address (configure it as an
+    /// `[[events.webhooks]]` url): it verifies signatures and counts events and their latency.
+    #[arg(long, value_name = "ADDR")]
+    pub receive: Option<std::net::SocketAddr>,
+    /// The receiver's signing secret (`whsec_...`; from the environment, not the command line).
+    #[arg(long, env = "M2M_SIMULATE_RECEIVE_SECRET", hide_env_values = true)]
+    pub receive_secret: Option<String>,
+    /// After the callbacks, how long the receiver waits for events still coming.
+    #[arg(long, default_value_t = 10)]
+    pub receive_wait_s: u64,
     /// The callback URL to post to.
     #[arg(long, default_value = "http://127.0.0.1:9001/")]
     pub url: String,
@@ -462,6 +473,9 @@ pub struct Summary {
     pub seconds: f64,
     pub acknowledged_per_second: f64,
     pub latency_ms: LatencySummary,
+    /// What the receiver saw (with `--receive`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receiver: Option<receiver::ReceiverSummary>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -500,6 +514,16 @@ pub async fn run(
     password: String,
     api: Option<ApiClient>,
 ) -> anyhow::Result<Summary> {
+    let receiver = match options.receive {
+        Some(address) => {
+            let secret = options
+                .receive_secret
+                .as_deref()
+                .context("--receive needs --receive-secret (M2M_SIMULATE_RECEIVE_SECRET)")?;
+            Some(receiver::EventReceiver::start(address, secret).await?)
+        }
+        None => None,
+    };
     let now = time::OffsetDateTime::now_utc();
     let run_id = now.unix_timestamp().to_string();
     let since = crate::storage::timestamp(now);
@@ -581,7 +605,25 @@ pub async fn run(
         .map(|latencies| latencies.clone())
         .unwrap_or_default();
     let counters = &driver.counters;
+    let receiver = match receiver {
+        Some(receiver) => {
+            // Until no event arrived for a second, or the wait is over.
+            let deadline = Instant::now() + Duration::from_secs(options.receive_wait_s);
+            let mut last = receiver.summary().requests;
+            while Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = receiver.summary().requests;
+                if now == last && now > 0 {
+                    break;
+                }
+                last = now;
+            }
+            Some(receiver.summary())
+        }
+        None => None,
+    };
     Ok(Summary {
+        receiver,
         callbacks: total,
         attempts: counters.attempts.load(Ordering::Relaxed),
         acknowledged: counters.acknowledged.load(Ordering::Relaxed),

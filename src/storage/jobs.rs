@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+use super::events::{self, NewEvent};
 use super::rows::RowReader;
 use super::{Fault, JobRecord, Registered, StoreError, UploadRecord, timestamp};
 use crate::domain::{Callback, Operation, OutcomeStatus, UploadSummary};
@@ -54,18 +55,27 @@ pub(crate) struct JobRow {
     pub quarantined: i64,
 }
 
-/// A job that just completed: for `m2m_job_completion_seconds`, observed once the transaction
-/// commits.
+/// A job that just reached a terminal state: its `job.finished` event, written in the same
+/// transaction, and for `m2m_job_completion_seconds` (a timeout is not a completion), observed
+/// once the transaction commits.
 pub(crate) struct JobCompletion {
     pub operation: String,
     pub seconds: f64,
+    /// Counted in `m2m_job_completion_seconds` (not for `timed_out`).
+    pub observe: bool,
+    pub event: NewEvent,
 }
 
 /// Observes the jobs a transaction completed, once it has committed.
 pub(crate) fn observe_completions(metrics: &Metrics, completions: &[JobCompletion]) {
-    for completion in completions {
+    for completion in completions.iter().filter(|completion| completion.observe) {
         metrics.job_completed(&completion.operation, completion.seconds);
     }
+}
+
+/// The `job.finished` events of the jobs a transaction finished.
+pub(crate) fn finished_events(completions: &[JobCompletion]) -> impl Iterator<Item = &NewEvent> {
+    completions.iter().map(|completion| &completion.event)
 }
 
 /// What the state rule did to a job.
@@ -222,18 +232,18 @@ impl JobRow {
             self.completed_at.as_deref(),
             &now,
         );
-        let completion = (transition.changed
-            && transition.state.is_terminal()
-            && transition.state != JobState::TimedOut)
-            .then(|| JobCompletion {
-                operation: self.operation.clone().unwrap_or_else(|| "other".to_owned()),
-                seconds: seconds_between(
-                    self.registered_at.as_deref().unwrap_or(&self.created_at),
-                    &now,
-                ),
-            });
+        let finished = transition.changed && transition.state.is_terminal();
         self.state = transition.state.as_str().to_owned();
         self.completed_at = transition.completed_at;
+        let completion = finished.then(|| JobCompletion {
+            operation: self.operation.clone().unwrap_or_else(|| "other".to_owned()),
+            seconds: seconds_between(
+                self.registered_at.as_deref().unwrap_or(&self.created_at),
+                &now,
+            ),
+            observe: transition.state != JobState::TimedOut,
+            event: events::job_finished(&self.clone().into_record(), &now),
+        });
         (transition.write, completion)
     }
 
@@ -626,14 +636,23 @@ mod tests {
     }
 
     #[test]
-    fn a_job_past_its_deadline_times_out_and_a_timeout_is_not_a_completion() {
+    fn a_job_past_its_deadline_times_out_finished_but_a_timeout_is_not_a_completion() {
         let mut row = row();
         row.expected_devices = Some(2);
         let (write, completion) = row.recompute(at(86_401));
         assert!(write);
         assert_eq!(row.state, "timed_out");
-        assert!(completion.is_none());
-        let (write, _) = row.recompute(at(86_500));
+        let completion = completion.expect("a job.finished event");
+        assert!(!completion.observe, "not counted as a completion");
+        assert_eq!(
+            completion.event.kind,
+            crate::storage::events::EventType::JobFinished
+        );
+        let data: serde_json::Value = serde_json::from_str(&completion.event.data).expect("JSON");
+        assert_eq!(data["state"], "timed_out");
+        assert_eq!(data["request_id"], row.request_id);
+        let (write, again) = row.recompute(at(86_500));
         assert!(!write, "already terminal, nothing to write");
+        assert!(again.is_none(), "finished once");
     }
 }

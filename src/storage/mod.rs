@@ -8,6 +8,7 @@
 mod batch;
 pub mod credentials;
 mod error;
+pub mod events;
 pub(crate) mod jobs;
 pub mod postgres;
 pub mod reprocess;
@@ -428,6 +429,53 @@ pub trait Store: Send + Sync + 'static {
         &self,
         rotation: credentials::Rotation,
     ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// The event feed: events after a cursor, oldest first.
+    fn list_events(
+        &self,
+        query: events::EventQuery,
+    ) -> BoxFuture<'_, Result<Page<events::EventRecord>, StoreError>>;
+
+    /// One event with where it stands at each sink and every attempt; `None` if unknown.
+    fn event_detail(
+        &self,
+        row: i64,
+    ) -> BoxFuture<'_, Result<Option<events::EventDetail>, StoreError>>;
+
+    /// Sends an event again to every sink it went to (a recorded, manual attempt); returns the
+    /// sinks, or `None` if the event is unknown.
+    fn redeliver_event(
+        &self,
+        row: i64,
+        now: OffsetDateTime,
+    ) -> BoxFuture<'_, Result<Option<Vec<String>>, StoreError>>;
+
+    /// Makes the configured sinks known (a new one is sent what happens from now on).
+    fn register_sinks(&self, sinks: Vec<events::SinkSpec>)
+    -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Leases up to `limit` of a sink's due events to `owner` for `lease`, each attempt numbered;
+    /// no two dispatchers are given the same event for the same attempt.
+    fn claim_events(
+        &self,
+        sink: events::SinkSpec,
+        owner: String,
+        now: OffsetDateTime,
+        lease: std::time::Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<events::ClaimedEvent>, StoreError>>;
+
+    /// Records attempts and what became of each event at its sink.
+    fn record_attempts(
+        &self,
+        attempts: Vec<events::AttemptOutcome>,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Per sink: undelivered events and the oldest one's time, dead-lettered ones.
+    fn event_backlog(&self) -> BoxFuture<'_, Result<Vec<events::SinkBacklog>, StoreError>>;
+
+    /// Deletes events created before `cutoff` (one chunk); returns how many.
+    fn prune_events(&self, cutoff: OffsetDateTime) -> BoxFuture<'_, Result<usize, StoreError>>;
 
     /// Finishes queued writes and stops taking new ones.
     fn close(&self) -> BoxFuture<'_, ()>;

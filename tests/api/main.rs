@@ -10,6 +10,7 @@ mod catalog;
 mod crash;
 mod deliveries;
 mod edges;
+mod events;
 mod file_modes;
 mod hardening;
 mod helpers;

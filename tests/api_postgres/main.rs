@@ -15,6 +15,8 @@ mod callbacks;
 mod catalog;
 #[path = "../api/deliveries.rs"]
 mod deliveries;
+#[path = "../api/events.rs"]
+mod events;
 #[path = "../api/hardening.rs"]
 mod hardening;
 #[path = "../api/hostile.rs"]

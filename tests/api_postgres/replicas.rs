@@ -730,3 +730,68 @@ async fn a_job_row_held_by_another_transaction_gets_503_without_taking_the_repli
     holder.join().unwrap();
     assert_eq!(post_as_test(&app, "held-job", 3).await, 200);
 }
+
+/// Three replicas dispatch one outbox: every event is delivered, each once, and no attempt is made
+/// by two replicas (each attempt number of an event is recorded by one replica).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_deliver_every_event_and_no_two_make_the_same_attempt() {
+    let receiver = crate::events::Receiver::start().await;
+    let url = receiver.url.clone();
+    let settings = [
+        ("M2M_EVENTS__POLL_INTERVAL_MS", "20"),
+        ("M2M_EVENTS__WEBHOOKS__0__NAME", "ops"),
+        ("M2M_EVENTS__WEBHOOKS__0__URL", url.as_str()),
+        ("M2M_EVENTS__WEBHOOKS__0__SECRET", crate::events::SECRET),
+        ("M2M_EVENTS__WEBHOOKS__0__TIMEOUT_MS", "5000"),
+    ];
+    let (replicas, database) = three_replicas(&settings).await;
+    let client = reqwest::Client::new();
+    let mut senders = tokio::task::JoinSet::new();
+    for index in 0..60 {
+        let (client, url) = (client.clone(), replicas[index % 3].callback_url());
+        senders.spawn(async move {
+            let imei = format!("3500000009{index:05}");
+            let body = callback(&format!("evt-replica-{index}"), &imei, 1);
+            assert_eq!(post(&client, &url, body).await, Some(200));
+        });
+    }
+    senders.join_all().await;
+    let events = database.count("SELECT count(*) FROM events");
+    assert!(events >= 60, "an outcome per callback at least: {events}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let delivered = database.count(
+            "SELECT count(*) FROM event_deliveries WHERE sink = 'ops' AND state = 'delivered'",
+        );
+        if delivered == events {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{delivered} of {events} delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let received = receiver.received();
+    let mut ids: Vec<&str> = received.iter().map(|request| request.id.as_str()).collect();
+    ids.sort_unstable();
+    let total = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len() as i64, events, "every event received");
+    assert_eq!(total, ids.len(), "none received twice");
+    assert_eq!(
+        database.count("SELECT count(*) FROM event_attempts"),
+        events,
+        "one attempt each"
+    );
+    let replicas_used = database.count("SELECT count(DISTINCT replica) FROM event_attempts");
+    assert!(replicas_used >= 1);
+    assert_eq!(
+        database.count(
+            "SELECT count(*) FROM (SELECT event_id, attempt FROM event_attempts
+              GROUP BY event_id, attempt HAVING count(*) > 1) doubled"
+        ),
+        0
+    );
+    drop(replicas);
+}

@@ -30,6 +30,8 @@ pub(super) struct Shared {
     pub max_batch: usize,
     /// Commit times, batch sizes and job completions, counted after the commit.
     pub metrics: Arc<Metrics>,
+    /// Whether writes record events (`events.enabled`).
+    pub record_events: bool,
 }
 
 impl Shared {
@@ -45,6 +47,7 @@ impl Shared {
             job_timeout,
             max_batch: settings.max_batch,
             metrics,
+            record_events: settings.record_events,
         })
     }
 

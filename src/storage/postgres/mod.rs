@@ -19,6 +19,7 @@ mod credentials;
 mod error;
 mod ids;
 mod jobs;
+mod outbox;
 mod queries;
 mod reprocess;
 mod retention;
@@ -36,6 +37,9 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
 use super::batch::{WRITE_QUEUE, Write, prune_in_chunks};
+use super::events::{
+    AttemptOutcome, ClaimedEvent, EventDetail, EventQuery, EventRecord, SinkBacklog, SinkSpec,
+};
 use super::jobs::{JobCompletion, RegistrationPlan};
 use super::{
     BackupError, BoxFuture, DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord,
@@ -67,6 +71,13 @@ macro_rules! transact {
                 let result: Result<_, Failure> = async {
                     let $transaction = client.transaction().await?;
                     let value = $body;
+                    outbox::insert(
+                        &$transaction,
+                        shared.record_events,
+                        Vec::new(),
+                        &$completions,
+                    )
+                    .await?;
                     $transaction.commit().await?;
                     Ok(value)
                 }
@@ -300,6 +311,82 @@ impl Store for PostgresStore {
             let rotation = &rotation;
             transact!(self, |transaction, completions| {
                 credentials::rotate(&transaction, rotation).await?
+            })
+        })
+    }
+
+    fn list_events(
+        &self,
+        query: EventQuery,
+    ) -> BoxFuture<'_, Result<Page<EventRecord>, StoreError>> {
+        Box::pin(self.read(async move |client| outbox::list(client, &query).await))
+    }
+
+    fn event_detail(&self, row: i64) -> BoxFuture<'_, Result<Option<EventDetail>, StoreError>> {
+        Box::pin(self.read(async move |client| outbox::detail(client, row).await))
+    }
+
+    fn redeliver_event(
+        &self,
+        row: i64,
+        now: OffsetDateTime,
+    ) -> BoxFuture<'_, Result<Option<Vec<String>>, StoreError>> {
+        Box::pin(async move {
+            let now = &super::timestamp(now);
+            transact!(self, |transaction, completions| {
+                outbox::redeliver(&transaction, row, now).await?
+            })
+        })
+    }
+
+    fn register_sinks(&self, sinks: Vec<SinkSpec>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let sinks = &sinks;
+            transact!(self, |transaction, completions| {
+                outbox::register_sinks(&transaction, sinks).await?
+            })
+        })
+    }
+
+    fn claim_events(
+        &self,
+        sink: SinkSpec,
+        owner: String,
+        now: OffsetDateTime,
+        lease: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<ClaimedEvent>, StoreError>> {
+        Box::pin(async move {
+            let lease_until = &super::timestamp(now + lease);
+            let now = &super::timestamp(now);
+            let (sink, owner) = (&sink, &owner);
+            transact!(self, |transaction, completions| {
+                outbox::claim(&transaction, sink, owner, now, lease_until, limit).await?
+            })
+        })
+    }
+
+    fn record_attempts(
+        &self,
+        attempts: Vec<AttemptOutcome>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let attempts = &attempts;
+            transact!(self, |transaction, completions| {
+                outbox::record(&transaction, attempts).await?
+            })
+        })
+    }
+
+    fn event_backlog(&self) -> BoxFuture<'_, Result<Vec<SinkBacklog>, StoreError>> {
+        Box::pin(self.read(async |client| outbox::backlog(client).await))
+    }
+
+    fn prune_events(&self, cutoff: OffsetDateTime) -> BoxFuture<'_, Result<usize, StoreError>> {
+        Box::pin(async move {
+            let cutoff = &super::timestamp(cutoff);
+            transact!(self, |transaction, completions| {
+                outbox::prune(&transaction, cutoff).await?
             })
         })
     }

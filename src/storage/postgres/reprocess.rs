@@ -88,6 +88,7 @@ pub(super) async fn reprocess(
                     &now,
                     shared.job_timeout,
                     &mut completions,
+                    shared.record_events,
                 )
                 .await?;
                 if query.dry_run {
@@ -131,6 +132,7 @@ async fn reprocess_one(
     now: &str,
     job_timeout: Duration,
     completions: &mut Vec<JobCompletion>,
+    record: bool,
 ) -> Result<Option<ReprocessItem>, Failure> {
     let statement = transaction
         .prepare_cached(
@@ -246,7 +248,7 @@ async fn reprocess_one(
         &[fate],
         (outcome_ids, device_ids, message_ids),
         job_timeout,
-        Writing::Reprocessed,
+        (Writing::Reprocessed, record),
     )
     .await?;
     completions.extend(completed);

@@ -219,6 +219,54 @@ CREATE TABLE callback_credentials (
 );
 CREATE UNIQUE INDEX callback_credentials_pair ON callback_credentials (username, password_digest);
 "#,
+    r#"
+-- The outbox: each event is written in the transaction of its cause. Transactions commit out of
+-- id order, so events wait for their fan-out to the sinks under a flag (a partial index holds
+-- only those not fanned out yet).
+CREATE TABLE events (
+    id         BIGSERIAL PRIMARY KEY,
+    type       TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    data       TEXT NOT NULL,
+    fanned_out BOOLEAN NOT NULL DEFAULT FALSE
+);
+CREATE INDEX events_not_fanned_out ON events (id) WHERE NOT fanned_out;
+CREATE TABLE event_sinks (
+    name            TEXT PRIMARY KEY,
+    types           TEXT,
+    disabled_at     TEXT,
+    disabled_reason TEXT
+);
+CREATE TABLE event_deliveries (
+    event_id        BIGINT NOT NULL,
+    sink            TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        BIGINT NOT NULL DEFAULT 0,
+    manual          BOOLEAN NOT NULL DEFAULT FALSE,
+    next_attempt_at TEXT,
+    lease_owner     TEXT,
+    lease_until     TEXT,
+    delivered_at    TEXT,
+    last_error      TEXT,
+    PRIMARY KEY (event_id, sink)
+);
+CREATE INDEX event_deliveries_due ON event_deliveries (sink, next_attempt_at) WHERE state = 'pending';
+CREATE TABLE event_attempts (
+    id           BIGSERIAL PRIMARY KEY,
+    event_id     BIGINT NOT NULL,
+    sink         TEXT NOT NULL,
+    attempt      BIGINT NOT NULL,
+    attempted_at TEXT NOT NULL,
+    status       INTEGER,
+    latency_ms   BIGINT NOT NULL,
+    result       TEXT NOT NULL,
+    error        TEXT,
+    manual       BOOLEAN NOT NULL DEFAULT FALSE,
+    replica      TEXT NOT NULL
+);
+-- One row per (event, sink, attempt number): two replicas cannot both record one attempt.
+CREATE UNIQUE INDEX event_attempts_once ON event_attempts (event_id, sink, attempt);
+"#,
 ];
 
 /// Applies the migrations not yet recorded, under an advisory lock: replicas starting together

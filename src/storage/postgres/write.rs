@@ -15,9 +15,11 @@ use time::OffsetDateTime;
 use super::error::Failure;
 use super::ids::reserve_ids;
 use super::jobs::{self, DeviceUpdates};
+use super::outbox;
 use super::text::{clean_key, clean_option, clean_owned};
 use crate::domain::{DeliveryResult, Operation};
 use crate::storage::batch::{DedupPlan, Fate};
+use crate::storage::events::{self, NewEvent};
 use crate::storage::jobs::{JobCompletion, TouchedJob, outcome_operation, stored_count};
 use crate::storage::rows::{identifiers_text, repairs_text};
 use crate::storage::{DeliveryContent, NewDelivery, Receipt, timestamp};
@@ -173,6 +175,7 @@ pub(super) async fn write_batch(
     client: &mut Object,
     deliveries: &[&NewDelivery],
     job_timeout: Duration,
+    record: bool,
 ) -> Result<(Vec<Receipt>, Vec<JobCompletion>), Failure> {
     let transaction = client.transaction().await?;
     // Enough outcome and job device ids for every outcome of the batch, message ids for every
@@ -249,7 +252,7 @@ pub(super) async fn write_batch(
         &fates,
         (outcome_ids, device_ids, message_ids),
         job_timeout,
-        Writing::Arrived,
+        (Writing::Arrived, record),
     )
     .await?;
     transaction.commit().await?;
@@ -285,11 +288,17 @@ pub(super) async fn write_contents(
     fates: &[Fate],
     (outcome_ids, device_ids, message_ids): (Vec<i64>, Vec<i64>, Vec<i64>),
     job_timeout: Duration,
-    writing: Writing,
+    (writing, record): (Writing, bool),
 ) -> Result<(HashMap<usize, Operation>, Vec<JobCompletion>), Failure> {
     let new_deliveries: Vec<usize> = (0..deliveries.len())
         .filter(|index| fates[*index] == Fate::First)
         .collect();
+    // Message ids are handed out in this order (new deliveries, then their messages).
+    let event_message_ids = if record {
+        message_ids.clone()
+    } else {
+        Vec::new()
+    };
     let outcome_ids = insert_contents(
         transaction,
         deliveries,
@@ -387,7 +396,72 @@ pub(super) async fn write_contents(
             relabel_outcomes(transaction, &relabelled.0, &relabelled.1),
         )?;
     }
+    if record {
+        let events = batch_events(
+            deliveries,
+            ids,
+            &new_deliveries,
+            &job_operations,
+            &event_message_ids,
+        );
+        outbox::insert(transaction, record, events, &completions).await?;
+    }
     Ok((job_operations, completions))
+}
+
+/// The events of a batch's first deliveries: each outcome (under the operation its job gave it),
+/// each message (with its id), each quarantined delivery.
+fn batch_events(
+    deliveries: &[&NewDelivery],
+    ids: &[i64],
+    new_deliveries: &[usize],
+    job_operations: &HashMap<usize, Operation>,
+    message_ids: &[i64],
+) -> Vec<NewEvent> {
+    let mut message_ids = message_ids.iter();
+    let mut found = Vec::new();
+    for &index in new_deliveries {
+        let delivery = deliveries[index];
+        let received_at = timestamp(delivery.received_at);
+        match &delivery.content {
+            DeliveryContent::Callback(callback) => {
+                let operation = job_operations
+                    .get(&index)
+                    .copied()
+                    .unwrap_or(callback.operation);
+                for outcome in &callback.outcomes {
+                    found.push(events::device_outcome(
+                        ids[index],
+                        callback.request_id.as_deref(),
+                        operation.as_str(),
+                        &received_at,
+                        outcome,
+                    ));
+                }
+                for message in &callback.messages {
+                    let message_id = message_ids.next().copied().unwrap_or_default();
+                    found.push(events::device_message(
+                        message_id,
+                        ids[index],
+                        callback.request_id.as_deref(),
+                        &received_at,
+                        message,
+                    ));
+                }
+            }
+            DeliveryContent::Quarantined(unreadable) => {
+                found.push(events::delivery_quarantined(
+                    ids[index],
+                    unreadable.request_id.as_deref(),
+                    unreadable.callback_count,
+                    &unreadable.reason,
+                    delivery.body.len(),
+                    &received_at,
+                ));
+            }
+        }
+    }
+    found
 }
 
 /// Stores outcomes under the operation their job gave them (their callback named none; they

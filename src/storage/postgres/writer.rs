@@ -101,7 +101,14 @@ async fn write(shared: &Shared, deliveries: &[&NewDelivery]) -> Result<Written, 
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match write::write_batch(&mut client, deliveries, shared.job_timeout).await {
+        match write::write_batch(
+            &mut client,
+            deliveries,
+            shared.job_timeout,
+            shared.record_events,
+        )
+        .await
+        {
             Err(Failure::Db(error)) if is_retryable(&error) && attempt < RETRIES => {
                 tracing::debug!(error = %DatabaseError::from(error), "batch conflicted with another replica; retrying");
             }

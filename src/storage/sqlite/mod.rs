@@ -11,6 +11,7 @@ mod connection;
 mod credentials;
 mod error;
 mod jobs;
+mod outbox;
 mod queries;
 mod reprocess;
 mod retention;
@@ -37,6 +38,9 @@ use crate::configuration::StorageSettings;
 use crate::domain::DeviceIdentifier;
 use crate::jobs::Registration;
 use crate::metrics::Metrics;
+use crate::storage::events::{
+    AttemptOutcome, ClaimedEvent, EventDetail, EventQuery, EventRecord, SinkBacklog, SinkSpec,
+};
 use crate::storage::reprocess::{ReprocessQuery, ReprocessReport};
 use connection::{
     Readers, create_private_database, is_transient_open_failure, open_and_migrate, open_writer,
@@ -55,6 +59,8 @@ pub struct SqliteStore {
     readers: Arc<Readers>,
     /// The database file (what `backup` copies; what the banner shows).
     path: PathBuf,
+    /// `storage.synchronous`, which the writer's connection is set back to after outbox work.
+    synchronous: &'static str,
 }
 
 impl SqliteStore {
@@ -145,6 +151,7 @@ impl SqliteStore {
             stop_checkpoints: Mutex::new(Some(stop_checkpoints)),
             readers,
             path,
+            synchronous: settings.synchronous.pragma_value(),
         })
     }
 
@@ -163,6 +170,38 @@ impl SqliteStore {
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs outbox work on the writer thread, in a transaction of its own.
+    async fn outbox<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let synchronous = self.synchronous;
+        self.ask(move |reply| {
+            Command::Outbox(Box::new(move |connection| {
+                let result = connection.and_then(|connection| {
+                    // Without an fsync of its own: what an outbox commit records (a lease, an
+                    // attempt) is at worst done again after a power loss (delivery is at least
+                    // once), and the next callback commit syncs the WAL these frames are in. So
+                    // dispatching costs the callbacks no fsync.
+                    let run = || -> rusqlite::Result<T> {
+                        connection.pragma_update(None, "synchronous", "NORMAL")?;
+                        let transaction = connection.unchecked_transaction()?;
+                        let value = work(&transaction)?;
+                        transaction.commit()?;
+                        Ok(value)
+                    };
+                    let result = run();
+                    let restored = connection.pragma_update(None, "synchronous", synchronous);
+                    result
+                        .and_then(|value| restored.map(|()| value))
+                        .map_err(error::store_error)
+                });
+                let _ = reply.send(result);
+            }))
+        })
+        .await
     }
 
     async fn read<T: Send + 'static>(
@@ -292,6 +331,61 @@ impl Store for SqliteStore {
         rotation: crate::storage::credentials::Rotation,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.ask(move |reply| Command::RotateCredentials(Box::new(rotation), reply)))
+    }
+
+    fn list_events(
+        &self,
+        query: EventQuery,
+    ) -> BoxFuture<'_, Result<Page<EventRecord>, StoreError>> {
+        Box::pin(self.read(move |connection| outbox::list(connection, &query)))
+    }
+
+    fn event_detail(&self, row: i64) -> BoxFuture<'_, Result<Option<EventDetail>, StoreError>> {
+        Box::pin(self.read(move |connection| outbox::detail(connection, row)))
+    }
+
+    fn redeliver_event(
+        &self,
+        row: i64,
+        now: OffsetDateTime,
+    ) -> BoxFuture<'_, Result<Option<Vec<String>>, StoreError>> {
+        let now = timestamp(now);
+        Box::pin(self.outbox(move |connection| outbox::redeliver(connection, row, &now)))
+    }
+
+    fn register_sinks(&self, sinks: Vec<SinkSpec>) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.outbox(move |connection| outbox::register_sinks(connection, &sinks)))
+    }
+
+    fn claim_events(
+        &self,
+        sink: SinkSpec,
+        owner: String,
+        now: OffsetDateTime,
+        lease: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<ClaimedEvent>, StoreError>> {
+        let lease_until = timestamp(now + lease);
+        let now = timestamp(now);
+        Box::pin(self.outbox(move |connection| {
+            outbox::claim(connection, &sink, &owner, &now, &lease_until, limit)
+        }))
+    }
+
+    fn record_attempts(
+        &self,
+        attempts: Vec<AttemptOutcome>,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.outbox(move |connection| outbox::record(connection, &attempts)))
+    }
+
+    fn event_backlog(&self) -> BoxFuture<'_, Result<Vec<SinkBacklog>, StoreError>> {
+        Box::pin(self.read(outbox::backlog))
+    }
+
+    fn prune_events(&self, cutoff: OffsetDateTime) -> BoxFuture<'_, Result<usize, StoreError>> {
+        let cutoff = timestamp(cutoff);
+        Box::pin(self.outbox(move |connection| outbox::prune(connection, &cutoff)))
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

@@ -25,6 +25,7 @@ pub(super) fn reprocess(
     now: time::OffsetDateTime,
     job_timeout: Duration,
     completions: &mut Vec<JobCompletion>,
+    record: bool,
 ) -> rusqlite::Result<ReprocessReport> {
     let mut report = ReprocessReport {
         dry_run: query.dry_run,
@@ -154,8 +155,9 @@ pub(super) fn reprocess(
                 &received_at,
                 callback,
                 job_id.map(|job_id| (job_id, &mut jobs)),
+                record,
             )?;
-            insert_messages(connection, id, &received_at, callback)?;
+            insert_messages(connection, id, &received_at, callback, record)?;
             job_operation = (operation != callback.operation).then_some(operation);
         }
         report.add(read_item(id, callback, original, job_operation));

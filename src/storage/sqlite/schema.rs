@@ -256,6 +256,59 @@ CREATE TABLE callback_credentials (
 CREATE UNIQUE INDEX callback_credentials_pair ON callback_credentials (username, password_digest);
 "#,
     ),
+    Migration::Sql(
+        r#"
+-- The outbox: each event is written in the transaction of its cause. Narrow, with no secondary
+-- index, so that an insert on the writer costs one b-tree entry. The newest row is never pruned,
+-- so an id is never handed out twice.
+CREATE TABLE events (
+    id         INTEGER PRIMARY KEY,
+    type       TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    data       TEXT NOT NULL
+);
+-- Each sink (webhook endpoint, NATS) with the last event fanned out to it and, after a 410, when
+-- it was disabled.
+CREATE TABLE event_sinks (
+    name            TEXT PRIMARY KEY,
+    cursor          INTEGER NOT NULL,
+    types           TEXT,
+    disabled_at     TEXT,
+    disabled_reason TEXT
+) WITHOUT ROWID;
+-- Where each event stands at each sink: pending (due at next_attempt_at, leased while a
+-- dispatcher tries), delivered, dead (the schedule ran out), disabled (the endpoint said 410).
+CREATE TABLE event_deliveries (
+    event_id        INTEGER NOT NULL,
+    sink            TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    manual          INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TEXT,
+    lease_owner     TEXT,
+    lease_until     TEXT,
+    delivered_at    TEXT,
+    last_error      TEXT,
+    PRIMARY KEY (event_id, sink)
+) WITHOUT ROWID;
+CREATE INDEX event_deliveries_due ON event_deliveries (sink, next_attempt_at) WHERE state = 'pending';
+-- Every attempt, one per (event, sink, attempt number): two dispatchers cannot both record one.
+CREATE TABLE event_attempts (
+    id           INTEGER PRIMARY KEY,
+    event_id     INTEGER NOT NULL,
+    sink         TEXT NOT NULL,
+    attempt      INTEGER NOT NULL,
+    attempted_at TEXT NOT NULL,
+    status       INTEGER,
+    latency_ms   INTEGER NOT NULL,
+    result       TEXT NOT NULL,
+    error        TEXT,
+    manual       INTEGER NOT NULL DEFAULT 0,
+    replica      TEXT NOT NULL
+);
+CREATE UNIQUE INDEX event_attempts_once ON event_attempts (event_id, sink, attempt);
+"#,
+    ),
 ];
 
 /// Refuses a database whose schema is newer than this build knows (a downgrade).

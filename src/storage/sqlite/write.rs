@@ -8,8 +8,10 @@ use rusqlite::{OptionalExtension, ToSql, params};
 
 use super::connection::{Statements, insert_rows};
 use super::jobs::JobBatch;
+use super::outbox;
 use crate::domain::{Callback, DeliveryResult, DeviceOutcome, Operation};
 use crate::storage::batch::Fate;
+use crate::storage::events;
 use crate::storage::jobs::stored_count;
 use crate::storage::rows::{identifiers_text, repairs_text};
 use crate::storage::{DeliveryContent, NewDelivery, Receipt, timestamp};
@@ -47,6 +49,7 @@ pub(super) fn insert_delivery(
     delivery: &NewDelivery,
     job_timeout: Duration,
     jobs: &mut JobBatch,
+    record: bool,
 ) -> rusqlite::Result<Receipt> {
     let received_at = timestamp(delivery.received_at);
     let (callback, parse_error) = match &delivery.content {
@@ -143,13 +146,26 @@ pub(super) fn insert_delivery(
                 &received_at,
                 callback,
                 job_id.map(|job_id| (job_id, &mut *jobs)),
+                record,
             )?;
-            insert_messages(transaction, delivery_id, &received_at, callback)?;
+            insert_messages(transaction, delivery_id, &received_at, callback, record)?;
             receipt.job_operation = (operation != callback.operation).then_some(operation);
         }
         None => {
             if let Some(job_id) = job_id {
                 jobs.record_quarantined(job_id, 1);
+            }
+            if let DeliveryContent::Quarantined(unreadable) = &delivery.content {
+                outbox::insert(transaction, record, || {
+                    events::delivery_quarantined(
+                        delivery_id,
+                        unreadable.request_id.as_deref(),
+                        unreadable.callback_count,
+                        &unreadable.reason,
+                        delivery.body.len(),
+                        &received_at,
+                    )
+                })?;
             }
         }
     }
@@ -162,6 +178,7 @@ pub(super) fn insert_messages(
     delivery_id: i64,
     received_at: &str,
     callback: &Callback,
+    record: bool,
 ) -> rusqlite::Result<()> {
     if callback.messages.is_empty() {
         return Ok(());
@@ -179,6 +196,15 @@ pub(super) fn insert_messages(
             ])
         })?;
         let message_id = transaction.last_insert_rowid();
+        outbox::insert(transaction, record, || {
+            events::device_message(
+                message_id,
+                delivery_id,
+                callback.request_id.as_deref(),
+                received_at,
+                message,
+            )
+        })?;
         let rows: Vec<[&dyn ToSql; 3]> = message
             .identifiers
             .iter()
@@ -198,6 +224,7 @@ pub(super) fn insert_outcomes(
     received_at: &str,
     callback: &Callback,
     mut job: Option<(i64, &mut JobBatch)>,
+    record: bool,
 ) -> rusqlite::Result<Operation> {
     let operation = match &job {
         Some((job_id, jobs)) => jobs.outcome_operation(*job_id, callback),
@@ -238,6 +265,15 @@ pub(super) fn insert_outcomes(
             ])
         })?;
         let outcome_id = transaction.last_insert_rowid();
+        outbox::insert(transaction, record, || {
+            events::device_outcome(
+                delivery_id,
+                callback.request_id.as_deref(),
+                operation.as_str(),
+                received_at,
+                outcome,
+            )
+        })?;
         let rows: Vec<[&dyn ToSql; 3]> = identifiers
             .iter()
             .map(|identifier| [&identifier.kind as &dyn ToSql, &identifier.id, &outcome_id])

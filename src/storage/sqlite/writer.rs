@@ -16,7 +16,7 @@ use super::connection::{Readers, Statements, open_writer};
 use super::error::{is_own_fault, is_storage_wide, needs_reopen, store_error};
 use super::jobs::{self, JobBatch};
 use super::write::insert_delivery;
-use super::{reprocess, retention, schema};
+use super::{outbox, reprocess, retention, schema};
 use crate::configuration::StorageSettings;
 use crate::jobs::Registration;
 use crate::metrics::Metrics;
@@ -27,6 +27,9 @@ use crate::storage::{NewDelivery, Purpose, Receipt, Registered, StoreError, time
 
 /// Where a readiness probe's answer goes once its commit is done.
 type ProbeSender = oneshot::Sender<Result<(), StoreError>>;
+
+/// Outbox work for the writer's connection; it answers its caller itself.
+pub(super) type OutboxWork = Box<dyn FnOnce(Result<&Connection, StoreError>) + Send>;
 
 pub(super) enum Command {
     Write(Write),
@@ -49,6 +52,9 @@ pub(super) enum Command {
         Box<crate::storage::credentials::Rotation>,
         oneshot::Sender<Result<(), StoreError>>,
     ),
+    /// Outbox work (claims, attempts, redeliveries, sink registration, event pruning), in a
+    /// transaction of its own; the closure answers its caller.
+    Outbox(OutboxWork),
     Shutdown,
 }
 
@@ -119,6 +125,7 @@ impl Writer {
                     }
                     Command::Reprocess(query, now, reply) => {
                         let job_timeout = self.job_timeout;
+                        let record = self.settings.record_events;
                         let _ = reply.send(self.transact_or_roll_back(
                             !query.dry_run,
                             |connection, completions| {
@@ -128,6 +135,7 @@ impl Writer {
                                     now,
                                     job_timeout,
                                     completions,
+                                    record,
                                 )
                             },
                         ));
@@ -142,6 +150,15 @@ impl Writer {
                             super::credentials::rotate(connection, &rotation)
                         }));
                     }
+                    Command::Outbox(work) => match self.connection() {
+                        Ok(connection) => work(Ok(connection)),
+                        Err(error) => {
+                            if needs_reopen(&error) {
+                                self.connection = None;
+                            }
+                            work(Err(store_error(error)));
+                        }
+                    },
                     // Stop taking commands; those already queued are still drained below.
                     Command::Shutdown => receiver.close(),
                 }
@@ -160,9 +177,10 @@ impl Writer {
         // What a failure of one delivery would take down with it: the others, and the probes.
         let others = deliveries.len().saturating_sub(1) + probes.len();
         let job_timeout = self.job_timeout;
-        let written = self
-            .connection()
-            .and_then(|connection| write_batch(connection, &deliveries, job_timeout, others));
+        let record = self.settings.record_events;
+        let written = self.connection().and_then(|connection| {
+            write_batch(connection, &deliveries, job_timeout, others, record)
+        });
         let written = written
             .map(|(results, completions)| Written {
                 results,
@@ -207,10 +225,12 @@ impl Writer {
         work: impl FnOnce(&Connection, &mut Vec<JobCompletion>) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
         let mut completions = Vec::new();
+        let record = self.settings.record_events;
         let result = self.connection().and_then(|connection| {
             let transaction =
                 connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let value = work(&transaction, &mut completions)?;
+            outbox::insert_finished(&Statements::new(&transaction), record, &completions)?;
             if commit {
                 transaction.commit()?;
             } else {
@@ -261,12 +281,13 @@ fn write_batch(
     deliveries: &[&NewDelivery],
     job_timeout: Duration,
     others: usize,
+    record: bool,
 ) -> rusqlite::Result<CommittedBatch> {
-    match write_deliveries(connection, deliveries, job_timeout, false) {
+    match write_deliveries(connection, deliveries, job_timeout, false, record) {
         Err(error) if batch::isolates(is_own_fault(&error), others) => {
             // The delivery's own edge logs its failure; this says only why the batch is redone.
             tracing::debug!(%error, "a delivery failed; writing the batch one delivery at a time");
-            write_deliveries(connection, deliveries, job_timeout, true)
+            write_deliveries(connection, deliveries, job_timeout, true, record)
         }
         written => written,
     }
@@ -277,6 +298,7 @@ fn write_deliveries(
     deliveries: &[&NewDelivery],
     job_timeout: Duration,
     isolate: bool,
+    record: bool,
 ) -> rusqlite::Result<CommittedBatch> {
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(deliveries.len());
@@ -292,12 +314,13 @@ fn write_deliveries(
                     delivery,
                     job_timeout,
                     &mut jobs,
+                    record,
                 )?));
                 continue;
             }
             let before = jobs.clone();
             statements.execute_batch("SAVEPOINT delivery")?;
-            match insert_delivery(&statements, delivery, job_timeout, &mut jobs) {
+            match insert_delivery(&statements, delivery, job_timeout, &mut jobs, record) {
                 Ok(receipt) => {
                     statements.execute_batch("RELEASE delivery")?;
                     results.push(Ok(receipt));
@@ -312,6 +335,7 @@ fn write_deliveries(
             }
         }
         jobs.finish(&statements, &mut completions)?;
+        outbox::insert_finished(&statements, record, &completions)?;
         statements.with(
             "INSERT INTO heartbeat (id, checked_at) VALUES (1, ?1)
              ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at",
