@@ -89,6 +89,18 @@ pub(super) struct Writer {
     pub freed: std::sync::mpsc::Sender<Vec<NewDelivery>>,
 }
 
+/// Whether the connection's `PRAGMA synchronous` is `expected` (`OFF`, `NORMAL`, `FULL`, `EXTRA`).
+fn synchronous_is(connection: &Connection, expected: &str) -> bool {
+    let level = ["OFF", "NORMAL", "FULL", "EXTRA"]
+        .iter()
+        .position(|name| *name == expected);
+    connection
+        .query_row("PRAGMA synchronous", [], |row| row.get::<_, i64>(0))
+        .ok()
+        .and_then(|found| usize::try_from(found).ok())
+        == level
+}
+
 /// Frees what the writer sends until the writer is gone.
 pub(super) fn free_deliveries(batches: std::sync::mpsc::Receiver<Vec<NewDelivery>>) {
     for batch in batches {
@@ -150,15 +162,28 @@ impl Writer {
                             super::credentials::rotate(connection, &rotation)
                         }));
                     }
-                    Command::Outbox(work) => match self.connection() {
-                        Ok(connection) => work(Ok(connection)),
-                        Err(error) => {
-                            if needs_reopen(&error) {
-                                self.connection = None;
+                    Command::Outbox(work) => {
+                        match (self.settings.synchronous.pragma_value(), self.connection()) {
+                            (configured, Ok(connection)) => {
+                                work(Ok(&mut *connection));
+                                // Outbox work runs without an fsync of its own and sets the
+                                // connection back: a connection left otherwise would acknowledge
+                                // callbacks before they are durable, so it is reopened instead.
+                                if !synchronous_is(connection, configured) {
+                                    tracing::error!(
+                                        "the writer's synchronous setting was not restored; reopening it"
+                                    );
+                                    self.connection = None;
+                                }
                             }
-                            work(Err(store_error(error)));
+                            (_, Err(error)) => {
+                                if needs_reopen(&error) {
+                                    self.connection = None;
+                                }
+                                work(Err(store_error(error)));
+                            }
                         }
-                    },
+                    }
                     // Stop taking commands; those already queued are still drained below.
                     Command::Shutdown => receiver.close(),
                 }
@@ -344,4 +369,25 @@ fn write_deliveries(
     }
     transaction.commit()?;
     Ok((results, completions))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::synchronous_is;
+
+    #[test]
+    fn the_synchronous_check_reads_the_level_the_connection_is_at() {
+        let connection = rusqlite::Connection::open_in_memory().unwrap();
+        for level in ["OFF", "NORMAL", "FULL", "EXTRA"] {
+            connection
+                .pragma_update(None, "synchronous", level)
+                .unwrap();
+            assert!(synchronous_is(&connection, level), "{level}");
+            let other = if level == "FULL" { "NORMAL" } else { "FULL" };
+            assert!(
+                !synchronous_is(&connection, other),
+                "{level} is not {other}"
+            );
+        }
+    }
 }
