@@ -165,7 +165,7 @@ impl Writer {
                     Command::Outbox(work) => {
                         match (self.settings.synchronous.pragma_value(), self.connection()) {
                             (configured, Ok(connection)) => {
-                                work(Ok(&mut *connection));
+                                work(Ok(&*connection));
                                 // Outbox work runs without an fsync of its own and sets the
                                 // connection back: a connection left otherwise would acknowledge
                                 // callbacks before they are durable, so it is reopened instead.
