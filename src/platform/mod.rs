@@ -276,47 +276,24 @@ mod tests {
             registration("DeviceService", "https://other.example/cb", "ops", "right"),
             registration("NiddService", "https://listener.example/cb", "ops", "wrong"),
         ];
-        let states: Vec<RegistrationState> = classify(
-            &services,
-            &list,
-            "https://listener.example/cb",
-            &accepted,
-            &[],
-        )
-        .iter()
-        .map(|status| status.state)
-        .collect();
-        assert_eq!(
-            states,
-            [
-                RegistrationState::Ours,
-                RegistrationState::Elsewhere,
-                RegistrationState::Elsewhere,
-                RegistrationState::Missing
-            ]
-        );
+        let states = |arriving: &[String]| -> Vec<RegistrationState> {
+            classify(
+                &services,
+                &list,
+                "https://listener.example/cb",
+                &accepted,
+                arriving,
+            )
+            .iter()
+            .map(|status| status.state)
+            .collect()
+        };
+        use RegistrationState::{Elsewhere, Missing, NotVisible, Ours};
+        assert_eq!(states(&[]), [Ours, Elsewhere, Elsewhere, Missing]);
         // A service the list does not name but whose callbacks arrive was registered over SOAP;
         // one the list names is judged by the list whatever arrives.
         let arriving = ["qos".to_owned(), "NiddService".to_owned()];
-        let states: Vec<RegistrationState> = classify(
-            &services,
-            &list,
-            "https://listener.example/cb",
-            &accepted,
-            &arriving,
-        )
-        .iter()
-        .map(|status| status.state)
-        .collect();
-        assert_eq!(
-            states,
-            [
-                RegistrationState::Ours,
-                RegistrationState::Elsewhere,
-                RegistrationState::Elsewhere,
-                RegistrationState::NotVisible
-            ]
-        );
+        assert_eq!(states(&arriving), [Ours, Elsewhere, Elsewhere, NotVisible]);
     }
 
     #[test]
