@@ -41,24 +41,14 @@ enum EventsCommand {
 }
 
 pub fn run(settings: &Settings, arguments: EventsArgs) -> ExitCode {
-    let runtime = match super::runtime() {
-        Ok(runtime) => runtime,
-        Err(code) => return code,
-    };
-    let client = match ApiClient::new(settings, arguments.api_url.as_deref()) {
-        Ok(client) => client,
-        Err(error) => {
-            report(format_args!("{error:#}"));
-            return ExitCode::from(2);
-        }
-    };
-    match runtime.block_on(execute(&client, arguments.command, arguments.json)) {
-        Ok(code) => code,
-        Err(error) => {
-            report(format_args!("{error:#}"));
-            ExitCode::FAILURE
-        }
-    }
+    let EventsArgs {
+        api_url,
+        json,
+        command,
+    } = arguments;
+    super::run_against_api(settings, api_url.as_deref(), async move |client| {
+        execute(&client, command, json).await
+    })
 }
 
 fn segment(id: &str) -> String {

@@ -78,24 +78,14 @@ fn request_id(text: &str) -> Result<String, String> {
 }
 
 pub fn run(settings: &Settings, arguments: JobsArgs) -> ExitCode {
-    let runtime = match super::runtime() {
-        Ok(runtime) => runtime,
-        Err(code) => return code,
-    };
-    let client = match ApiClient::new(settings, arguments.api_url.as_deref()) {
-        Ok(client) => client,
-        Err(error) => {
-            report(format_args!("{error:#}"));
-            return ExitCode::from(2);
-        }
-    };
-    match runtime.block_on(execute(&client, arguments.command, arguments.json)) {
-        Ok(code) => code,
-        Err(error) => {
-            report(format_args!("{error:#}"));
-            ExitCode::FAILURE
-        }
-    }
+    let JobsArgs {
+        api_url,
+        json,
+        command,
+    } = arguments;
+    super::run_against_api(settings, api_url.as_deref(), async move |client| {
+        execute(&client, command, json).await
+    })
 }
 
 async fn execute(

@@ -513,6 +513,36 @@ fn report(message: impl std::fmt::Display) {
 }
 
 /// The async runtime of a command, or the exit code when it cannot start.
+/// Runs an API-client command (`jobs`, `events`): a client for the listener's API (`api_url`, or
+/// the configured one), exit 2 if there is none, exit 1 on a failure it reports.
+fn run_against_api<F>(
+    settings: &Settings,
+    api_url: Option<&str>,
+    command: impl FnOnce(crate::client::ApiClient) -> F,
+) -> ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let client = match crate::client::ApiClient::new(settings, api_url) {
+        Ok(client) => client,
+        Err(error) => {
+            report(format_args!("{error:#}"));
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(command(client)) {
+        Ok(code) => code,
+        Err(error) => {
+            report(format_args!("{error:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
