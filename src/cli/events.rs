@@ -3,10 +3,10 @@
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use hyper::{Method, StatusCode};
+use hyper::Method;
 use serde_json::Value;
 
-use super::{emit, report};
+use super::emit;
 use crate::client::ApiClient;
 use crate::configuration::Settings;
 
@@ -96,21 +96,10 @@ async fn execute(
                 .await?
         }
     };
-    let value: Value = serde_json::from_slice(&body)
-        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
-    if !status.is_success() {
-        let code = value["error"]["code"].as_str().unwrap_or("ERROR");
-        let message = value["error"]["message"]
-            .as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| value.to_string());
-        report(format_args!("{} {code}: {message}", status.as_u16()));
-        return Ok(if status == StatusCode::BAD_REQUEST {
-            ExitCode::from(2)
-        } else {
-            ExitCode::FAILURE
-        });
-    }
+    let value = match super::api_answer(status, &body) {
+        Ok(value) => value,
+        Err(code) => return Ok(code),
+    };
     let shown = if as_json {
         format!("{}\n", serde_json::to_string_pretty(&value)?)
     } else {

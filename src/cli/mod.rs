@@ -543,6 +543,29 @@ where
     }
 }
 
+/// The JSON answer of an API call, or, for a failure, the API's error reported and the exit code
+/// it means: 2 for a request the API refused as invalid (400) or conflicting (409), else 1.
+fn api_answer(status: hyper::StatusCode, body: &[u8]) -> Result<serde_json::Value, ExitCode> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(body).into_owned()));
+    if status.is_success() {
+        return Ok(value);
+    }
+    let code = value["error"]["code"].as_str().unwrap_or("ERROR");
+    let message = value["error"]["message"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| value.to_string());
+    report(format_args!("{} {code}: {message}", status.as_u16()));
+    Err(
+        if status == hyper::StatusCode::BAD_REQUEST || status == hyper::StatusCode::CONFLICT {
+            ExitCode::from(2)
+        } else {
+            ExitCode::FAILURE
+        },
+    )
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -670,38 +670,52 @@ pub fn events_config(directory: &std::path::Path, url: &str) -> std::path::PathB
     path
 }
 
+/// The real binary on `directory` with the settings file `config`, accepting the `fleet-ops` pair
+/// (see [`fleet_envelope`]), so that a test can kill it and start it again on the same data.
+fn configured_listener(
+    directory: &std::path::Path,
+    callback_port: u16,
+    api_port: u16,
+    config: &std::path::Path,
+) -> std::process::Child {
+    let (mut command, _) = crate::helpers::listener_command(
+        directory,
+        callback_port,
+        api_port,
+        "fleet-ops",
+        "s3cret-rotation-A",
+    );
+    command
+        .env("M2M_CONFIG", config)
+        .env("M2M_TELEMETRY__LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("listener starts")
+}
+
+/// Callbacks with the credentials [`configured_listener`] accepts.
+fn fleet_envelope() -> m2m_listener::simulate::payloads::Envelope<'static> {
+    m2m_listener::simulate::payloads::Envelope {
+        username: "fleet-ops",
+        password: "s3cret-rotation-A",
+        ..Default::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_receiver_down_and_the_listener_killed_every_event_arrives_after_both_restart() {
-    use crate::helpers::{free_port, listener_command, wait_until_ready};
+    use crate::helpers::{free_port, wait_until_ready};
     let directory = tempfile::tempdir().unwrap();
     let receiver_port = free_port();
     let url = format!("http://127.0.0.1:{receiver_port}/hooks");
     let config = events_config(directory.path(), &url);
     let (callback_port, api_port) = (free_port(), free_port());
-    let start = || {
-        let (mut command, _) = listener_command(
-            directory.path(),
-            callback_port,
-            api_port,
-            "fleet-ops",
-            "s3cret-rotation-A",
-        );
-        command
-            .env("M2M_CONFIG", &config)
-            .env("M2M_TELEMETRY__LEVEL", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("listener starts")
-    };
+    let start = || configured_listener(directory.path(), callback_port, api_port, &config);
     let client = reqwest::Client::new();
     let mut listener = start();
     wait_until_ready(api_port).await;
-    let envelope = m2m_listener::simulate::payloads::Envelope {
-        username: "fleet-ops",
-        password: "s3cret-rotation-A",
-        ..Default::default()
-    };
+    let envelope = fleet_envelope();
     for index in 0..10 {
         let body = m2m_listener::simulate::payloads::carrier_callback(
             envelope,
@@ -806,7 +820,7 @@ async fn with_the_receiver_down_and_the_listener_killed_every_event_arrives_afte
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_reach_jetstream_once_each_also_when_the_listener_is_killed_mid_publish() {
-    use crate::helpers::{free_port, listener_command, wait_until_ready};
+    use crate::helpers::{free_port, wait_until_ready};
     let directory = tempfile::tempdir().unwrap();
     let stream = format!(
         "M2M_KILL_{}_{}",
@@ -825,28 +839,9 @@ async fn events_reach_jetstream_once_each_also_when_the_listener_is_killed_mid_p
     )
     .unwrap();
     let (callback_port, api_port) = (free_port(), free_port());
-    let start = || {
-        let (mut command, _) = listener_command(
-            directory.path(),
-            callback_port,
-            api_port,
-            "fleet-ops",
-            "s3cret-rotation-A",
-        );
-        command
-            .env("M2M_CONFIG", &config)
-            .env("M2M_TELEMETRY__LEVEL", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("listener starts")
-    };
+    let start = || configured_listener(directory.path(), callback_port, api_port, &config);
     let client = reqwest::Client::new();
-    let envelope = m2m_listener::simulate::payloads::Envelope {
-        username: "fleet-ops",
-        password: "s3cret-rotation-A",
-        ..Default::default()
-    };
+    let envelope = fleet_envelope();
     let mut listener = start();
     wait_until_ready(api_port).await;
     // Callbacks keep arriving while events are published; the kill lands mid-stream.
