@@ -217,6 +217,7 @@ def feed(listener):
     listener.callback(fixture("upload_seed001.xml"))
     listener.callback(fixture("deactivate_bare.xml"))
     listener.callback(fixture("sms_mo.xml"))
+    listener.callback(fixture("json_nidd_uplink.json"))  # a NIDD message (issue 14 on)
     listener.callback(fixture("promo_change.xml"))
     listener.callback(fixture("resume_tracking.xml"))
     listener.callback(fixture("json_change_identifier.json"))
@@ -242,15 +243,16 @@ def feed(listener):
         sys.exit(f"the job with a one-second deadline is {timed_out['state']}")
 
 
-def pages(listener, path):
-    """A listing two items a page, following next_cursor: the cursors are answers too."""
+def pages(listener, path, cursor="cursor"):
+    """A listing two items a page, following next_cursor (passed back as `cursor`): the cursors
+    are answers too."""
     separator = "&" if "?" in path else "?"
     paths = [f"{path}{separator}limit=2"]
     while True:
         page = listener.json(paths[-1])
         if not page.get("next_cursor"):
             return paths
-        paths.append(f"{path}{separator}limit=2&cursor={urllib.parse.quote(str(page['next_cursor']))}")
+        paths.append(f"{path}{separator}limit=2&{cursor}={urllib.parse.quote(str(page['next_cursor']))}")
 
 
 def record(listener):
@@ -275,9 +277,16 @@ def record(listener):
     for kind, identifier in sorted(identifiers):
         path = f"/api/v1/devices/{urllib.parse.quote(kind, safe='')}/{urllib.parse.quote(identifier, safe='')}"
         requests += [("GET", path, None), ("GET", f"{path}?reveal=secrets", None)]
+        if listener.request("GET", f"{path}/messages")[0] == 200:  # issue 14 on
+            requests.append(("GET", f"{path}/messages", None))
     for delivery in listener.json("/api/v1/deliveries?limit=1000")["items"]:
         # This release answers /raw with the exact bytes; later ones do so on reveal=secrets.
         requests.append(("GET", f"/api/v1/deliveries/{delivery['id']}/raw?reveal=secrets", None))
+    if listener.request("GET", "/api/v1/events")[0] == 200:  # the event outbox, issue 15 on
+        requests.append(("GET", "/api/v1/events?limit=1000", None))
+        requests += [("GET", path, None) for path in pages(listener, "/api/v1/events", cursor="after")]
+        for event in listener.json("/api/v1/events?limit=1000")["items"]:
+            requests.append(("GET", f"/api/v1/events/{urllib.parse.quote(event['id'], safe='')}", None))
     # The same registrations again: "already registered", not a conflict.
     for registration in REGISTRATIONS + [LATE_REGISTRATION]:
         requests.append(("POST", "/api/v1/jobs", registration))

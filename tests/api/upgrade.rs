@@ -217,6 +217,7 @@ async fn every_released_database_is_answered_as_its_release_answered_it_and_take
             // The fixture's bodies are as old as the fixture: pruning them by age is another
             // test's business (tests/api/retention.rs).
             settings.storage.retention_days = 365_000;
+            settings.events.retention_days = 365_000;
         })
         .await;
 
