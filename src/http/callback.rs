@@ -279,6 +279,7 @@ async fn receive(
             source_address: Some(client.to_string()),
             account: authenticated.account,
             content,
+            prepared: Default::default(),
         },
         tally,
         kind,

@@ -301,6 +301,7 @@ mod tests {
                 callback_count: None,
                 dedup_key: [key; 32],
             })),
+            prepared: Default::default(),
         }
     }
 

@@ -85,11 +85,12 @@ struct FaultData<'a> {
 
 /// `device.outcome`: one stored outcome. The operation result's other fields (`details`) are
 /// left out: they may hold device credentials, and an event leaves the listener.
+///
+/// The data is `{"delivery_id", "request_id", "operation", ...fields, "received_at"}`: the
+/// fields are the outcome's alone ([`outcome_fields`]), so they are serialized before the
+/// delivery reaches the writer (see [`super::Prepared`]); the writer adds what only it knows.
 #[derive(Serialize)]
-struct OutcomeData<'a> {
-    delivery_id: i64,
-    request_id: Option<&'a str>,
-    operation: &'a str,
+struct OutcomeFields<'a> {
     identifiers: &'a [DeviceIdentifier],
     status: &'a str,
     line_status: Option<&'a str>,
@@ -98,7 +99,29 @@ struct OutcomeData<'a> {
     service_plan: Option<&'a str>,
     ip_address: Option<&'a str>,
     mdn: Option<&'a str>,
-    received_at: &'a str,
+}
+
+/// The outcome's own fields of its `device.outcome` data, as JSON members without the braces.
+pub(crate) fn outcome_fields(outcome: &DeviceOutcome) -> String {
+    let object = json(&OutcomeFields {
+        identifiers: &outcome.identifiers,
+        status: outcome.status.as_str(),
+        line_status: outcome.line_status.as_deref(),
+        fault: outcome.fault.as_ref().map(|fault| FaultData {
+            code: &fault.code,
+            message: &fault.message,
+        }),
+        state: outcome.state.as_deref(),
+        service_plan: outcome.service_plan.as_deref(),
+        ip_address: outcome.ip_address.as_deref(),
+        mdn: outcome.mdn.as_deref(),
+    });
+    // `json` gives an object, `{...}`: its members are what lies between the braces.
+    object
+        .strip_prefix('{')
+        .and_then(|members| members.strip_suffix('}'))
+        .unwrap_or_default()
+        .to_owned()
 }
 
 pub(crate) fn device_outcome(
@@ -108,26 +131,39 @@ pub(crate) fn device_outcome(
     received_at: &str,
     outcome: &DeviceOutcome,
 ) -> NewEvent {
+    device_outcome_with(
+        delivery_id,
+        request_id,
+        operation,
+        received_at,
+        &outcome_fields(outcome),
+    )
+}
+
+/// [`device_outcome`] from the outcome's [`outcome_fields`], serialized earlier.
+pub(crate) fn device_outcome_with(
+    delivery_id: i64,
+    request_id: Option<&str>,
+    operation: &str,
+    received_at: &str,
+    fields: &str,
+) -> NewEvent {
+    let mut data = String::with_capacity(fields.len() + 160);
+    data.push_str("{\"delivery_id\":");
+    data.push_str(&delivery_id.to_string());
+    data.push_str(",\"request_id\":");
+    data.push_str(&json(&request_id));
+    data.push_str(",\"operation\":");
+    data.push_str(&json(&operation));
+    data.push(',');
+    data.push_str(fields);
+    data.push_str(",\"received_at\":");
+    data.push_str(&json(&received_at));
+    data.push('}');
     NewEvent {
         kind: EventType::DeviceOutcome,
         created_at: received_at.to_owned(),
-        data: json(&OutcomeData {
-            delivery_id,
-            request_id,
-            operation,
-            identifiers: &outcome.identifiers,
-            status: outcome.status.as_str(),
-            line_status: outcome.line_status.as_deref(),
-            fault: outcome.fault.as_ref().map(|fault| FaultData {
-                code: &fault.code,
-                message: &fault.message,
-            }),
-            state: outcome.state.as_deref(),
-            service_plan: outcome.service_plan.as_deref(),
-            ip_address: outcome.ip_address.as_deref(),
-            mdn: outcome.mdn.as_deref(),
-            received_at,
-        }),
+        data,
     }
 }
 
@@ -541,6 +577,94 @@ mod tests {
         ] {
             assert_eq!(parse_event_id(text), None, "{text}");
         }
+    }
+
+    /// The data the writer assembles from fields serialized before it (`device_outcome_with`) is
+    /// the whole object, members in the documented order, valid JSON whatever the texts hold.
+    #[test]
+    fn an_outcome_event_assembled_from_its_fields_is_the_whole_object_in_order() {
+        use crate::domain::{Fault, OutcomeStatus};
+        let outcome = DeviceOutcome {
+            identifiers: vec![DeviceIdentifier {
+                kind: "IMEI".to_owned(),
+                id: "99\"0\\1\u{2028}".to_owned(),
+            }],
+            status: OutcomeStatus::Failed,
+            line_status: None,
+            fault: Some(Fault {
+                code: "CarrierService.X".to_owned(),
+                message: "quote \" and </script> and \u{0}".to_owned(),
+                actor: None,
+                detail: None,
+            }),
+            state: Some("Active".to_owned()),
+            service_plan: None,
+            ip_address: Some("10.0.0.1".to_owned()),
+            mdn: None,
+            details: Some(serde_json::json!({"DeviceCredential": {"Password": "secret"}})),
+        };
+        let event = device_outcome(
+            7,
+            Some("r\"1"),
+            "activate",
+            "2026-01-01T00:00:00.000000Z",
+            &outcome,
+        );
+        assert_eq!(event.kind, EventType::DeviceOutcome);
+        assert_eq!(event.created_at, "2026-01-01T00:00:00.000000Z");
+        let value: serde_json::Value = serde_json::from_str(&event.data).expect("valid JSON");
+        assert_eq!(
+            value,
+            serde_json::json!({
+                "delivery_id": 7,
+                "request_id": "r\"1",
+                "operation": "activate",
+                "identifiers": [{"kind": "IMEI", "id": "99\"0\\1\u{2028}"}],
+                "status": "failed",
+                "line_status": null,
+                "fault": {"code": "CarrierService.X", "message": "quote \" and </script> and \u{0}"},
+                "state": "Active",
+                "service_plan": null,
+                "ip_address": "10.0.0.1",
+                "mdn": null,
+                "received_at": "2026-01-01T00:00:00.000000Z",
+            })
+        );
+        let keys: Vec<&str> = [
+            "delivery_id",
+            "request_id",
+            "operation",
+            "identifiers",
+            "status",
+            "line_status",
+            "fault",
+            "state",
+            "service_plan",
+            "ip_address",
+            "mdn",
+            "received_at",
+        ]
+        .into_iter()
+        .collect();
+        let mut positions: Vec<usize> = keys
+            .iter()
+            .map(|key| event.data.find(&format!("\"{key}\":")).expect(key))
+            .collect();
+        let in_order = positions.clone();
+        positions.sort_unstable();
+        assert_eq!(positions, in_order, "{}", event.data);
+        assert!(
+            !event.data.contains("secret"),
+            "details never leave: {}",
+            event.data
+        );
+        let none = device_outcome(8, None, "activate", "t", &outcome);
+        assert!(
+            none.data
+                .starts_with("{\"delivery_id\":8,\"request_id\":null,"),
+            "{}",
+            none.data
+        );
     }
 
     #[test]

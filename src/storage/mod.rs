@@ -41,6 +41,67 @@ pub struct NewDelivery {
     /// The account label of the credential pair that matched.
     pub account: Option<String>,
     pub content: DeliveryContent,
+    /// Texts of its rows computed before the writer sees it ([`NewDelivery::prepared`]).
+    pub prepared: std::sync::OnceLock<Prepared>,
+}
+
+/// What would otherwise cost the one writer thread per outcome, computed by the task that submits
+/// the delivery (a request's worker): each outcome's identifiers as their column text and, when
+/// events are recorded, the outcome's own `device.outcome` fields
+/// ([`events::outcome_fields`]). The writer adds only what it alone knows (row ids, the
+/// operation in its job).
+#[derive(Debug, Default)]
+pub struct Prepared {
+    outcomes: Vec<PreparedOutcome>,
+}
+
+#[derive(Debug)]
+struct PreparedOutcome {
+    identifiers: String,
+    event_fields: Option<String>,
+}
+
+impl Prepared {
+    fn of(content: &DeliveryContent, record_events: bool) -> Self {
+        let DeliveryContent::Callback(callback) = content else {
+            return Self::default();
+        };
+        let outcomes = callback
+            .outcomes
+            .iter()
+            .map(|outcome| PreparedOutcome {
+                identifiers: rows::identifiers_text(
+                    outcome
+                        .identifiers
+                        .iter()
+                        .map(|identifier| (identifier.kind.as_str(), identifier.id.as_str())),
+                ),
+                event_fields: record_events.then(|| events::outcome_fields(outcome)),
+            })
+            .collect();
+        Self { outcomes }
+    }
+
+    /// Outcome `index`'s identifiers column text.
+    pub(crate) fn identifiers(&self, index: usize) -> Option<&str> {
+        self.outcomes
+            .get(index)
+            .map(|outcome| outcome.identifiers.as_str())
+    }
+
+    /// Outcome `index`'s `device.outcome` fields, if they were prepared.
+    pub(crate) fn event_fields(&self, index: usize) -> Option<&str> {
+        self.outcomes.get(index)?.event_fields.as_deref()
+    }
+}
+
+impl NewDelivery {
+    /// The delivery's [`Prepared`] texts, computed at the first call: a store calls it before
+    /// queueing the delivery for its writer, so the writer finds them done.
+    pub(crate) fn prepared(&self, record_events: bool) -> &Prepared {
+        self.prepared
+            .get_or_init(|| Prepared::of(&self.content, record_events))
+    }
 }
 
 #[derive(Debug)]

@@ -119,6 +119,7 @@ impl StoredQuarantine {
                 source_address: self.source_address,
                 account: self.account,
                 content: DeliveryContent::Callback(callback),
+                prepared: Default::default(),
             })),
         }
     }

@@ -267,6 +267,12 @@ CREATE TABLE event_attempts (
 -- One row per (event, sink, attempt number): two replicas cannot both record one attempt.
 CREATE UNIQUE INDEX event_attempts_once ON event_attempts (event_id, sink, attempt);
 "#,
+    r#"
+-- Indexes no query reads (issue 13), as in SQLite's migration 9: a job's outcomes are found
+-- through its devices, an upload's line counts are on its job.
+DROP INDEX device_outcomes_request;
+DROP INDEX upload_summaries_request;
+"#,
 ];
 
 /// Applies the migrations not yet recorded, under an advisory lock: replicas starting together

@@ -61,6 +61,8 @@ pub struct SqliteStore {
     path: PathBuf,
     /// `storage.synchronous`, which the writer's connection is set back to after outbox work.
     synchronous: &'static str,
+    /// Whether commits write events: what [`NewDelivery::prepared`] prepares for the writer.
+    record_events: bool,
 }
 
 impl SqliteStore {
@@ -152,6 +154,7 @@ impl SqliteStore {
             readers,
             path,
             synchronous: settings.synchronous.pragma_value(),
+            record_events: settings.record_events,
         })
     }
 
@@ -219,6 +222,8 @@ impl SqliteStore {
 
 impl Store for SqliteStore {
     fn submit(&self, delivery: NewDelivery) -> BoxFuture<'_, Result<Receipt, StoreError>> {
+        // On the submitting task, not on the writer thread.
+        delivery.prepared(self.record_events);
         Box::pin(self.ask(move |reply| {
             Command::Write(Write {
                 delivery: Box::new(delivery),

@@ -365,6 +365,83 @@ mod tests {
         );
     }
 
+    /// An index costs the writer one more b-tree entry per row; one that no query reads is that
+    /// cost for nothing (issue 13: `device_outcomes_request` and `upload_summaries_request` were
+    /// read by none). Every index that is not a uniqueness constraint must be in the plan of a
+    /// query the listener runs: the listings, the device lookup, a job's devices, the sweep, a
+    /// message's identifiers, a sink's due events.
+    #[test]
+    fn every_index_is_read_by_a_query() {
+        let connection = migrated();
+        let plans = [
+            plan(
+                &connection,
+                "SELECT id FROM deliveries WHERE request_id = ? ORDER BY id DESC LIMIT 10",
+                &[&"r"],
+            ),
+            plan(
+                &connection,
+                "SELECT id FROM deliveries WHERE result = ? AND result <> 'stored' ORDER BY id DESC LIMIT 10",
+                &[&"quarantined"],
+            ),
+            plan(
+                &connection,
+                "SELECT id FROM jobs WHERE state = ? ORDER BY id DESC LIMIT 10",
+                &[&"pending"],
+            ),
+            plan(
+                &connection,
+                DEVICE_JOBS,
+                &[&"IMEI", &"350000000000001", &500],
+            ),
+            plan(
+                &connection,
+                "SELECT d.id FROM job_devices d WHERE d.job_id = ?1 ORDER BY d.id",
+                &[&1],
+            ),
+            plan(
+                &connection,
+                &format!("SELECT id {}", super::super::jobs::OVERDUE_JOBS),
+                &[&"t"],
+            ),
+            plan(
+                &connection,
+                "SELECT message_id, kind, identifier FROM message_identifiers WHERE message_id = ?1",
+                &[&1],
+            ),
+            plan(
+                &connection,
+                "SELECT d.event_id FROM event_deliveries d
+                 WHERE d.sink = ?1 AND d.state = 'pending' AND d.next_attempt_at <= ?2",
+                &[&"s", &"t"],
+            ),
+        ]
+        .join("\n");
+        let mut statement = connection
+            .prepare(
+                "SELECT name FROM sqlite_master
+                 WHERE type = 'index' AND sql IS NOT NULL AND sql NOT LIKE 'CREATE UNIQUE%'",
+            )
+            .unwrap();
+        let indexes: Vec<String> = statement
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(indexes.len() >= 8, "{indexes:?}");
+        let unread: Vec<&String> = indexes
+            .iter()
+            .filter(|index| {
+                !plans.contains(&format!("INDEX {index} "))
+                    && !plans.contains(&format!("INDEX {index}\n"))
+            })
+            .collect();
+        assert!(
+            unread.is_empty(),
+            "indexes no query reads: {unread:?}\n{plans}"
+        );
+    }
+
     fn migrated() -> Connection {
         let mut connection = Connection::open_in_memory().unwrap();
         super::super::schema::migrate(&mut connection).unwrap();

@@ -154,6 +154,7 @@ pub(super) fn reprocess(
                 id,
                 &received_at,
                 callback,
+                delivery.prepared(record),
                 job_id.map(|job_id| (job_id, &mut jobs)),
                 record,
             )?;

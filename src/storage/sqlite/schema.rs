@@ -309,6 +309,15 @@ CREATE TABLE event_attempts (
 CREATE UNIQUE INDEX event_attempts_once ON event_attempts (event_id, sink, attempt);
 "#,
     ),
+    Migration::Sql(
+        r#"
+-- Indexes no query reads (issue 13): each cost the writer one b-tree entry per row for nothing.
+-- A job's outcomes are found through its devices, an upload's line counts are on its job.
+-- `queries::tests::every_index_is_read_by_a_query` keeps it so.
+DROP INDEX device_outcomes_request;
+DROP INDEX upload_summaries_request;
+"#,
+    ),
 ];
 
 /// Refuses a database whose schema is newer than this build knows (a downgrade).

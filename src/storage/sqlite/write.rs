@@ -2,6 +2,7 @@
 //! messages with their identifiers, upload report; and what it adds to its job, through [`JobBatch`]. Inside the
 //! writer's transaction.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use rusqlite::{OptionalExtension, ToSql, params};
@@ -14,7 +15,7 @@ use crate::storage::batch::Fate;
 use crate::storage::events;
 use crate::storage::jobs::stored_count;
 use crate::storage::rows::{identifiers_text, repairs_text};
-use crate::storage::{DeliveryContent, NewDelivery, Receipt, timestamp};
+use crate::storage::{DeliveryContent, NewDelivery, Prepared, Receipt, timestamp};
 
 /// An outcome is new, and its identifiers are distinct (the parser keeps each pair once), so
 /// nothing conflicts; `DO NOTHING` keeps a repeated pair from failing the delivery all the same.
@@ -145,6 +146,7 @@ pub(super) fn insert_delivery(
                 delivery_id,
                 &received_at,
                 callback,
+                delivery.prepared(record),
                 job_id.map(|job_id| (job_id, &mut *jobs)),
                 record,
             )?;
@@ -223,6 +225,7 @@ pub(super) fn insert_outcomes(
     delivery_id: i64,
     received_at: &str,
     callback: &Callback,
+    prepared: &Prepared,
     mut job: Option<(i64, &mut JobBatch)>,
     record: bool,
 ) -> rusqlite::Result<Operation> {
@@ -230,7 +233,7 @@ pub(super) fn insert_outcomes(
         Some((job_id, jobs)) => jobs.outcome_operation(*job_id, callback),
         None => callback.operation,
     };
-    for outcome in &callback.outcomes {
+    for (index, outcome) in callback.outcomes.iter().enumerate() {
         let DeviceOutcome {
             identifiers,
             status,
@@ -257,22 +260,35 @@ pub(super) fn insert_outcomes(
                 mdn,
                 details.as_ref().map(|details| details.to_string()),
                 received_at,
-                identifiers_text(
-                    identifiers
-                        .iter()
-                        .map(|identifier| (identifier.kind.as_str(), identifier.id.as_str()))
+                prepared.identifiers(index).map_or_else(
+                    || Cow::Owned(identifiers_text(
+                        identifiers
+                            .iter()
+                            .map(|identifier| (identifier.kind.as_str(), identifier.id.as_str()))
+                    )),
+                    Cow::Borrowed,
                 ),
             ])
         })?;
         let outcome_id = transaction.last_insert_rowid();
         outbox::insert(transaction, record, || {
-            events::device_outcome(
-                delivery_id,
-                callback.request_id.as_deref(),
-                operation.as_str(),
-                received_at,
-                outcome,
-            )
+            let request_id = callback.request_id.as_deref();
+            match prepared.event_fields(index) {
+                Some(fields) => events::device_outcome_with(
+                    delivery_id,
+                    request_id,
+                    operation.as_str(),
+                    received_at,
+                    fields,
+                ),
+                None => events::device_outcome(
+                    delivery_id,
+                    request_id,
+                    operation.as_str(),
+                    received_at,
+                    outcome,
+                ),
+            }
         })?;
         let rows: Vec<[&dyn ToSql; 3]> = identifiers
             .iter()
