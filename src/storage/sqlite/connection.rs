@@ -9,8 +9,9 @@ use std::time::Duration;
 use std::cell::RefCell;
 use std::ops::Deref;
 
-use rusqlite::{CachedStatement, Connection, OpenFlags, Statement, ToSql, params_from_iter};
+use rusqlite::{CachedStatement, Connection, OpenFlags, Statement, params_from_iter};
 
+use super::bind::{RawStatements, Value};
 use super::error::{self, is_storage_wide, store_error};
 use super::schema;
 use crate::configuration::StorageSettings;
@@ -219,9 +220,13 @@ impl Readers {
 /// and handed back at every execution: the cache hashes the SQL text on both ways, which was
 /// about a tenth of the writer's cost per callback. Keyed by the address of the (static) SQL
 /// text. Derefs to the connection, for what is not a held statement.
+///
+/// In the writer's batches the hot statements also bind their values in place, through the
+/// connection's [`RawStatements`] ([`Self::execute`]).
 pub(super) struct Statements<'c> {
     connection: &'c Connection,
     held: RefCell<Vec<(usize, usize, CachedStatement<'c>)>>,
+    raw: Option<&'c RawStatements>,
 }
 
 impl<'c> Statements<'c> {
@@ -229,6 +234,27 @@ impl<'c> Statements<'c> {
         Self {
             connection,
             held: RefCell::new(Vec::with_capacity(16)),
+            raw: None,
+        }
+    }
+
+    /// As [`Self::new`], with `raw`, the statements prepared on this same connection (the
+    /// writer's, see [`super::bind::WriterConnection::split`]).
+    pub fn with_raw(connection: &'c Connection, raw: &'c RawStatements) -> Self {
+        Self {
+            raw: Some(raw),
+            ..Self::new(connection)
+        }
+    }
+
+    /// Runs `sql` (no result rows) with `values`; returns how many rows it changed. Values are
+    /// bound in place where the raw statements are at hand, through rusqlite otherwise.
+    pub fn execute(&self, sql: &'static str, values: &[Value<'_>]) -> rusqlite::Result<usize> {
+        match self.raw {
+            Some(raw) => raw.execute(self.connection, sql, values),
+            None => self.with(sql, |statement| {
+                statement.execute(params_from_iter(values.iter()))
+            }),
         }
     }
 
@@ -275,15 +301,10 @@ impl Deref for Statements<'_> {
 pub(super) fn insert_rows<const WIDTH: usize>(
     statements: &Statements<'_>,
     sql: &'static str,
-    rows: &[[&dyn ToSql; WIDTH]],
+    rows: &[[Value<'_>; WIDTH]],
 ) -> rusqlite::Result<()> {
-    if rows.is_empty() {
-        return Ok(());
+    for row in rows {
+        statements.execute(sql, row)?;
     }
-    statements.with(sql, |statement| {
-        for row in rows {
-            statement.execute(params_from_iter(row.iter()))?;
-        }
-        Ok(())
-    })
+    Ok(())
 }

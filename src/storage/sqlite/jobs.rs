@@ -7,9 +7,10 @@ use std::collections::HashMap as StdHashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, ToSql, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
+use super::bind::Value;
 use super::connection::{Statements, insert_rows};
 
 /// The batch's maps live for one transaction and are keyed by what the writer has just read from
@@ -168,17 +169,25 @@ impl JobBatch {
         };
         let device_id = match found {
             Some((device_id, previous)) => {
-                connection.with(
+                connection.execute(
                     "UPDATE job_devices SET latest_outcome_id = ?2, status = ?3 WHERE id = ?1",
-                    |statement| statement.execute(params![device_id, outcome_id, status.as_str()]),
+                    &[
+                        Value::Integer(device_id),
+                        Value::Integer(outcome_id),
+                        Value::Text(status.as_str()),
+                    ],
                 )?;
                 touched.count_outcome(previous.as_deref(), status);
                 device_id
             }
             None => {
-                connection.with(
+                connection.execute(
                     "INSERT INTO job_devices (job_id, latest_outcome_id, status) VALUES (?1, ?2, ?3)",
-                    |statement| statement.execute(params![job_id, outcome_id, status.as_str()]),
+                    &[
+                        Value::Integer(job_id),
+                        Value::Integer(outcome_id),
+                        Value::Text(status.as_str()),
+                    ],
                 )?;
                 touched.count_outcome(None, status);
                 connection.last_insert_rowid()
@@ -298,36 +307,36 @@ fn create_job(
 /// Inserts a job a batch created, as the batch leaves it (never registered: a registration is a
 /// transaction of its own).
 fn insert_job(connection: &Statements<'_>, row: &JobRow) -> rusqlite::Result<()> {
-    connection.with(
+    connection.execute(
             "INSERT INTO jobs (id, request_id, operation, state, devices_reported, succeeded, failed, accepted,
                  deliveries, duplicates, is_upload, total_lines, pending_lines, success_lines, failed_lines,
                  package_error, created_at, first_callback_at, last_callback_at, completed_at, deadline, quarantined)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21,
                  ?22)",
-        |statement| statement.execute(params![
-            row.id,
-            row.request_id,
-            row.operation,
-            row.state,
-            row.devices_reported,
-            row.succeeded,
-            row.failed,
-            row.accepted,
-            row.deliveries,
-            row.duplicates,
-            row.is_upload,
-            row.total_lines,
-            row.pending_lines,
-            row.success_lines,
-            row.failed_lines,
-            row.package_error,
-            row.created_at,
-            row.first_callback_at,
-            row.last_callback_at,
-            row.completed_at,
-            row.deadline,
-            row.quarantined,
-        ]),
+        &[
+            Value::Integer(row.id),
+            Value::Text(&row.request_id),
+            (&row.operation).into(),
+            Value::Text(&row.state),
+            Value::Integer(row.devices_reported),
+            Value::Integer(row.succeeded),
+            Value::Integer(row.failed),
+            Value::Integer(row.accepted),
+            Value::Integer(row.deliveries),
+            Value::Integer(row.duplicates),
+            row.is_upload.into(),
+            row.total_lines.into(),
+            row.pending_lines.into(),
+            row.success_lines.into(),
+            row.failed_lines.into(),
+            (&row.package_error).into(),
+            Value::Text(&row.created_at),
+            (&row.first_callback_at).into(),
+            (&row.last_callback_at).into(),
+            (&row.completed_at).into(),
+            Value::Text(&row.deadline),
+            Value::Integer(row.quarantined),
+        ],
     )?;
     Ok(())
 }
@@ -341,42 +350,44 @@ fn write_job(
     if state_changed {
         write_state(connection, row)?;
     }
-    connection.with(
+    connection.execute(
         "UPDATE jobs SET operation = ?2, devices_reported = ?3, succeeded = ?4, failed = ?5,
                  accepted = ?6, deliveries = ?7, duplicates = ?8, is_upload = ?9, total_lines = ?10,
                  pending_lines = ?11, success_lines = ?12, failed_lines = ?13, package_error = ?14,
                  first_callback_at = ?15, last_callback_at = ?16, quarantined = ?17
              WHERE id = ?1",
-        |statement| {
-            statement.execute(params![
-                row.id,
-                row.operation,
-                row.devices_reported,
-                row.succeeded,
-                row.failed,
-                row.accepted,
-                row.deliveries,
-                row.duplicates,
-                row.is_upload,
-                row.total_lines,
-                row.pending_lines,
-                row.success_lines,
-                row.failed_lines,
-                row.package_error,
-                row.first_callback_at,
-                row.last_callback_at,
-                row.quarantined,
-            ])
-        },
+        &[
+            Value::Integer(row.id),
+            (&row.operation).into(),
+            Value::Integer(row.devices_reported),
+            Value::Integer(row.succeeded),
+            Value::Integer(row.failed),
+            Value::Integer(row.accepted),
+            Value::Integer(row.deliveries),
+            Value::Integer(row.duplicates),
+            row.is_upload.into(),
+            row.total_lines.into(),
+            row.pending_lines.into(),
+            row.success_lines.into(),
+            row.failed_lines.into(),
+            (&row.package_error).into(),
+            (&row.first_callback_at).into(),
+            (&row.last_callback_at).into(),
+            Value::Integer(row.quarantined),
+        ],
     )?;
     Ok(())
 }
 
 /// Writes what the state rule changes on a job row (registration, sweep).
 fn write_state(connection: &Statements<'_>, row: &JobRow) -> rusqlite::Result<()> {
-    connection.with(
+    connection.execute(
         "UPDATE jobs SET state = ?2, completed_at = ?3 WHERE id = ?1",
-        |statement| statement.execute(params![row.id, row.state, row.completed_at]),
+        &[
+            Value::Integer(row.id),
+            Value::Text(&row.state),
+            (&row.completed_at).into(),
+        ],
     )?;
     Ok(())
 }
@@ -414,14 +425,14 @@ fn add_identifiers(
     device_id: i64,
     identifiers: &[DeviceIdentifier],
 ) -> rusqlite::Result<()> {
-    let rows: Vec<[&dyn ToSql; 4]> = identifiers
+    let rows: Vec<[Value<'_>; 4]> = identifiers
         .iter()
         .map(|identifier| {
             [
-                &job_id as &dyn ToSql,
-                &identifier.kind,
-                &identifier.id,
-                &device_id,
+                Value::Integer(job_id),
+                Value::Text(&identifier.kind),
+                Value::Text(&identifier.id),
+                Value::Integer(device_id),
             ]
         })
         .collect();

@@ -7,6 +7,7 @@
 //! callbacks cost about one fsync rather than 64. Readers use their own read-only connections on
 //! the blocking pool and never wait for the writer ([`connection`]).
 
+mod bind;
 mod connection;
 mod credentials;
 mod error;
@@ -126,7 +127,7 @@ impl SqliteStore {
             .spawn(move || free_deliveries(to_free))
             .context("failed to start the SQLite writer's freeing thread")?;
         let writer = Writer {
-            connection,
+            connection: connection.map(bind::WriterConnection::new),
             readers: Arc::clone(&readers),
             path: path.clone(),
             settings: settings.clone(),

@@ -5,6 +5,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::bind::Value;
 use super::connection::Statements;
 use crate::storage::Page;
 use crate::storage::events::{
@@ -25,9 +26,13 @@ pub(super) fn insert(
         return Ok(());
     }
     let event = build();
-    connection.with(
+    connection.execute(
         "INSERT INTO events (type, created_at, data) VALUES (?1, ?2, ?3)",
-        |statement| statement.execute(params![event.kind.as_str(), event.created_at, event.data]),
+        &[
+            Value::Text(event.kind.as_str()),
+            Value::Text(&event.created_at),
+            Value::Text(&event.data),
+        ],
     )?;
     Ok(())
 }

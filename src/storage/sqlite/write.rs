@@ -5,8 +5,9 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use rusqlite::{OptionalExtension, ToSql, params};
+use rusqlite::{OptionalExtension, params};
 
+use super::bind::Value;
 use super::connection::{Statements, insert_rows};
 use super::jobs::JobBatch;
 use super::outbox;
@@ -59,34 +60,43 @@ pub(super) fn insert_delivery(
     };
     let fault = callback.and_then(|callback| callback.fault.as_ref());
     let job_operation = delivery.content.job_operation();
+    let details = callback
+        .and_then(|callback| callback.details.as_ref())
+        .map(|details| details.to_string());
+    let repairs = callback.and_then(|callback| repairs_text(&callback.repairs));
     let insert = |result: DeliveryResult, duplicate_of: Option<i64>| -> rusqlite::Result<usize> {
-        transaction.with(INSERT_DELIVERY, |statement| {
-            statement.execute(params![
-                received_at,
-                callback.map(|callback| callback.form.as_str()),
-                callback.map(|callback| callback.kind.as_str()),
-                callback.map(|callback| callback.operation.as_str()),
-                delivery.content.request_id(),
-                delivery.content.callback_count(),
-                callback.and_then(|callback| callback.max_callback_threshold),
-                &delivery.content.dedup_key()[..],
-                result.as_str(),
-                duplicate_of,
-                i64::try_from(delivery.body.len()).unwrap_or(i64::MAX),
-                delivery.content_type,
-                delivery.source_address,
-                delivery.account,
-                callback.and_then(|callback| callback.status.as_deref()),
-                fault.map(|fault| fault.code.as_str()),
-                fault.map(|fault| fault.message.as_str()),
-                callback.and_then(|callback| callback.comment.as_deref()),
+        transaction.execute(
+            INSERT_DELIVERY,
+            &[
+                Value::Text(&received_at),
+                callback.map(|callback| callback.form.as_str()).into(),
+                callback.map(|callback| callback.kind.as_str()).into(),
+                callback.map(|callback| callback.operation.as_str()).into(),
+                delivery.content.request_id().into(),
+                delivery.content.callback_count().into(),
                 callback
-                    .and_then(|callback| callback.details.as_ref())
-                    .map(|details| details.to_string()),
-                parse_error,
-                callback.and_then(|callback| repairs_text(&callback.repairs)),
-            ])
-        })
+                    .and_then(|callback| callback.max_callback_threshold)
+                    .into(),
+                Value::Blob(&delivery.content.dedup_key()[..]),
+                Value::Text(result.as_str()),
+                duplicate_of.into(),
+                Value::Integer(i64::try_from(delivery.body.len()).unwrap_or(i64::MAX)),
+                delivery.content_type.as_deref().into(),
+                delivery.source_address.as_deref().into(),
+                delivery.account.as_deref().into(),
+                callback
+                    .and_then(|callback| callback.status.as_deref())
+                    .into(),
+                fault.map(|fault| fault.code.as_str()).into(),
+                fault.map(|fault| fault.message.as_str()).into(),
+                callback
+                    .and_then(|callback| callback.comment.as_deref())
+                    .into(),
+                details.as_deref().into(),
+                parse_error.into(),
+                repairs.as_deref().into(),
+            ],
+        )
     };
 
     // The writer is the database's only writer, so a message not found here cannot be stored by
@@ -123,9 +133,9 @@ pub(super) fn insert_delivery(
     }
     insert(delivery.content.first_result(), None)?;
     let delivery_id = transaction.last_insert_rowid();
-    transaction.with(
+    transaction.execute(
         "INSERT INTO raw_bodies (delivery_id, body) VALUES (?1, ?2)",
-        |statement| statement.execute(params![delivery_id, &delivery.body[..]]),
+        &[Value::Integer(delivery_id), Value::Blob(&delivery.body[..])],
     )?;
     let job_id = match delivery.content.request_id() {
         Some(request_id) => Some(jobs.record(
@@ -186,17 +196,18 @@ pub(super) fn insert_messages(
         return Ok(());
     }
     for message in &callback.messages {
-        transaction.with(INSERT_MESSAGE, |statement| {
-            statement.execute(params![
-                delivery_id,
-                callback.request_id,
-                message.channel.as_str(),
-                message.payload,
-                message.text,
-                message.sent_at,
-                received_at,
-            ])
-        })?;
+        transaction.execute(
+            INSERT_MESSAGE,
+            &[
+                Value::Integer(delivery_id),
+                callback.request_id.as_deref().into(),
+                Value::Text(message.channel.as_str()),
+                (&message.payload).into(),
+                (&message.text).into(),
+                (&message.sent_at).into(),
+                Value::Text(received_at),
+            ],
+        )?;
         let message_id = transaction.last_insert_rowid();
         outbox::insert(transaction, record, || {
             events::device_message(
@@ -207,10 +218,16 @@ pub(super) fn insert_messages(
                 message,
             )
         })?;
-        let rows: Vec<[&dyn ToSql; 3]> = message
+        let rows: Vec<[Value<'_>; 3]> = message
             .identifiers
             .iter()
-            .map(|identifier| [&identifier.kind as &dyn ToSql, &identifier.id, &message_id])
+            .map(|identifier| {
+                [
+                    Value::Text(&identifier.kind),
+                    Value::Text(&identifier.id),
+                    Value::Integer(message_id),
+                ]
+            })
             .collect();
         insert_rows(transaction, MESSAGE_IDENTIFIER, &rows)?;
     }
@@ -245,31 +262,34 @@ pub(super) fn insert_outcomes(
             mdn,
             details,
         } = outcome;
-        transaction.with(INSERT_OUTCOME, |statement| {
-            statement.execute(params![
-                delivery_id,
-                callback.request_id,
-                operation.as_str(),
-                status.as_str(),
-                line_status,
-                fault.as_ref().map(|fault| fault.code.as_str()),
-                fault.as_ref().map(|fault| fault.message.as_str()),
-                state,
-                service_plan,
-                ip_address,
-                mdn,
-                details.as_ref().map(|details| details.to_string()),
-                received_at,
-                prepared.identifiers(index).map_or_else(
-                    || Cow::Owned(identifiers_text(
-                        identifiers
-                            .iter()
-                            .map(|identifier| (identifier.kind.as_str(), identifier.id.as_str()))
-                    )),
-                    Cow::Borrowed,
-                ),
-            ])
-        })?;
+        let identifiers_column = match prepared.identifiers(index) {
+            Some(text) => Cow::Borrowed(text),
+            None => {
+                Cow::Owned(identifiers_text(identifiers.iter().map(|identifier| {
+                    (identifier.kind.as_str(), identifier.id.as_str())
+                })))
+            }
+        };
+        let details = details.as_ref().map(|details| details.to_string());
+        transaction.execute(
+            INSERT_OUTCOME,
+            &[
+                Value::Integer(delivery_id),
+                callback.request_id.as_deref().into(),
+                Value::Text(operation.as_str()),
+                Value::Text(status.as_str()),
+                line_status.into(),
+                fault.as_ref().map(|fault| fault.code.as_str()).into(),
+                fault.as_ref().map(|fault| fault.message.as_str()).into(),
+                state.into(),
+                service_plan.into(),
+                ip_address.into(),
+                mdn.into(),
+                details.as_deref().into(),
+                Value::Text(received_at),
+                Value::Text(&identifiers_column),
+            ],
+        )?;
         let outcome_id = transaction.last_insert_rowid();
         outbox::insert(transaction, record, || {
             let request_id = callback.request_id.as_deref();
@@ -290,9 +310,15 @@ pub(super) fn insert_outcomes(
                 ),
             }
         })?;
-        let rows: Vec<[&dyn ToSql; 3]> = identifiers
+        let rows: Vec<[Value<'_>; 3]> = identifiers
             .iter()
-            .map(|identifier| [&identifier.kind as &dyn ToSql, &identifier.id, &outcome_id])
+            .map(|identifier| {
+                [
+                    Value::Text(&identifier.kind),
+                    Value::Text(&identifier.id),
+                    Value::Integer(outcome_id),
+                ]
+            })
             .collect();
         insert_rows(transaction, OUTCOME_IDENTIFIER, &rows)?;
         if let Some((job_id, jobs)) = job.as_mut() {

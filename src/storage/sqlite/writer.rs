@@ -12,6 +12,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
+use super::bind::WriterConnection;
 use super::connection::{Readers, Statements, open_writer};
 use super::error::{is_own_fault, is_storage_wide, needs_reopen, store_error};
 use super::jobs::{self, JobBatch};
@@ -71,7 +72,7 @@ impl Command {
 pub(super) struct Writer {
     /// `None` after a fault that may have left the connection unusable (read-only file, I/O
     /// error); the next batch reopens it, which is how the store recovers without a restart.
-    pub connection: Option<Connection>,
+    pub connection: Option<WriterConnection>,
     /// Retired whenever the connection is (re)opened: see [`Readers::retire`].
     pub readers: Arc<Readers>,
     pub path: PathBuf,
@@ -165,7 +166,7 @@ impl Writer {
                     Command::Outbox(work) => {
                         match (self.settings.synchronous.pragma_value(), self.connection()) {
                             (configured, Ok(connection)) => {
-                                work(Ok(&*connection));
+                                work(Ok(&**connection));
                                 // Outbox work runs without an fsync of its own and sets the
                                 // connection back: a connection left otherwise would acknowledge
                                 // callbacks before they are durable, so it is reopened instead.
@@ -275,7 +276,7 @@ impl Writer {
         })
     }
 
-    fn connection(&mut self) -> rusqlite::Result<&mut Connection> {
+    fn connection(&mut self) -> rusqlite::Result<&mut WriterConnection> {
         if self.connection.is_none() {
             self.readers.retire();
             let mut connection = open_writer(&self.path, &self.settings)?;
@@ -284,7 +285,7 @@ impl Writer {
                 schema::migrate(&mut connection)?;
             }
             tracing::info!(path = %self.path.display(), "reopened the database for writing");
-            self.connection = Some(connection);
+            self.connection = Some(WriterConnection::new(connection));
         }
         self.connection
             .as_mut()
@@ -302,7 +303,7 @@ type CommittedBatch = (Vec<Result<Receipt, StoreError>>, Vec<JobCompletion>);
 /// defect, not a storage fault) and `others` would go down with it is the batch written again
 /// with a savepoint per delivery, so that the others are still stored.
 fn write_batch(
-    connection: &mut Connection,
+    connection: &mut WriterConnection,
     deliveries: &[&NewDelivery],
     job_timeout: Duration,
     others: usize,
@@ -319,18 +320,19 @@ fn write_batch(
 }
 
 fn write_deliveries(
-    connection: &mut Connection,
+    connection: &mut WriterConnection,
     deliveries: &[&NewDelivery],
     job_timeout: Duration,
     isolate: bool,
     record: bool,
 ) -> rusqlite::Result<CommittedBatch> {
+    let (connection, raw) = connection.split();
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(deliveries.len());
     let mut completions = Vec::new();
     {
         // Savepoints are SQL here: a held statement borrows the transaction.
-        let statements = Statements::new(&transaction);
+        let statements = Statements::with_raw(&transaction, raw);
         let mut jobs = JobBatch::for_deliveries(deliveries.len());
         for delivery in deliveries {
             if !isolate {
