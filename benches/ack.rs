@@ -12,7 +12,8 @@
 //! `--replicas-only` (only the scale-out section: 1, 2 and 3 replicas on PostgreSQL beside SQLite,
 //! on the server at `M2M_TEST_POSTGRES_URL`, default this machine's), `--events-only` (only the
 //! events section: throughput with events off, on, and on with a local webhook receiver, and the
-//! delivery latency to it).
+//! delivery latency to it). With `M2M_BENCH_LISTENER=PATH` the listener measured is the binary at
+//! PATH (an earlier release, say) instead of this build's.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -319,7 +320,10 @@ fn start_listener(synchronous: &str) -> Server {
 fn start_listener_with(name: &'static str, settings: &[(&str, &str)]) -> Server {
     let directory = tempfile::tempdir().expect("directory");
     let database = directory.path().join("m2m-listener.db");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_m2m-listener"));
+    // `M2M_BENCH_LISTENER` runs another build (an earlier release, to compare on one machine).
+    let binary = std::env::var_os("M2M_BENCH_LISTENER")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_m2m-listener").into());
+    let mut command = Command::new(binary);
     command
         .current_dir(directory.path())
         .env("M2M_STORAGE__PATH", &database)
@@ -328,6 +332,8 @@ fn start_listener_with(name: &'static str, settings: &[(&str, &str)]) -> Server 
         .env("M2M_CALLBACK__CREDENTIALS__0__USERNAME", USERNAME)
         .env("M2M_CALLBACK__CREDENTIALS__0__PASSWORD", PASSWORD)
         .env_remove("RUST_LOG")
+        // An `M2M_` variable is a setting to the listener, which refuses one it does not know.
+        .env_remove("M2M_BENCH_LISTENER")
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     for (key, value) in settings {
