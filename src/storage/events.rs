@@ -630,7 +630,7 @@ mod tests {
                 "received_at": "2026-01-01T00:00:00.000000Z",
             })
         );
-        let keys: Vec<&str> = [
+        let keys = [
             "delivery_id",
             "request_id",
             "operation",
@@ -643,9 +643,7 @@ mod tests {
             "ip_address",
             "mdn",
             "received_at",
-        ]
-        .into_iter()
-        .collect();
+        ];
         let mut positions: Vec<usize> = keys
             .iter()
             .map(|key| event.data.find(&format!("\"{key}\":")).expect(key))

@@ -314,31 +314,44 @@ fn insert_job(connection: &Statements<'_>, row: &JobRow) -> rusqlite::Result<()>
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21,
                  ?22)",
         &[
-            Value::Integer(row.id),
-            Value::Text(&row.request_id),
-            (&row.operation).into(),
-            Value::Text(&row.state),
-            Value::Integer(row.devices_reported),
-            Value::Integer(row.succeeded),
-            Value::Integer(row.failed),
-            Value::Integer(row.accepted),
-            Value::Integer(row.deliveries),
-            Value::Integer(row.duplicates),
-            row.is_upload.into(),
-            row.total_lines.into(),
-            row.pending_lines.into(),
-            row.success_lines.into(),
-            row.failed_lines.into(),
-            (&row.package_error).into(),
-            Value::Text(&row.created_at),
-            (&row.first_callback_at).into(),
-            (&row.last_callback_at).into(),
-            (&row.completed_at).into(),
-            Value::Text(&row.deadline),
-            Value::Integer(row.quarantined),
-        ],
+            &[
+                Value::Integer(row.id),
+                Value::Text(&row.request_id),
+                (&row.operation).into(),
+                Value::Text(&row.state),
+            ][..],
+            &counts(row),
+            &[
+                Value::Text(&row.created_at),
+                (&row.first_callback_at).into(),
+                (&row.last_callback_at).into(),
+                (&row.completed_at).into(),
+                Value::Text(&row.deadline),
+                Value::Integer(row.quarantined),
+            ],
+        ]
+        .concat(),
     )?;
     Ok(())
+}
+
+/// A job's counters and upload report, in the order both [`insert_job`] and [`write_job`] name
+/// their columns (`devices_reported` to `package_error`).
+fn counts(row: &JobRow) -> [Value<'_>; 12] {
+    [
+        Value::Integer(row.devices_reported),
+        Value::Integer(row.succeeded),
+        Value::Integer(row.failed),
+        Value::Integer(row.accepted),
+        Value::Integer(row.deliveries),
+        Value::Integer(row.duplicates),
+        row.is_upload.into(),
+        row.total_lines.into(),
+        row.pending_lines.into(),
+        row.success_lines.into(),
+        row.failed_lines.into(),
+        (&row.package_error).into(),
+    ]
 }
 
 /// Writes the columns a batch changes on a job row; the state columns only if they changed.
@@ -357,24 +370,15 @@ fn write_job(
                  first_callback_at = ?15, last_callback_at = ?16, quarantined = ?17
              WHERE id = ?1",
         &[
-            Value::Integer(row.id),
-            (&row.operation).into(),
-            Value::Integer(row.devices_reported),
-            Value::Integer(row.succeeded),
-            Value::Integer(row.failed),
-            Value::Integer(row.accepted),
-            Value::Integer(row.deliveries),
-            Value::Integer(row.duplicates),
-            row.is_upload.into(),
-            row.total_lines.into(),
-            row.pending_lines.into(),
-            row.success_lines.into(),
-            row.failed_lines.into(),
-            (&row.package_error).into(),
-            (&row.first_callback_at).into(),
-            (&row.last_callback_at).into(),
-            Value::Integer(row.quarantined),
-        ],
+            &[Value::Integer(row.id), (&row.operation).into()][..],
+            &counts(row),
+            &[
+                (&row.first_callback_at).into(),
+                (&row.last_callback_at).into(),
+                Value::Integer(row.quarantined),
+            ],
+        ]
+        .concat(),
     )?;
     Ok(())
 }
