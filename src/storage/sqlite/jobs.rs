@@ -40,9 +40,11 @@ pub(super) struct JobBatch {
     touched: HashMap<i64, TouchedJob>,
     /// The id the next job created by this batch gets; read from the table at the first one.
     next_job_id: Option<i64>,
-    /// The devices of the jobs this batch created, by each of their identifiers: the device's id
-    /// and its latest status.
-    new_job_devices: HashMap<(i64, DeviceIdentifier), (i64, &'static str)>,
+    /// The devices of the jobs this batch created, by each of their identifiers.
+    new_job_devices: HashMap<(i64, DeviceIdentifier), i64>,
+    /// The latest status of each of those devices, by device: one callback may name a device by
+    /// an identifier another did not.
+    new_device_status: HashMap<i64, &'static str>,
 }
 
 /// A job row as the batch holds it.
@@ -64,6 +66,7 @@ impl JobBatch {
             touched: HashMap::with_capacity_and_hasher(deliveries, Default::default()),
             next_job_id: None,
             new_job_devices: HashMap::with_capacity_and_hasher(deliveries * 3, Default::default()),
+            new_device_status: HashMap::with_capacity_and_hasher(deliveries, Default::default()),
         }
     }
 
@@ -162,7 +165,10 @@ impl JobBatch {
             identifiers.iter().find_map(|identifier| {
                 self.new_job_devices
                     .get(&(job_id, identifier.clone()))
-                    .map(|(device, previous)| (*device, Some((*previous).to_owned())))
+                    .map(|device| {
+                        let previous = self.new_device_status.get(device);
+                        (*device, previous.map(|previous| (*previous).to_owned()))
+                    })
             })
         } else {
             find_job_device(connection, job_id, identifiers)?
@@ -194,14 +200,11 @@ impl JobBatch {
             }
         };
         if created_here {
+            self.new_device_status.insert(device_id, status.as_str());
             let mut new = Vec::new();
             for identifier in identifiers {
                 let key = (job_id, identifier.clone());
-                if self
-                    .new_job_devices
-                    .insert(key, (device_id, status.as_str()))
-                    .is_none()
-                {
+                if self.new_job_devices.insert(key, device_id).is_none() {
                     new.push(identifier.clone());
                 }
             }
@@ -560,4 +563,66 @@ pub(super) fn sweep(
         }
     }
     Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identifier(kind: &str, id: &str) -> DeviceIdentifier {
+        DeviceIdentifier {
+            kind: kind.to_owned(),
+            id: id.to_owned(),
+        }
+    }
+
+    /// One device, named by its IMEI and MDN, then by each alone, in one batch: each outcome
+    /// moves the counters from the device's latest status, whichever identifier names it.
+    #[test]
+    fn a_device_named_by_another_of_its_identifiers_is_counted_from_its_latest_status() {
+        let mut connection = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut connection).unwrap();
+        // As on the writer: the outcome ids below name no stored outcome.
+        connection
+            .pragma_update(None, "foreign_keys", "OFF")
+            .unwrap();
+        let statements = Statements::new(&connection);
+        let mut jobs = JobBatch::for_deliveries(3);
+        let now = OffsetDateTime::now_utc();
+        let imei = identifier("IMEI", "990000862471854");
+        let mdn = identifier("MDN", "5096300001");
+        let job = jobs
+            .record(
+                &statements,
+                "r-1",
+                Some("activate"),
+                now,
+                Duration::from_secs(3600),
+                |job| job.record_delivery(Some("activate"), now, false),
+            )
+            .unwrap();
+        let reports = [
+            (vec![imei.clone(), mdn.clone()], OutcomeStatus::Failed),
+            (vec![imei], OutcomeStatus::Succeeded),
+            (vec![mdn], OutcomeStatus::Failed),
+        ];
+        for (outcome_id, (identifiers, status)) in (1..).zip(reports) {
+            jobs.record_outcome(&statements, job, outcome_id, &identifiers, status)
+                .unwrap();
+        }
+        let mut completions = Vec::new();
+        jobs.finish(&statements, &mut completions).unwrap();
+        let counts: (i64, i64, i64) = statements
+            .query_row(
+                "SELECT devices_reported, succeeded, failed FROM jobs WHERE id = ?1",
+                [job],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(counts, (1, 0, 1));
+        let devices: i64 = statements
+            .query_row("SELECT count(*) FROM job_devices", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(devices, 1);
+    }
 }
