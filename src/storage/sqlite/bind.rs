@@ -30,18 +30,6 @@ pub(super) enum Value<'a> {
     Blob(&'a [u8]),
 }
 
-impl<'a> From<&'a str> for Value<'a> {
-    fn from(text: &'a str) -> Self {
-        Value::Text(text)
-    }
-}
-
-impl<'a> From<&'a String> for Value<'a> {
-    fn from(text: &'a String) -> Self {
-        Value::Text(text)
-    }
-}
-
 impl<'a> From<Option<&'a str>> for Value<'a> {
     fn from(text: Option<&'a str>) -> Self {
         text.map_or(Value::Null, Value::Text)
@@ -51,12 +39,6 @@ impl<'a> From<Option<&'a str>> for Value<'a> {
 impl<'a> From<&'a Option<String>> for Value<'a> {
     fn from(text: &'a Option<String>) -> Self {
         text.as_deref().into()
-    }
-}
-
-impl From<i64> for Value<'_> {
-    fn from(number: i64) -> Self {
-        Value::Integer(number)
     }
 }
 
@@ -75,12 +57,6 @@ impl From<Option<u32>> for Value<'_> {
 impl From<bool> for Value<'_> {
     fn from(flag: bool) -> Self {
         Value::Integer(i64::from(flag))
-    }
-}
-
-impl<'a> From<&'a [u8]> for Value<'a> {
-    fn from(bytes: &'a [u8]) -> Self {
-        Value::Blob(bytes)
     }
 }
 
