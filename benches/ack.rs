@@ -361,12 +361,42 @@ struct LoadResult {
     failed: usize,
     latency: LatencySummary,
     peak_resident_bytes: u64,
+    /// CPU time (user + system) the servers spent during the load, all of them together.
+    server_cpu_seconds: f64,
+    /// CPU time this process (the load generator, and the thread draining the servers' logs)
+    /// spent during the load.
+    generator_cpu_seconds: f64,
 }
 
 impl LoadResult {
+    /// Server CPU per acknowledged callback, in microseconds.
+    fn server_cpu_micros(&self) -> f64 {
+        self.server_cpu_seconds * 1e6 / self.acknowledged.max(1) as f64
+    }
+
+    /// Load-generator CPU per acknowledged callback, in microseconds.
+    fn generator_cpu_micros(&self) -> f64 {
+        self.generator_cpu_seconds * 1e6 / self.acknowledged.max(1) as f64
+    }
+
     fn per_second(&self) -> f64 {
         self.acknowledged as f64 / self.seconds
     }
+}
+
+/// CPU time (user + system) a process has spent, from `/proc/PID/stat` (`self` for this one), in
+/// seconds: fields 14 and 15, in clock ticks of 1/100 s (Linux's `USER_HZ`).
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces; the fields after it are counted from its ')'.
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let ticks: u64 = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|field| field.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
 }
 
 /// Posts every body once over `connections` keep-alive connections.
@@ -408,6 +438,13 @@ async fn load_across(
             }
         })
     };
+    let server_cpu = || -> f64 {
+        servers
+            .iter()
+            .map(|server| cpu_seconds(&server.child.id().to_string()))
+            .sum()
+    };
+    let (server_cpu_before, generator_cpu_before) = (server_cpu(), cpu_seconds("self"));
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for connection in 0..connections {
@@ -455,6 +492,8 @@ async fn load_across(
     }
     let mut latencies: Vec<f64> = workers.join_all().await.into_iter().flatten().collect();
     let seconds = started.elapsed().as_secs_f64();
+    let server_cpu_seconds = server_cpu() - server_cpu_before;
+    let generator_cpu_seconds = cpu_seconds("self") - generator_cpu_before;
     sampling.store(false, Ordering::Relaxed);
     let _ = sampler.join();
     LoadResult {
@@ -463,6 +502,8 @@ async fn load_across(
         failed: failed.load(Ordering::Relaxed),
         latency: LatencySummary::of(&mut latencies),
         peak_resident_bytes: peak.load(Ordering::Relaxed),
+        server_cpu_seconds,
+        generator_cpu_seconds,
     }
 }
 
@@ -598,10 +639,10 @@ async fn benchmark(options: Options) {
             "## Durable throughput, side by side: {load_name}\n"
         ));
         line(
-        "| round | server | acknowledged/s | p50 ms | p99 ms | max ms | failed | peak RSS MiB |"
+        "| round | server | acknowledged/s | p50 ms | p99 ms | max ms | failed | peak RSS MiB | server CPU µs/callback | generator CPU µs/callback |"
             .to_owned(),
     );
-        line("|---|---|---|---|---|---|---|---|".to_owned());
+        line("|---|---|---|---|---|---|---|---|---|---|".to_owned());
         let mut probe_rates = Vec::new();
         let mut listener_rates = Vec::new();
         let mut listener_p99 = Vec::new();
@@ -623,14 +664,16 @@ async fn benchmark(options: Options) {
                 ));
                 let result = load(&server, bodies, options.connections).await;
                 line(format!(
-                    "| {round} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.1} |",
+                    "| {round} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.1} | {:.1} | {:.1} |",
                     server.name,
                     result.per_second(),
                     result.latency.p50,
                     result.latency.p99,
                     result.latency.max,
                     result.failed,
-                    mebibytes(result.peak_resident_bytes)
+                    mebibytes(result.peak_resident_bytes),
+                    result.server_cpu_micros(),
+                    result.generator_cpu_micros()
                 ));
                 if server.name == "probe" {
                     probe_rates.push(result.per_second());
