@@ -52,12 +52,16 @@ pub struct NewDelivery {
 /// operation in its job).
 #[derive(Debug, Default)]
 pub struct Prepared {
+    /// The callback's details as JSON text.
+    details: Option<String>,
     outcomes: Vec<PreparedOutcome>,
 }
 
 #[derive(Debug)]
 struct PreparedOutcome {
     identifiers: String,
+    /// The outcome's details as JSON text.
+    details: Option<String>,
     event_fields: Option<String>,
 }
 
@@ -76,10 +80,26 @@ impl Prepared {
                         .iter()
                         .map(|identifier| (identifier.kind.as_str(), identifier.id.as_str())),
                 ),
+                details: outcome.details.as_ref().map(|details| details.to_string()),
                 event_fields: record_events.then(|| events::outcome_fields(outcome)),
             })
             .collect();
-        Self { outcomes }
+        Self {
+            details: callback.details.as_ref().map(|details| details.to_string()),
+            outcomes,
+        }
+    }
+
+    /// The callback's details as JSON text (`None` when it has none, or is not a callback).
+    pub(crate) fn details(&self) -> Option<&str> {
+        self.details.as_deref()
+    }
+
+    /// Outcome `index`'s details as JSON text (`Some(None)` when it has none), if prepared.
+    pub(crate) fn outcome_details(&self, index: usize) -> Option<Option<&str>> {
+        self.outcomes
+            .get(index)
+            .map(|outcome| outcome.details.as_deref())
     }
 
     /// Outcome `index`'s identifiers column text.

@@ -45,9 +45,13 @@ pub(super) fn open_writer(path: &Path, settings: &StorageSettings) -> rusqlite::
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     connection.busy_timeout(Duration::from_millis(settings.busy_timeout_ms))?;
-    // Takes effect only on a new database (before its first table): pruned raw bodies then give
-    // their space back through incremental vacuum.
-    connection.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+    // No auto-vacuum (SQLite's default) for a new database: with it, every page the writer
+    // allocates or moves in a split is also recorded in a pointer map, about 6% of the writer's
+    // work per callback (BENCHMARKS.md). Pages freed by a prune go to the free list and take the
+    // next bodies, so the file stops growing once the retention is reached, but it does not
+    // shrink. A database an earlier release created keeps its incremental vacuum, and its prunes
+    // still hand pages back (see `retention::prune_chunk`).
+    connection.pragma_update(None, "auto_vacuum", "NONE")?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", settings.synchronous.pragma_value())?;
     connection.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)?;
@@ -292,19 +296,108 @@ impl Deref for Statements<'_> {
     }
 }
 
-/// Inserts `rows` with one single-row statement `sql` (with `WIDTH` placeholders).
+/// How many rows one statement of [`insert_rows`] inserts at most.
+pub(super) const ROWS_PER_INSERT: usize = 4;
+
+/// The statements of a multi-row `INSERT OR IGNORE` for one to [`ROWS_PER_INSERT`] rows:
+/// `multi_row_insert!("INSERT OR IGNORE INTO t (a, b) VALUES ", "(?, ?)")`.
+macro_rules! multi_row_insert {
+    ($head:literal, $row:literal) => {
+        [
+            concat!($head, $row),
+            concat!($head, $row, ", ", $row),
+            concat!($head, $row, ", ", $row, ", ", $row),
+            concat!($head, $row, ", ", $row, ", ", $row, ", ", $row),
+        ]
+    };
+}
+pub(super) use multi_row_insert;
+
+/// Inserts `rows`, up to [`ROWS_PER_INSERT`] per statement: `sql[n - 1]` inserts `n` rows (of
+/// `WIDTH` placeholders each; see [`multi_row_insert`]).
 ///
-/// Multi-row `INSERT`s measured slower twice: built per call, their SQL text is formatted and
-/// looked up each time; static ones for two to four rows make SQLite keep a statement journal
-/// (a statement that may fail half-way must be able to undo its first rows), which cost more
-/// than the statements saved.
+/// The statements are `INSERT OR IGNORE`, not `INSERT ... ON CONFLICT DO NOTHING`: with the
+/// latter a `NOT NULL` column may still abort the statement after its first rows, so SQLite keeps
+/// a statement journal to undo them, which cost more than the statements saved (measured). With
+/// `OR IGNORE` no constraint of these tables can abort a statement half-way (their foreign keys
+/// are not enforced on the writer, and no value bound here is ever NULL).
 pub(super) fn insert_rows<const WIDTH: usize>(
     statements: &Statements<'_>,
-    sql: &'static str,
+    sql: &[&'static str; ROWS_PER_INSERT],
     rows: &[[Value<'_>; WIDTH]],
 ) -> rusqlite::Result<()> {
-    for row in rows {
-        statements.execute(sql, row)?;
+    let mut values: Vec<Value<'_>> = Vec::with_capacity(WIDTH * ROWS_PER_INSERT.min(rows.len()));
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        values.clear();
+        values.extend(chunk.iter().flatten().copied());
+        statements.execute(sql[chunk.len() - 1], &values)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::sqlite::bind::WriterConnection;
+
+    const PAIR: [&str; ROWS_PER_INSERT] =
+        multi_row_insert!("INSERT OR IGNORE INTO pairs (a, b) VALUES ", "(?, ?)");
+
+    fn with_pairs() -> WriterConnection {
+        let connection = Connection::open_in_memory().unwrap();
+        connection
+            .execute_batch(
+                "CREATE TABLE pairs (a TEXT NOT NULL, b INTEGER NOT NULL, PRIMARY KEY (a, b)) WITHOUT ROWID",
+            )
+            .unwrap();
+        WriterConnection::new(connection)
+    }
+
+    fn stored(connection: &Connection) -> Vec<(String, i64)> {
+        connection
+            .prepare("SELECT a, b FROM pairs ORDER BY a, b")
+            .unwrap()
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    /// Every count of rows from none to past two full statements, with a pair repeated inside one
+    /// statement and across two, through the values bound in place and through rusqlite: each
+    /// distinct pair is stored once and nothing fails.
+    #[test]
+    fn rows_are_inserted_in_statements_of_up_to_four_each_distinct_pair_once() {
+        let names: Vec<String> = (0..10).map(|index| format!("id-{index}")).collect();
+        for raw in [true, false] {
+            for count in 0..=names.len() {
+                let mut writer = with_pairs();
+                let (connection, statements) = writer.split();
+                let transaction = connection.transaction().unwrap();
+                let held = if raw {
+                    Statements::with_raw(&transaction, statements)
+                } else {
+                    Statements::new(&transaction)
+                };
+                let mut rows: Vec<[Value<'_>; 2]> = names[..count]
+                    .iter()
+                    .map(|name| [Value::Text(name), Value::Integer(7)])
+                    .collect();
+                if count >= 2 {
+                    // Again in the same statement, and again in the next one.
+                    rows.insert(1, rows[0]);
+                    rows.push(rows[0]);
+                }
+                insert_rows(&held, &PAIR, &rows).unwrap();
+                let mut expected: Vec<(String, i64)> = names[..count]
+                    .iter()
+                    .map(|name| (name.clone(), 7))
+                    .collect();
+                expected.sort();
+                assert_eq!(stored(&held), expected, "{count} rows, raw {raw}");
+                drop(held);
+                transaction.commit().unwrap();
+            }
+        }
+    }
 }

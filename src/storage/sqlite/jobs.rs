@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
 use super::bind::Value;
-use super::connection::{Statements, insert_rows};
+use super::connection::{ROWS_PER_INSERT, Statements, insert_rows, multi_row_insert};
 
 /// The batch's maps live for one transaction and are keyed by what the writer has just read from
 /// authenticated callbacks: a fast hasher rather than SipHash.
@@ -443,13 +443,14 @@ fn add_identifiers(
             ]
         })
         .collect();
-    insert_rows(connection, JOB_DEVICE_IDENTIFIER, &rows)
+    insert_rows(connection, &JOB_DEVICE_IDENTIFIER, &rows)
 }
 
 /// An identifier of a job's device; one already known is left alone.
-const JOB_DEVICE_IDENTIFIER: &str =
-    "INSERT INTO job_device_identifiers (job_id, kind, identifier, job_device_id)
-     VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING";
+const JOB_DEVICE_IDENTIFIER: [&str; ROWS_PER_INSERT] = multi_row_insert!(
+    "INSERT OR IGNORE INTO job_device_identifiers (job_id, kind, identifier, job_device_id) VALUES ",
+    "(?, ?, ?, ?)"
+);
 
 /// Registers a job as `plan` says, or adopts the unregistered one earlier callbacks created.
 pub(super) fn register(

@@ -8,7 +8,7 @@ use std::time::Duration;
 use rusqlite::{OptionalExtension, params};
 
 use super::bind::Value;
-use super::connection::{Statements, insert_rows};
+use super::connection::{ROWS_PER_INSERT, Statements, insert_rows, multi_row_insert};
 use super::jobs::JobBatch;
 use super::outbox;
 use crate::domain::{Callback, DeliveryResult, DeviceOutcome, Operation};
@@ -19,11 +19,17 @@ use crate::storage::rows::{identifiers_text, repairs_text};
 use crate::storage::{DeliveryContent, NewDelivery, Prepared, Receipt, timestamp};
 
 /// An outcome is new, and its identifiers are distinct (the parser keeps each pair once), so
-/// nothing conflicts; `DO NOTHING` keeps a repeated pair from failing the delivery all the same.
-const OUTCOME_IDENTIFIER: &str = "INSERT INTO outcome_identifiers (kind, identifier, outcome_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING";
+/// nothing conflicts; `OR IGNORE` keeps a repeated pair from failing the delivery all the same.
+const OUTCOME_IDENTIFIER: [&str; ROWS_PER_INSERT] = multi_row_insert!(
+    "INSERT OR IGNORE INTO outcome_identifiers (kind, identifier, outcome_id) VALUES ",
+    "(?, ?, ?)"
+);
 
 /// As [`OUTCOME_IDENTIFIER`], for a device message.
-const MESSAGE_IDENTIFIER: &str = "INSERT INTO message_identifiers (kind, identifier, message_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING";
+const MESSAGE_IDENTIFIER: [&str; ROWS_PER_INSERT] = multi_row_insert!(
+    "INSERT OR IGNORE INTO message_identifiers (kind, identifier, message_id) VALUES ",
+    "(?, ?, ?)"
+);
 
 const INSERT_MESSAGE: &str = "INSERT INTO device_messages (delivery_id, request_id, channel, payload, text, sent_at, received_at)
  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
@@ -60,9 +66,8 @@ pub(super) fn insert_delivery(
     };
     let fault = callback.and_then(|callback| callback.fault.as_ref());
     let job_operation = delivery.content.job_operation();
-    let details = callback
-        .and_then(|callback| callback.details.as_ref())
-        .map(|details| details.to_string());
+    // Serialized on the submitting task (see `Prepared`).
+    let details = delivery.prepared(record).details();
     let repairs = callback.and_then(|callback| repairs_text(&callback.repairs));
     let insert = |result: DeliveryResult, duplicate_of: Option<i64>| -> rusqlite::Result<usize> {
         transaction.execute(
@@ -92,7 +97,7 @@ pub(super) fn insert_delivery(
                 callback
                     .and_then(|callback| callback.comment.as_deref())
                     .into(),
-                details.as_deref().into(),
+                details.into(),
                 parse_error.into(),
                 repairs.as_deref().into(),
             ],
@@ -229,7 +234,7 @@ pub(super) fn insert_messages(
                 ]
             })
             .collect();
-        insert_rows(transaction, MESSAGE_IDENTIFIER, &rows)?;
+        insert_rows(transaction, &MESSAGE_IDENTIFIER, &rows)?;
     }
     Ok(())
 }
@@ -270,7 +275,12 @@ pub(super) fn insert_outcomes(
                 })))
             }
         };
-        let details = details.as_ref().map(|details| details.to_string());
+        let details = match prepared.outcome_details(index) {
+            Some(text) => text.map(Cow::Borrowed),
+            None => details
+                .as_ref()
+                .map(|details| Cow::Owned(details.to_string())),
+        };
         transaction.execute(
             INSERT_OUTCOME,
             &[
@@ -320,7 +330,7 @@ pub(super) fn insert_outcomes(
                 ]
             })
             .collect();
-        insert_rows(transaction, OUTCOME_IDENTIFIER, &rows)?;
+        insert_rows(transaction, &OUTCOME_IDENTIFIER, &rows)?;
         if let Some((job_id, jobs)) = job.as_mut() {
             jobs.record_outcome(transaction, *job_id, outcome_id, identifiers, *status)?;
         }
