@@ -167,7 +167,7 @@ impl JobRow {
     }
 
     /// A `jobs` row selected with [`JOB_COLUMNS`].
-    pub fn from_row<R: RowReader>(row: &R) -> Result<Self, R::Error> {
+    pub fn from_row<R: RowReader + ?Sized>(row: &R) -> Result<Self, R::Error> {
         Ok(JobRow {
             id: row.integer(0)?,
             request_id: row.text(1)?,

@@ -18,8 +18,10 @@ use std::ffi::{CStr, c_char, c_int};
 use std::ops::{Deref, DerefMut};
 use std::ptr::{self, NonNull};
 
-use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::types::{ToSqlOutput, Type, ValueRef};
 use rusqlite::{Connection, ToSql, ffi};
+
+use crate::storage::rows::RowReader;
 
 /// A value to bind: what the writer's statements take.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -107,6 +109,62 @@ impl RawStatements {
         sql: &'static str,
         values: &[Value<'_>],
     ) -> rusqlite::Result<usize> {
+        self.run(connection, sql, values, |db, step| match step {
+            // SAFETY: `db` is the open connection the statement just ran on.
+            ffi::SQLITE_DONE => {
+                Ok(usize::try_from(unsafe { ffi::sqlite3_changes64(db) }).unwrap_or(0))
+            }
+            ffi::SQLITE_ROW => Err(rusqlite::Error::ExecuteReturnedResults),
+            // SAFETY: as above.
+            code => Err(unsafe { error(db, code) }),
+        })
+    }
+
+    /// Runs the query `sql` on `connection` with `values` bound in order and reads its first
+    /// row, if it has one, with `read` (rusqlite's `query_row(...).optional()`, values bound in
+    /// place).
+    pub fn query_first<T>(
+        &self,
+        connection: &Connection,
+        sql: &'static str,
+        values: &[Value<'_>],
+        read: impl FnOnce(&RawRow<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<Option<T>> {
+        let mut read = Some(read);
+        self.run_statement(connection, sql, values, |db, statement, step| match step {
+            ffi::SQLITE_DONE => Ok(None),
+            ffi::SQLITE_ROW => match read.take() {
+                Some(read) => read(&RawRow {
+                    statement,
+                    _borrowed: std::marker::PhantomData,
+                })
+                .map(Some),
+                None => Err(rusqlite::Error::InvalidQuery),
+            },
+            // SAFETY: `db` is the open connection the statement just ran on.
+            code => Err(unsafe { error(db, code) }),
+        })
+    }
+
+    /// Binds `values` to the statement of `sql` (prepared on first use), steps it once, hands
+    /// the step's result code to `finish`, then resets it and clears its bindings.
+    fn run<T>(
+        &self,
+        connection: &Connection,
+        sql: &'static str,
+        values: &[Value<'_>],
+        finish: impl FnOnce(*mut ffi::sqlite3, c_int) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.run_statement(connection, sql, values, |db, _, step| finish(db, step))
+    }
+
+    fn run_statement<T>(
+        &self,
+        connection: &Connection,
+        sql: &'static str,
+        values: &[Value<'_>],
+        finish: impl FnOnce(*mut ffi::sqlite3, *mut ffi::sqlite3_stmt, c_int) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
         // SAFETY: the handle is only passed to SQLite calls on this thread while `connection`
         // is borrowed, so it stays open throughout.
         let db = unsafe { connection.handle() };
@@ -131,7 +189,8 @@ impl RawStatements {
         // SAFETY: `statement` is a live statement of these, and `db` the connection it was
         // prepared on (checked: a statement is never run on another connection). Every pointer
         // bound below borrows from `values`, and before returning the statement is reset and its
-        // bindings cleared, so SQLite keeps none of them past this call.
+        // bindings cleared, so SQLite keeps none of them past this call. `finish` reads the row
+        // (if any) before the reset.
         unsafe {
             if ffi::sqlite3_db_handle(statement) != db {
                 return Err(rusqlite::Error::InvalidQuery);
@@ -144,10 +203,10 @@ impl RawStatements {
                     expected,
                 ));
             }
-            let mut result = Ok(0);
+            let mut bound = Ok(());
             for (index, value) in values.iter().enumerate() {
                 let Ok(position) = c_int::try_from(index + 1) else {
-                    result = Err(rusqlite::Error::InvalidParameterCount(
+                    bound = Err(rusqlite::Error::InvalidParameterCount(
                         values.len(),
                         expected,
                     ));
@@ -155,22 +214,141 @@ impl RawStatements {
                 };
                 let code = bind(statement, position, *value);
                 if code != ffi::SQLITE_OK {
-                    result = Err(error(db, code));
+                    bound = Err(error(db, code));
                     break;
                 }
             }
-            if result.is_ok() {
-                result = match ffi::sqlite3_step(statement) {
-                    ffi::SQLITE_DONE => {
-                        Ok(usize::try_from(ffi::sqlite3_changes64(db)).unwrap_or(0))
-                    }
-                    ffi::SQLITE_ROW => Err(rusqlite::Error::ExecuteReturnedResults),
-                    code => Err(error(db, code)),
-                };
-            }
+            let result = match bound {
+                Ok(()) => finish(db, statement, ffi::sqlite3_step(statement)),
+                Err(error) => Err(error),
+            };
             ffi::sqlite3_reset(statement);
             ffi::sqlite3_clear_bindings(statement);
             result
+        }
+    }
+}
+
+/// The current row of a query [`RawStatements::query_first`] runs, valid only inside its `read`.
+pub(super) struct RawRow<'a> {
+    statement: *mut ffi::sqlite3_stmt,
+    _borrowed: std::marker::PhantomData<&'a ()>,
+}
+
+impl RawRow<'_> {
+    /// Column `index` and its type, as rusqlite names it; an error past the last column.
+    fn column(&self, index: usize) -> rusqlite::Result<(c_int, rusqlite::types::Type)> {
+        // SAFETY: the statement is live and stepped to a row for as long as `self` exists.
+        let count = unsafe { ffi::sqlite3_column_count(self.statement) };
+        let column = c_int::try_from(index)
+            .ok()
+            .filter(|column| *column < count)
+            .ok_or(rusqlite::Error::InvalidColumnIndex(index))?;
+        // SAFETY: as above, `column` in range.
+        let kind = match unsafe { ffi::sqlite3_column_type(self.statement, column) } {
+            ffi::SQLITE_NULL => Type::Null,
+            ffi::SQLITE_INTEGER => Type::Integer,
+            ffi::SQLITE_FLOAT => Type::Real,
+            ffi::SQLITE_TEXT => Type::Text,
+            _ => Type::Blob,
+        };
+        Ok((column, kind))
+    }
+}
+
+/// The row read as the mappings of [`crate::storage::rows`] read rusqlite's: a value of another
+/// type (a NULL where none is allowed included), or a column past the last, is rusqlite's error.
+impl RowReader for RawRow<'_> {
+    type Error = rusqlite::Error;
+
+    fn text(&self, column: usize) -> rusqlite::Result<String> {
+        self.optional_text(column)?
+            .ok_or(rusqlite::Error::InvalidColumnType(
+                column,
+                String::new(),
+                Type::Null,
+            ))
+    }
+
+    fn optional_text(&self, index: usize) -> rusqlite::Result<Option<String>> {
+        match self.column(index)? {
+            (_, Type::Null) => Ok(None),
+            // SAFETY: the statement is live and on a row, `column` in range; the pointer and
+            // length describe the column's text until the next call on the statement, and the
+            // text is copied before that.
+            (column, Type::Text) => unsafe {
+                let text = ffi::sqlite3_column_text(self.statement, column);
+                let length =
+                    usize::try_from(ffi::sqlite3_column_bytes(self.statement, column)).unwrap_or(0);
+                if text.is_null() || length == 0 {
+                    return Ok(Some(String::new()));
+                }
+                std::str::from_utf8(std::slice::from_raw_parts(text, length))
+                    .map(|text| Some(text.to_owned()))
+                    .map_err(|error| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            index,
+                            Type::Text,
+                            Box::new(error),
+                        )
+                    })
+            },
+            (_, kind) => Err(rusqlite::Error::InvalidColumnType(
+                index,
+                String::new(),
+                kind,
+            )),
+        }
+    }
+
+    fn integer(&self, column: usize) -> rusqlite::Result<i64> {
+        self.optional_integer(column)?
+            .ok_or(rusqlite::Error::InvalidColumnType(
+                column,
+                String::new(),
+                Type::Null,
+            ))
+    }
+
+    fn optional_integer(&self, index: usize) -> rusqlite::Result<Option<i64>> {
+        match self.column(index)? {
+            (_, Type::Null) => Ok(None),
+            // SAFETY: the statement is live and on a row; `column` is in range.
+            (column, Type::Integer) => Ok(Some(unsafe {
+                ffi::sqlite3_column_int64(self.statement, column)
+            })),
+            (_, kind) => Err(rusqlite::Error::InvalidColumnType(
+                index,
+                String::new(),
+                kind,
+            )),
+        }
+    }
+
+    fn flag(&self, column: usize) -> rusqlite::Result<bool> {
+        self.integer(column).map(|number| number != 0)
+    }
+
+    fn optional_bytes(&self, index: usize) -> rusqlite::Result<Option<Vec<u8>>> {
+        match self.column(index)? {
+            (_, Type::Null) => Ok(None),
+            // SAFETY: as for text; a zero-length blob may come back as a null pointer.
+            (column, Type::Blob) => unsafe {
+                let bytes = ffi::sqlite3_column_blob(self.statement, column);
+                let length =
+                    usize::try_from(ffi::sqlite3_column_bytes(self.statement, column)).unwrap_or(0);
+                if bytes.is_null() || length == 0 {
+                    return Ok(Some(Vec::new()));
+                }
+                Ok(Some(
+                    std::slice::from_raw_parts(bytes.cast::<u8>(), length).to_vec(),
+                ))
+            },
+            (_, kind) => Err(rusqlite::Error::InvalidColumnType(
+                index,
+                String::new(),
+                kind,
+            )),
         }
     }
 }
@@ -452,5 +630,73 @@ mod tests {
             .unwrap();
         assert_eq!(count, 0);
         drop(writer);
+    }
+
+    /// A query's first row is read alike with values bound in place and through rusqlite: the
+    /// same integers, texts (empty, NULL and not ASCII included), `None` for no row, and the same
+    /// refusals of a column of another type or past the last; the key's buffer may be gone
+    /// afterwards.
+    #[test]
+    fn a_first_row_reads_the_same_in_place_and_through_rusqlite() {
+        let mut writer = connection();
+        let (connection, raw) = writer.split();
+        let rows: [(&str, i64, Option<&str>); 3] = [
+            ("k\u{e9}y \0 1", 1, Some("caf\u{e9} \u{2028}")),
+            ("key 2", 2, None),
+            ("", 3, Some("")),
+        ];
+        for (a, c, d) in rows {
+            raw.execute(
+                connection,
+                INSERT,
+                &[Value::Text(a), Value::Null, Value::Integer(c), d.into()],
+            )
+            .unwrap();
+        }
+        const FIND: &str = "SELECT c, d, b FROM t WHERE a = ?1";
+        let transaction = connection.transaction().unwrap();
+        for in_place in [true, false] {
+            let statements = if in_place {
+                super::super::connection::Statements::with_raw(&transaction, raw)
+            } else {
+                super::super::connection::Statements::new(&transaction)
+            };
+            for (a, c, d) in rows {
+                let key = a.to_owned();
+                let found = statements
+                    .query_first(FIND, &[Value::Text(&key)], |row| {
+                        Ok((row.integer(0)?, row.optional_text(1)?))
+                    })
+                    .unwrap();
+                drop(key);
+                assert_eq!(
+                    found,
+                    Some((c, d.map(str::to_owned))),
+                    "in place {in_place}"
+                );
+            }
+            let missing = statements
+                .query_first(FIND, &[Value::Text("absent")], |row| row.integer(0))
+                .unwrap();
+            assert_eq!(missing, None);
+            // Text read as an integer, NULL read as an integer, a column past the last.
+            for (column, read_text) in [(1, false), (2, false), (3, true)] {
+                let refused = statements.query_first(FIND, &[Value::Text("key 2")], |row| {
+                    if read_text {
+                        row.optional_text(column).map(|_| ())
+                    } else {
+                        row.integer(column).map(|_| ())
+                    }
+                });
+                assert!(
+                    matches!(
+                        refused,
+                        Err(rusqlite::Error::InvalidColumnType(..)
+                            | rusqlite::Error::InvalidColumnIndex(_))
+                    ),
+                    "column {column}, in place {in_place}: {refused:?}"
+                );
+            }
+        }
     }
 }

@@ -9,13 +9,16 @@ use std::time::Duration;
 use std::cell::RefCell;
 use std::ops::Deref;
 
-use rusqlite::{CachedStatement, Connection, OpenFlags, Statement, params_from_iter};
+use rusqlite::{
+    CachedStatement, Connection, OpenFlags, OptionalExtension, Statement, params_from_iter,
+};
 
 use super::bind::{RawStatements, Value};
 use super::error::{self, is_storage_wide, store_error};
 use super::schema;
 use crate::configuration::StorageSettings;
 use crate::storage::StoreError;
+use crate::storage::rows::RowReader;
 
 /// Idle read-only connections kept for reuse.
 const MAX_IDLE_READERS: usize = 4;
@@ -258,6 +261,25 @@ impl<'c> Statements<'c> {
             Some(raw) => raw.execute(self.connection, sql, values),
             None => self.with(sql, |statement| {
                 statement.execute(params_from_iter(values.iter()))
+            }),
+        }
+    }
+
+    /// Runs the query `sql` with `values` and reads its first row, if it has one, with `read`.
+    /// Values are bound in place where the raw statements are at hand, through rusqlite
+    /// otherwise.
+    pub fn query_first<T>(
+        &self,
+        sql: &'static str,
+        values: &[Value<'_>],
+        read: impl FnOnce(&dyn RowReader<Error = rusqlite::Error>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<Option<T>> {
+        match self.raw {
+            Some(raw) => raw.query_first(self.connection, sql, values, |row| read(row)),
+            None => self.with(sql, |statement| {
+                statement
+                    .query_row(params_from_iter(values.iter()), |row| read(row))
+                    .optional()
             }),
         }
     }

@@ -7,7 +7,7 @@ use std::collections::HashMap as StdHashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use time::OffsetDateTime;
 
 use super::bind::Value;
@@ -270,10 +270,8 @@ static JOB_BY_REQUEST: LazyLock<String> =
     LazyLock::new(|| format!("SELECT {JOB_COLUMNS} FROM jobs WHERE request_id = ?1"));
 
 fn job_row(connection: &Statements<'_>, request_id: &str) -> rusqlite::Result<Option<JobRow>> {
-    connection.with(JOB_BY_REQUEST.as_str(), |statement| {
-        statement
-            .query_row([request_id], |row| JobRow::from_row(row))
-            .optional()
+    connection.query_first(JOB_BY_REQUEST.as_str(), &[Value::Text(request_id)], |row| {
+        JobRow::from_row(row)
     })
 }
 
@@ -407,23 +405,22 @@ fn find_job_device(
     job_id: i64,
     identifiers: &[DeviceIdentifier],
 ) -> rusqlite::Result<Option<(i64, Option<String>)>> {
-    connection.with(
-        "SELECT d.id, d.status FROM job_device_identifiers i JOIN job_devices d ON d.id = i.job_device_id
-         WHERE i.job_id = ?1 AND i.kind = ?2 AND i.identifier = ?3",
-        |find| {
-            for identifier in identifiers {
-                let found = find
-                    .query_row(params![job_id, identifier.kind, identifier.id], |row| {
-                        Ok((row.get(0)?, row.get(1)?))
-                    })
-                    .optional()?;
-                if found.is_some() {
-                    return Ok(found);
-                }
-            }
-            Ok(None)
-        },
-    )
+    for identifier in identifiers {
+        let found = connection.query_first(
+            "SELECT d.id, d.status FROM job_device_identifiers i JOIN job_devices d ON d.id = i.job_device_id
+             WHERE i.job_id = ?1 AND i.kind = ?2 AND i.identifier = ?3",
+            &[
+                Value::Integer(job_id),
+                Value::Text(&identifier.kind),
+                Value::Text(&identifier.id),
+            ],
+            |row| Ok((row.integer(0)?, row.optional_text(1)?)),
+        )?;
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    Ok(None)
 }
 
 fn add_identifiers(

@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::params;
 
 use super::bind::Value;
 use super::connection::{ROWS_PER_INSERT, Statements, insert_rows, multi_row_insert};
@@ -108,13 +108,10 @@ pub(super) fn insert_delivery(
     // anyone before this transaction commits: look it up, then insert (rather than an `INSERT ...
     // ON CONFLICT DO NOTHING` followed, for a re-delivery, by this same lookup). The unique index
     // still refuses a second first delivery, whatever happens here.
-    let original: Option<i64> = transaction.with(
+    let original: Option<i64> = transaction.query_first(
         "SELECT id FROM deliveries WHERE dedup_key = ?1 AND duplicate_of IS NULL",
-        |statement| {
-            statement
-                .query_row([&delivery.content.dedup_key()[..]], |row| row.get(0))
-                .optional()
-        },
+        &[Value::Blob(&delivery.content.dedup_key()[..])],
+        |row| row.integer(0),
     )?;
     if let Some(original) = original {
         // The message is already stored: record this re-delivery against the first one.
