@@ -263,27 +263,17 @@ impl RowReader for RawRow<'_> {
 
     fn text(&self, column: usize) -> rusqlite::Result<String> {
         self.optional_text(column)?
-            .ok_or(rusqlite::Error::InvalidColumnType(
-                column,
-                String::new(),
-                Type::Null,
-            ))
+            .ok_or(wrong_type(column, Type::Null))
     }
 
     fn optional_text(&self, index: usize) -> rusqlite::Result<Option<String>> {
         match self.column(index)? {
             (_, Type::Null) => Ok(None),
-            // SAFETY: the statement is live and on a row, `column` in range; the pointer and
-            // length describe the column's text until the next call on the statement, and the
-            // text is copied before that.
-            (column, Type::Text) => unsafe {
-                let text = ffi::sqlite3_column_text(self.statement, column);
-                let length =
-                    usize::try_from(ffi::sqlite3_column_bytes(self.statement, column)).unwrap_or(0);
-                if text.is_null() || length == 0 {
-                    return Ok(Some(String::new()));
-                }
-                std::str::from_utf8(std::slice::from_raw_parts(text, length))
+            (column, Type::Text) => {
+                // SAFETY: the statement is on a row and `column` is a text column of it.
+                let text =
+                    unsafe { self.bytes(column, ffi::sqlite3_column_text(self.statement, column)) };
+                std::str::from_utf8(text)
                     .map(|text| Some(text.to_owned()))
                     .map_err(|error| {
                         rusqlite::Error::FromSqlConversionFailure(
@@ -292,22 +282,14 @@ impl RowReader for RawRow<'_> {
                             Box::new(error),
                         )
                     })
-            },
-            (_, kind) => Err(rusqlite::Error::InvalidColumnType(
-                index,
-                String::new(),
-                kind,
-            )),
+            }
+            (_, kind) => Err(wrong_type(index, kind)),
         }
     }
 
     fn integer(&self, column: usize) -> rusqlite::Result<i64> {
         self.optional_integer(column)?
-            .ok_or(rusqlite::Error::InvalidColumnType(
-                column,
-                String::new(),
-                Type::Null,
-            ))
+            .ok_or(wrong_type(column, Type::Null))
     }
 
     fn optional_integer(&self, index: usize) -> rusqlite::Result<Option<i64>> {
@@ -317,11 +299,7 @@ impl RowReader for RawRow<'_> {
             (column, Type::Integer) => Ok(Some(unsafe {
                 ffi::sqlite3_column_int64(self.statement, column)
             })),
-            (_, kind) => Err(rusqlite::Error::InvalidColumnType(
-                index,
-                String::new(),
-                kind,
-            )),
+            (_, kind) => Err(wrong_type(index, kind)),
         }
     }
 
@@ -332,25 +310,44 @@ impl RowReader for RawRow<'_> {
     fn optional_bytes(&self, index: usize) -> rusqlite::Result<Option<Vec<u8>>> {
         match self.column(index)? {
             (_, Type::Null) => Ok(None),
-            // SAFETY: as for text; a zero-length blob may come back as a null pointer.
-            (column, Type::Blob) => unsafe {
-                let bytes = ffi::sqlite3_column_blob(self.statement, column);
-                let length =
-                    usize::try_from(ffi::sqlite3_column_bytes(self.statement, column)).unwrap_or(0);
-                if bytes.is_null() || length == 0 {
-                    return Ok(Some(Vec::new()));
+            // SAFETY: the statement is on a row and `column` is a blob column of it.
+            (column, Type::Blob) => Ok(Some(
+                unsafe {
+                    self.bytes(
+                        column,
+                        ffi::sqlite3_column_blob(self.statement, column).cast::<u8>(),
+                    )
                 }
-                Ok(Some(
-                    std::slice::from_raw_parts(bytes.cast::<u8>(), length).to_vec(),
-                ))
-            },
-            (_, kind) => Err(rusqlite::Error::InvalidColumnType(
-                index,
-                String::new(),
-                kind,
+                .to_vec(),
             )),
+            (_, kind) => Err(wrong_type(index, kind)),
         }
     }
+}
+
+impl RawRow<'_> {
+    /// The bytes `start` points to, as long as column `column` is: valid until the next call on
+    /// the statement, so the caller copies them first.
+    ///
+    /// # Safety
+    /// `start` must be what `sqlite3_column_text` or `sqlite3_column_blob` just returned for
+    /// `column` of this row.
+    unsafe fn bytes(&self, column: c_int, start: *const u8) -> &[u8] {
+        // SAFETY: the statement is on a row, and `column` is the column `start` was read from.
+        let length = usize::try_from(unsafe { ffi::sqlite3_column_bytes(self.statement, column) })
+            .unwrap_or(0);
+        if start.is_null() || length == 0 {
+            // An empty text or blob may come back as a null pointer.
+            return &[];
+        }
+        // SAFETY: SQLite holds `length` bytes at `start` until the next call on the statement.
+        unsafe { std::slice::from_raw_parts(start, length) }
+    }
+}
+
+/// rusqlite's error for column `index` holding a value of type `kind`.
+fn wrong_type(index: usize, kind: Type) -> rusqlite::Error {
+    rusqlite::Error::InvalidColumnType(index, String::new(), kind)
 }
 
 fn prepare(db: *mut ffi::sqlite3, sql: &'static str) -> rusqlite::Result<RawStatement> {
