@@ -46,9 +46,9 @@ pub struct NewDelivery {
 }
 
 /// What would otherwise cost the one writer thread per outcome, computed by the task that submits
-/// the delivery (a request's worker): each outcome's identifiers as their column text and, when
-/// events are recorded, the outcome's own `device.outcome` fields
-/// ([`events::outcome_fields`]). The writer adds only what it alone knows (row ids, the
+/// the delivery (a request's worker): the callback's and each outcome's details as JSON text,
+/// each outcome's identifiers as their column text and, when events are recorded, the outcome's
+/// own `device.outcome` fields ([`events::outcome_fields`]). The writer adds only what it alone knows (row ids, the
 /// operation in its job).
 #[derive(Debug, Default)]
 pub struct Prepared {
