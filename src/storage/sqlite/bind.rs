@@ -109,7 +109,7 @@ impl RawStatements {
         sql: &'static str,
         values: &[Value<'_>],
     ) -> rusqlite::Result<usize> {
-        self.run(connection, sql, values, |db, step| match step {
+        self.run(connection, sql, values, |db, _, step| match step {
             // SAFETY: `db` is the open connection the statement just ran on.
             ffi::SQLITE_DONE => {
                 Ok(usize::try_from(unsafe { ffi::sqlite3_changes64(db) }).unwrap_or(0))
@@ -130,35 +130,22 @@ impl RawStatements {
         values: &[Value<'_>],
         read: impl FnOnce(&RawRow<'_>) -> rusqlite::Result<T>,
     ) -> rusqlite::Result<Option<T>> {
-        let mut read = Some(read);
-        self.run_statement(connection, sql, values, |db, statement, step| match step {
+        self.run(connection, sql, values, |db, statement, step| match step {
             ffi::SQLITE_DONE => Ok(None),
-            ffi::SQLITE_ROW => match read.take() {
-                Some(read) => read(&RawRow {
-                    statement,
-                    _borrowed: std::marker::PhantomData,
-                })
-                .map(Some),
-                None => Err(rusqlite::Error::InvalidQuery),
-            },
+            ffi::SQLITE_ROW => read(&RawRow {
+                statement,
+                _borrowed: std::marker::PhantomData,
+            })
+            .map(Some),
             // SAFETY: `db` is the open connection the statement just ran on.
             code => Err(unsafe { error(db, code) }),
         })
     }
 
     /// Binds `values` to the statement of `sql` (prepared on first use), steps it once, hands
-    /// the step's result code to `finish`, then resets it and clears its bindings.
+    /// the connection, the statement (on its row, if any) and the step's result code to
+    /// `finish`, then resets the statement and clears its bindings.
     fn run<T>(
-        &self,
-        connection: &Connection,
-        sql: &'static str,
-        values: &[Value<'_>],
-        finish: impl FnOnce(*mut ffi::sqlite3, c_int) -> rusqlite::Result<T>,
-    ) -> rusqlite::Result<T> {
-        self.run_statement(connection, sql, values, |db, _, step| finish(db, step))
-    }
-
-    fn run_statement<T>(
         &self,
         connection: &Connection,
         sql: &'static str,
@@ -237,7 +224,7 @@ pub(super) struct RawRow<'a> {
 
 impl RawRow<'_> {
     /// Column `index` and its type, as rusqlite names it; an error past the last column.
-    fn column(&self, index: usize) -> rusqlite::Result<(c_int, rusqlite::types::Type)> {
+    fn column(&self, index: usize) -> rusqlite::Result<(c_int, Type)> {
         // SAFETY: the statement is live and stepped to a row for as long as `self` exists.
         let count = unsafe { ffi::sqlite3_column_count(self.statement) };
         let column = c_int::try_from(index)
@@ -253,6 +240,24 @@ impl RawRow<'_> {
             _ => Type::Blob,
         };
         Ok((column, kind))
+    }
+
+    /// The bytes `start` points to, as long as column `column` is: valid until the next call on
+    /// the statement, so the caller copies them first.
+    ///
+    /// # Safety
+    /// `start` must be what `sqlite3_column_text` or `sqlite3_column_blob` just returned for
+    /// `column` of this row.
+    unsafe fn bytes(&self, column: c_int, start: *const u8) -> &[u8] {
+        // SAFETY: the statement is on a row, and `column` is the column `start` was read from.
+        let length = usize::try_from(unsafe { ffi::sqlite3_column_bytes(self.statement, column) })
+            .unwrap_or(0);
+        if start.is_null() || length == 0 {
+            // An empty text or blob may come back as a null pointer.
+            return &[];
+        }
+        // SAFETY: SQLite holds `length` bytes at `start` until the next call on the statement.
+        unsafe { std::slice::from_raw_parts(start, length) }
     }
 }
 
@@ -322,26 +327,6 @@ impl RowReader for RawRow<'_> {
             )),
             (_, kind) => Err(wrong_type(index, kind)),
         }
-    }
-}
-
-impl RawRow<'_> {
-    /// The bytes `start` points to, as long as column `column` is: valid until the next call on
-    /// the statement, so the caller copies them first.
-    ///
-    /// # Safety
-    /// `start` must be what `sqlite3_column_text` or `sqlite3_column_blob` just returned for
-    /// `column` of this row.
-    unsafe fn bytes(&self, column: c_int, start: *const u8) -> &[u8] {
-        // SAFETY: the statement is on a row, and `column` is the column `start` was read from.
-        let length = usize::try_from(unsafe { ffi::sqlite3_column_bytes(self.statement, column) })
-            .unwrap_or(0);
-        if start.is_null() || length == 0 {
-            // An empty text or blob may come back as a null pointer.
-            return &[];
-        }
-        // SAFETY: SQLite holds `length` bytes at `start` until the next call on the statement.
-        unsafe { std::slice::from_raw_parts(start, length) }
     }
 }
 
@@ -630,27 +615,52 @@ mod tests {
     }
 
     /// A query's first row is read alike with values bound in place and through rusqlite: the
-    /// same integers, texts (empty, NULL and not ASCII included), `None` for no row, and the same
-    /// refusals of a column of another type or past the last; the key's buffer may be gone
-    /// afterwards.
+    /// same integers, flags, texts and blobs (empty, NULL and not ASCII included), `None` for no
+    /// row, and the same refusals of a column of another type or past the last; the key's buffer
+    /// may be gone afterwards.
     #[test]
     fn a_first_row_reads_the_same_in_place_and_through_rusqlite() {
         let mut writer = connection();
         let (connection, raw) = writer.split();
-        let rows: [(&str, i64, Option<&str>); 3] = [
-            ("k\u{e9}y \0 1", 1, Some("caf\u{e9} \u{2028}")),
-            ("key 2", 2, None),
-            ("", 3, Some("")),
+        type Read = (i64, bool, Option<String>, Option<Vec<u8>>);
+        let rows: [(&str, &[u8], i64, Option<&str>); 3] = [
+            (
+                "k\u{e9}y \0 1",
+                &[0, 159, 255],
+                1,
+                Some("caf\u{e9} \u{2028}"),
+            ),
+            ("key 2", &[], 0, None),
+            ("", &[7], 3, Some("")),
         ];
-        for (a, c, d) in rows {
+        for (a, b, c, d) in rows {
             raw.execute(
                 connection,
                 INSERT,
-                &[Value::Text(a), Value::Null, Value::Integer(c), d.into()],
+                &[Value::Text(a), Value::Blob(b), Value::Integer(c), d.into()],
             )
             .unwrap();
         }
+        raw.execute(
+            connection,
+            INSERT,
+            &[
+                Value::Text("no blob"),
+                Value::Null,
+                Value::Integer(4),
+                Value::Null,
+            ],
+        )
+        .unwrap();
         const FIND: &str = "SELECT c, d, b FROM t WHERE a = ?1";
+        let read = |row: &dyn RowReader<Error = rusqlite::Error>| -> rusqlite::Result<Read> {
+            Ok((
+                row.integer(0)?,
+                row.flag(0)?,
+                row.optional_text(1)?,
+                row.optional_bytes(2)?,
+            ))
+        };
         let transaction = connection.transaction().unwrap();
         for in_place in [true, false] {
             let statements = if in_place {
@@ -658,41 +668,36 @@ mod tests {
             } else {
                 super::super::connection::Statements::new(&transaction)
             };
-            for (a, c, d) in rows {
+            for (a, b, c, d) in rows {
                 let key = a.to_owned();
                 let found = statements
-                    .query_first(FIND, &[Value::Text(&key)], |row| {
-                        Ok((row.integer(0)?, row.optional_text(1)?))
-                    })
+                    .query_first(FIND, &[Value::Text(&key)], read)
                     .unwrap();
                 drop(key);
-                assert_eq!(
-                    found,
-                    Some((c, d.map(str::to_owned))),
-                    "in place {in_place}"
-                );
+                let expected: Read = (c, c != 0, d.map(str::to_owned), Some(b.to_vec()));
+                assert_eq!(found, Some(expected), "in place {in_place}");
             }
+            let no_blob = statements
+                .query_first(FIND, &[Value::Text("no blob")], read)
+                .unwrap();
+            assert_eq!(no_blob, Some((4, true, None, None)), "in place {in_place}");
             let missing = statements
                 .query_first(FIND, &[Value::Text("absent")], |row| row.integer(0))
                 .unwrap();
             assert_eq!(missing, None);
-            // Text read as an integer, NULL read as an integer, a column past the last.
-            for (column, read_text) in [(1, false), (2, false), (3, true)] {
-                let refused = statements.query_first(FIND, &[Value::Text("key 2")], |row| {
-                    if read_text {
-                        row.optional_text(column).map(|_| ())
-                    } else {
-                        row.integer(column).map(|_| ())
-                    }
-                });
-                assert!(
-                    matches!(
-                        refused,
-                        Err(rusqlite::Error::InvalidColumnType(..)
-                            | rusqlite::Error::InvalidColumnIndex(_))
-                    ),
-                    "column {column}, in place {in_place}: {refused:?}"
-                );
+            // Text as an integer, a blob as text, NULL where a value must be, past the last.
+            type Refused = fn(&dyn RowReader<Error = rusqlite::Error>) -> bool;
+            let refusals: [(&str, Refused); 4] = [
+                ("k\u{e9}y \0 1", |row| row.integer(1).is_err()),
+                ("k\u{e9}y \0 1", |row| row.optional_text(2).is_err()),
+                ("key 2", |row| row.text(1).is_err()),
+                ("key 2", |row| row.optional_integer(3).is_err()),
+            ];
+            for (index, (key, refused)) in refusals.into_iter().enumerate() {
+                let read = statements
+                    .query_first(FIND, &[Value::Text(key)], |row| Ok(refused(row)))
+                    .unwrap();
+                assert_eq!(read, Some(true), "refusal {index}, in place {in_place}");
             }
         }
     }
