@@ -47,10 +47,9 @@ pub struct NewDelivery {
 
 /// What would otherwise cost the one writer thread per outcome, computed by the task that submits
 /// the delivery (a request's worker): the callback's and each outcome's details as JSON text,
-/// each outcome's identifiers as their column text and their digests (the key SQLite finds an
-/// outcome by, [`rows::identifier_digest`]) and, when events are recorded, the outcome's own
-/// `device.outcome` fields ([`events::outcome_fields`]). The writer adds only what it alone knows
-/// (row ids, the operation in its job).
+/// each outcome's identifiers as their column text and, when events are recorded, the outcome's
+/// own `device.outcome` fields ([`events::outcome_fields`]). The writer adds only what it alone knows (row ids, the
+/// operation in its job).
 #[derive(Debug, Default)]
 pub struct Prepared {
     /// The callback's details as JSON text.
@@ -61,8 +60,6 @@ pub struct Prepared {
 #[derive(Debug)]
 struct PreparedOutcome {
     identifiers: String,
-    /// [`rows::identifier_digest`] of each identifier, in the outcome's order (SQLite's key).
-    digests: Vec<i64>,
     /// The outcome's details as JSON text.
     details: Option<String>,
     event_fields: Option<String>,
@@ -83,11 +80,6 @@ impl Prepared {
                         .iter()
                         .map(|identifier| (identifier.kind.as_str(), identifier.id.as_str())),
                 ),
-                digests: outcome
-                    .identifiers
-                    .iter()
-                    .map(|identifier| rows::identifier_digest(&identifier.kind, &identifier.id))
-                    .collect(),
                 details: outcome.details.as_ref().map(|details| details.to_string()),
                 event_fields: record_events.then(|| events::outcome_fields(outcome)),
             })
@@ -115,13 +107,6 @@ impl Prepared {
         self.outcomes
             .get(index)
             .map(|outcome| outcome.identifiers.as_str())
-    }
-
-    /// The digests of outcome `index`'s identifiers, in its order.
-    pub(crate) fn identifier_digests(&self, index: usize) -> Option<&[i64]> {
-        self.outcomes
-            .get(index)
-            .map(|outcome| outcome.digests.as_slice())
     }
 
     /// Outcome `index`'s `device.outcome` fields, if they were prepared.

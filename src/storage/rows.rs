@@ -92,32 +92,13 @@ pub(crate) const OUTCOME_COLUMNS: &str =
      o.identifiers";
 
 /// The `identifiers` column of an outcome: its identifiers as a JSON list of `[kind, identifier]`
-/// pairs (read back by [`outcome_from_row`]). An outcome is found by identifier through
-/// `outcome_identifiers` (PostgreSQL) or `outcome_identifier_digests` (SQLite, keyed by
-/// [`identifier_digest`]); kept on the outcome as well, an outcome's identifiers need no index by
-/// outcome, and a digest's candidates are checked against the pairs named here.
+/// pairs (read back by [`outcome_from_row`]). They are also rows of `outcome_identifiers`, which
+/// finds an outcome by identifier; kept on the outcome as well, an outcome's identifiers need no
+/// index on `outcome_identifiers (outcome_id)`, which was about a tenth of the SQLite writer's
+/// work per callback.
 pub(crate) fn identifiers_text<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> String {
     let pairs: Vec<[&str; 2]> = pairs.map(|(kind, id)| [kind, id]).collect();
     serde_json::to_string(&pairs).unwrap_or_else(|_| "[]".to_owned())
-}
-
-/// The key SQLite finds an outcome by one of its identifiers with (`outcome_identifier_digests`):
-/// the first eight bytes of the SHA-256 of the kind, a unit separator and the identifier, as a
-/// big-endian signed integer. Stable across releases and machines: stored keys are computed by it,
-/// so it never changes (a unit test pins its values). Twelve bytes an entry instead of the
-/// pair's thirty-odd, so the SQLite writer splits that b-tree's pages about half as often; a
-/// lookup keeps only the outcomes whose `identifiers` column names the pair, so two pairs that
-/// share a digest are never confused.
-pub(crate) fn identifier_digest(kind: &str, identifier: &str) -> i64 {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    hasher.update(kind.as_bytes());
-    hasher.update([0x1f]);
-    hasher.update(identifier.as_bytes());
-    let digest = hasher.finalize();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest[..8]);
-    i64::from_be_bytes(first)
 }
 
 /// The identifiers of an outcome's `identifiers` column; anything else reads as none.
@@ -539,27 +520,7 @@ pub(crate) fn parse_details(details: Option<String>) -> Option<serde_json::Value
 
 #[cfg(test)]
 mod tests {
-    use super::{identifier_digest, newest_message_ids};
-
-    /// Stored keys were computed by this function: its values never change (computed here
-    /// independently, with Python's `hashlib.sha256`).
-    #[test]
-    fn an_identifier_digest_is_pinned_to_its_definition() {
-        assert_eq!(
-            identifier_digest("IMEI", "990000862471854"),
-            6445644720121291927
-        );
-        assert_eq!(
-            identifier_digest("ICCID", "89148000000800000001"),
-            5909519857697380194
-        );
-        assert_eq!(identifier_digest("MDN", "5096300001"), -789514298147948590);
-        // The separator keeps a kind's end from reading as the identifier's start.
-        assert_ne!(
-            identifier_digest("IME", "I1"),
-            identifier_digest("IMEI", "1")
-        );
-    }
+    use super::newest_message_ids;
 
     #[test]
     fn the_message_ids_of_several_candidates_are_merged_newest_first_each_once() {

@@ -378,15 +378,6 @@ impl TestApp {
         self.database.count(sql)
     }
 
-    /// How many (identifier, outcome) entries find outcomes by identifier: rows of
-    /// `outcome_identifiers` on PostgreSQL, of `outcome_identifier_digests` on SQLite.
-    pub fn outcome_identifier_entries(&self) -> i64 {
-        self.count(match crate::BACKEND {
-            Backend::Postgres => "SELECT count(*) FROM outcome_identifiers",
-            Backend::Sqlite => "SELECT count(*) FROM outcome_identifier_digests",
-        })
-    }
-
     /// Sends `body` with chunked transfer encoding (no Content-Length) over a raw connection and
     /// returns the raw response head.
     pub async fn post_chunked(&self, body: &[u8]) -> String {

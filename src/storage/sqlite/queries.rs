@@ -1,8 +1,6 @@
 //! Read queries for the API, run on read-only connections. The rows are mapped in
 //! [`crate::storage::rows`], as the PostgreSQL backend's are.
 
-use std::sync::LazyLock;
-
 use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 
 use crate::domain::DeviceIdentifier;
@@ -10,8 +8,8 @@ use crate::storage::jobs::{JOB_COLUMNS, JobRow};
 use crate::storage::rows::{
     Conditions, DEVICE_JOB_COLUMNS, DeviceJobs, DeviceMessages, FilterValue, HISTORY_LIMIT,
     History, JobDevices, MESSAGE_COLUMNS, OUTCOME_COLUMNS, RAW_BODY_COLUMNS, RowReader,
-    delivery_columns, delivery_from_row, identifier_candidates, identifier_digest,
-    job_device_columns, newest_message_ids, page, raw_body_from_row,
+    delivery_columns, delivery_from_row, identifier_candidates, job_device_columns,
+    newest_message_ids, page, raw_body_from_row,
 };
 use crate::storage::{
     DeliveryQuery, DeliveryRecord, DeviceHistory, JobQuery, JobRecord, MessageQuery, MessageRecord,
@@ -163,16 +161,13 @@ pub(super) fn device_history(
     let mut outcome_ids: Vec<i64> = Vec::new();
     for candidate in &candidates {
         outcome_ids = connection
-            .prepare_cached(&OUTCOMES_BY_IDENTIFIER)?
-            .query_map(
-                params![
-                    identifier.kind,
-                    candidate,
-                    HISTORY_LIMIT,
-                    identifier_digest(&identifier.kind, candidate)
-                ],
-                |row| row.get(0),
+            .prepare_cached(
+                "SELECT outcome_id FROM outcome_identifiers WHERE kind = ?1 AND identifier = ?2
+                 ORDER BY outcome_id DESC LIMIT ?3",
             )?
+            .query_map(params![identifier.kind, candidate, HISTORY_LIMIT], |row| {
+                row.get(0)
+            })?
             .collect::<rusqlite::Result<_>>()?;
         if !outcome_ids.is_empty() {
             break;
@@ -193,35 +188,16 @@ pub(super) fn device_history(
     Ok(history.finish(jobs))
 }
 
-/// Outcome `o` names the pair (?1 kind, ?2 identifier) its digest (?4) found it by: two pairs
-/// may share a digest ([`identifier_digest`]), the outcome's `identifiers` column tells them apart.
-const NAMES_THE_PAIR: &str = "EXISTS (SELECT 1 FROM json_each(o.identifiers) p
-                                 WHERE p.value ->> 0 = ?1 AND p.value ->> 1 = ?2)";
-
-/// The newest outcomes that name one (kind, identifier), newest first.
-static OUTCOMES_BY_IDENTIFIER: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "SELECT d.outcome_id FROM outcome_identifier_digests d
-         JOIN device_outcomes o ON o.id = d.outcome_id
-         WHERE d.digest = ?4 AND {NAMES_THE_PAIR}
-         ORDER BY d.outcome_id DESC LIMIT ?3"
-    )
-});
-
 /// The job devices one (kind, identifier) names, newest first (see [`device_jobs`]).
-static DEVICE_JOBS: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "SELECT job_device_id, kind, identifier FROM job_device_identifiers
+const DEVICE_JOBS: &str = "SELECT job_device_id, kind, identifier FROM job_device_identifiers
          WHERE kind = ?1 AND identifier = ?2 AND registered = 1
          UNION
          SELECT i.job_device_id, i.kind, i.identifier
-         FROM outcome_identifier_digests oi JOIN device_outcomes o ON o.id = oi.outcome_id
+         FROM outcome_identifiers oi JOIN device_outcomes o ON o.id = oi.outcome_id
          JOIN jobs j ON j.request_id = o.request_id
-         JOIN job_device_identifiers i ON i.job_id = j.id AND i.kind = ?1 AND i.identifier = ?2
-         WHERE oi.digest = ?4 AND {NAMES_THE_PAIR}
-         ORDER BY 1 DESC LIMIT ?3"
-    )
-});
+         JOIN job_device_identifiers i ON i.job_id = j.id AND i.kind = oi.kind AND i.identifier = oi.identifier
+         WHERE oi.kind = ?1 AND oi.identifier = ?2
+         ORDER BY 1 DESC LIMIT ?3";
 
 /// The jobs that list the device `identifier` names, newest first: registered with it before any
 /// callback (through `job_device_identifiers_registered`), or reported by one (through its
@@ -233,10 +209,9 @@ fn device_jobs(
 ) -> rusqlite::Result<DeviceJobs> {
     let mut jobs = DeviceJobs::default();
     let mut job_device_ids: Vec<i64> = Vec::new();
-    let mut lookup = connection.prepare_cached(&DEVICE_JOBS)?;
+    let mut lookup = connection.prepare_cached(DEVICE_JOBS)?;
     for candidate in identifier_candidates(&identifier.id) {
-        let digest = identifier_digest(&identifier.kind, &candidate);
-        let mut rows = lookup.query(params![identifier.kind, candidate, HISTORY_LIMIT, digest])?;
+        let mut rows = lookup.query(params![identifier.kind, candidate, HISTORY_LIMIT])?;
         while let Some(row) = rows.next()? {
             job_device_ids.push(jobs.add_identifier(row)?);
         }
@@ -363,37 +338,21 @@ mod tests {
         assert!(by_state.contains("jobs_state"), "{by_state}");
         let device_jobs = plan(
             &connection,
-            &DEVICE_JOBS,
-            &[&"IMEI", &"350000000000001", &500, &7_i64],
+            DEVICE_JOBS,
+            &[&"IMEI", &"350000000000001", &500],
         );
         for index in [
             "job_device_identifiers_registered",
-            "SEARCH oi USING PRIMARY KEY (digest=?)",
+            "SEARCH oi USING PRIMARY KEY (kind=? AND identifier=?)",
             "sqlite_autoindex_jobs_1 (request_id=?)",
             "SEARCH i USING PRIMARY KEY (job_id=? AND kind=? AND identifier=?)",
         ] {
             assert!(device_jobs.contains(index), "{index}: {device_jobs}");
         }
-        // No table scanned: only the pairs of the one outcome a digest found (`json_each`).
         assert!(
-            !device_jobs
-                .lines()
-                .any(|step| step.starts_with("SCAN ") && !step.starts_with("SCAN p ")),
+            !device_jobs.lines().any(|step| step.starts_with("SCAN ")),
             "{device_jobs}"
         );
-        // Newest first in the digest's index order: no sort, one outcome read per candidate.
-        let outcomes = plan(
-            &connection,
-            &OUTCOMES_BY_IDENTIFIER,
-            &[&"IMEI", &"350000000000001", &500, &7_i64],
-        );
-        for step in [
-            "SEARCH d USING PRIMARY KEY (digest=?)",
-            "SEARCH o USING INTEGER PRIMARY KEY (rowid=?)",
-        ] {
-            assert!(outcomes.contains(step), "{step}: {outcomes}");
-        }
-        assert!(!outcomes.contains("TEMP B-TREE"), "{outcomes}");
         let messages = plan(
             &connection,
             "SELECT message_id FROM message_identifiers
@@ -432,13 +391,8 @@ mod tests {
             ),
             plan(
                 &connection,
-                &DEVICE_JOBS,
-                &[&"IMEI", &"350000000000001", &500, &7_i64],
-            ),
-            plan(
-                &connection,
-                &OUTCOMES_BY_IDENTIFIER,
-                &[&"IMEI", &"350000000000001", &500, &7_i64],
+                DEVICE_JOBS,
+                &[&"IMEI", &"350000000000001", &500],
             ),
             plan(
                 &connection,
@@ -486,57 +440,6 @@ mod tests {
             unread.is_empty(),
             "indexes no query reads: {unread:?}\n{plans}"
         );
-    }
-
-    /// A digest finds candidates; only outcomes whose `identifiers` column names the pair are
-    /// answered: a digest row pointing at another outcome (what two pairs sharing a digest would
-    /// give) finds nothing, and pairs with quotes, backslashes and non-ASCII are compared as text.
-    #[test]
-    fn an_outcome_is_found_by_a_digest_only_when_it_names_the_pair() {
-        let connection = migrated();
-        connection
-            .execute(
-                "INSERT INTO deliveries (id, received_at, dedup_key, result, size) VALUES (1, 't', x'01', 'stored', 1)",
-                [],
-            )
-            .unwrap();
-        let odd = ("ICCID", "89\"01\\é");
-        let identifiers =
-            crate::storage::rows::identifiers_text([("IMEI", "990000862471854"), odd].into_iter());
-        connection
-            .execute(
-                "INSERT INTO device_outcomes (id, delivery_id, operation, status, received_at, identifiers)
-                 VALUES (7, 1, 'activate', 'succeeded', 't', ?1)",
-                [&identifiers],
-            )
-            .unwrap();
-        let stored = [("IMEI", "990000862471854"), odd];
-        // A pair the outcome does not name, whose digest row points at it all the same.
-        let foreign = ("IMEI", "990000862471855");
-        for (kind, identifier) in stored.iter().chain([&foreign]) {
-            connection
-                .execute(
-                    "INSERT INTO outcome_identifier_digests (digest, outcome_id) VALUES (?1, 7)",
-                    [identifier_digest(kind, identifier)],
-                )
-                .unwrap();
-        }
-        let found = |(kind, identifier): (&str, &str)| -> Vec<i64> {
-            connection
-                .prepare(&OUTCOMES_BY_IDENTIFIER)
-                .unwrap()
-                .query_map(
-                    params![kind, identifier, 10, identifier_digest(kind, identifier)],
-                    |row| row.get(0),
-                )
-                .unwrap()
-                .map(Result::unwrap)
-                .collect()
-        };
-        for pair in stored {
-            assert_eq!(found(pair), [7], "{pair:?}");
-        }
-        assert!(found(foreign).is_empty());
     }
 
     fn migrated() -> Connection {

@@ -2,8 +2,6 @@
 
 use rusqlite::{Connection, TransactionBehavior};
 
-use crate::storage::rows::identifier_digest;
-
 /// One schema version: SQL, or a change SQL cannot make.
 enum Migration {
     Sql(&'static str),
@@ -13,8 +11,6 @@ enum Migration {
         old: &'static str,
         new: &'static str,
     },
-    /// A change that needs Rust to compute what it stores, inside the migration's transaction.
-    Rust(fn(&Connection) -> rusqlite::Result<()>),
 }
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many have been applied.
@@ -322,50 +318,7 @@ DROP INDEX device_outcomes_request;
 DROP INDEX upload_summaries_request;
 "#,
     ),
-    // Outcomes found by identifier through a 64-bit digest of the pair (see `digest_outcome_identifiers`).
-    Migration::Rust(digest_outcome_identifiers),
 ];
-
-/// Replaces `outcome_identifiers (kind, identifier, outcome_id)` by `outcome_identifier_digests
-/// (digest, outcome_id)`, the digest [`identifier_digest`] of the pair: an entry of about twelve
-/// bytes instead of thirty-odd, so that the writer's inserts, at random places in that b-tree,
-/// split its pages about half as often (the table was 15% of the writer's work per callback). The
-/// pairs stay on each outcome's `identifiers` column, which a lookup checks, so a digest two pairs
-/// share finds only the outcomes of the pair asked for. Every stored pair gets its digest; an
-/// outcome whose column is empty (none should be: migration 6 filled it) gets it from the pairs.
-fn digest_outcome_identifiers(connection: &Connection) -> rusqlite::Result<()> {
-    connection.execute_batch(
-        r#"
-CREATE TABLE outcome_identifier_digests (
-    digest     INTEGER NOT NULL,
-    outcome_id INTEGER NOT NULL REFERENCES device_outcomes (id),
-    PRIMARY KEY (digest, outcome_id)
-) WITHOUT ROWID;
-UPDATE device_outcomes SET identifiers = (
-    SELECT json_group_array(json_array(i.kind, i.identifier))
-      FROM outcome_identifiers i WHERE i.outcome_id = device_outcomes.id
-) WHERE identifiers IS NULL OR identifiers = '[]';
-"#,
-    )?;
-    {
-        let mut pairs =
-            connection.prepare("SELECT kind, identifier, outcome_id FROM outcome_identifiers")?;
-        let mut insert = connection.prepare(
-            "INSERT OR IGNORE INTO outcome_identifier_digests (digest, outcome_id) VALUES (?1, ?2)",
-        )?;
-        let mut rows = pairs.query([])?;
-        while let Some(row) = rows.next()? {
-            let kind: String = row.get(0)?;
-            let identifier: String = row.get(1)?;
-            let outcome_id: i64 = row.get(2)?;
-            insert.execute(rusqlite::params![
-                identifier_digest(&kind, &identifier),
-                outcome_id
-            ])?;
-        }
-    }
-    connection.execute_batch("DROP TABLE outcome_identifiers;")
-}
 
 /// Refuses a database whose schema is newer than this build knows (a downgrade).
 pub(super) fn check_version(connection: &Connection) -> anyhow::Result<()> {
@@ -380,21 +333,15 @@ pub(super) fn check_version(connection: &Connection) -> anyhow::Result<()> {
 
 /// Applies the migrations not yet recorded in `PRAGMA user_version`.
 pub(super) fn migrate(connection: &mut Connection) -> rusqlite::Result<()> {
-    migrate_to(connection, MIGRATIONS.len())
-}
-
-/// Applies the migrations not yet recorded, up to schema version `version`.
-fn migrate_to(connection: &mut Connection, version: usize) -> rusqlite::Result<()> {
     let applied: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     let applied = usize::try_from(applied).unwrap_or(usize::MAX);
-    for (index, migration) in MIGRATIONS.iter().enumerate().take(version).skip(applied) {
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
         let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
         match migration {
             Migration::Sql(sql) => transaction.execute_batch(sql)?,
             Migration::RewriteTable { table, old, new } => {
                 rewrite_table_sql(&transaction, table, old, new)?;
             }
-            Migration::Rust(change) => change(&transaction)?,
         }
         transaction.pragma_update(
             None,
@@ -501,58 +448,6 @@ mod tests {
         }
         assert!(insert("lost").is_err());
         assert!(insert("").is_err());
-    }
-
-    /// Migration 10 gives every stored (kind, identifier, outcome) its digest row, and an outcome
-    /// whose `identifiers` column was left empty its pairs, so that lookups find what they found.
-    #[test]
-    fn the_digest_migration_keeps_every_stored_identifier_findable() {
-        let mut connection = Connection::open_in_memory().unwrap();
-        migrate_to(&mut connection, 9).unwrap();
-        connection
-            .execute_batch(
-                r#"
-INSERT INTO deliveries (id, received_at, dedup_key, result, size) VALUES (1, 't', x'01', 'stored', 1);
-INSERT INTO device_outcomes (id, delivery_id, operation, status, received_at, identifiers)
-     VALUES (1, 1, 'activate', 'succeeded', 't', '[["IMEI","990000862471854"],["MDN","5096300001"]]'),
-            (2, 1, 'activate', 'failed', 't', NULL);
-INSERT INTO outcome_identifiers (kind, identifier, outcome_id)
-     VALUES ('IMEI', '990000862471854', 1), ('MDN', '5096300001', 1), ('ICCID', '89148000000800000001', 2);
-"#,
-            )
-            .unwrap();
-        migrate(&mut connection).unwrap();
-        let mut rows: Vec<(i64, i64)> = connection
-            .prepare("SELECT digest, outcome_id FROM outcome_identifier_digests")
-            .unwrap()
-            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
-        rows.sort();
-        let mut expected = vec![
-            (identifier_digest("IMEI", "990000862471854"), 1),
-            (identifier_digest("MDN", "5096300001"), 1),
-            (identifier_digest("ICCID", "89148000000800000001"), 2),
-        ];
-        expected.sort();
-        assert_eq!(rows, expected);
-        let refilled: String = connection
-            .query_row(
-                "SELECT identifiers FROM device_outcomes WHERE id = 2",
-                [],
-                |row| row.get(0),
-            )
-            .unwrap();
-        assert_eq!(refilled, r#"[["ICCID","89148000000800000001"]]"#);
-        let old_table: i64 = connection
-            .query_row(
-                "SELECT count(*) FROM sqlite_schema WHERE name = 'outcome_identifiers'",
-                [],
-                |row| row.get(0),
-            )
-            .unwrap();
-        assert_eq!(old_table, 0);
     }
 
     #[test]

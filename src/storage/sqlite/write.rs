@@ -15,16 +15,14 @@ use crate::domain::{Callback, DeliveryResult, DeviceOutcome, Operation};
 use crate::storage::batch::Fate;
 use crate::storage::events;
 use crate::storage::jobs::stored_count;
-use crate::storage::rows::{identifier_digest, identifiers_text, repairs_text};
+use crate::storage::rows::{identifiers_text, repairs_text};
 use crate::storage::{DeliveryContent, NewDelivery, Prepared, Receipt, timestamp};
 
-/// An outcome is found by each of its identifiers through the identifier's digest
-/// ([`crate::storage::rows::identifier_digest`]; reads check the outcome's `identifiers`
-/// column). An outcome is new, and its identifiers distinct (the parser keeps each pair once);
-/// `OR IGNORE` keeps two pairs sharing a digest from failing the delivery.
+/// An outcome is new, and its identifiers are distinct (the parser keeps each pair once), so
+/// nothing conflicts; `OR IGNORE` keeps a repeated pair from failing the delivery all the same.
 const OUTCOME_IDENTIFIER: [&str; ROWS_PER_INSERT] = multi_row_insert!(
-    "INSERT OR IGNORE INTO outcome_identifier_digests (digest, outcome_id) VALUES ",
-    "(?, ?)"
+    "INSERT OR IGNORE INTO outcome_identifiers (kind, identifier, outcome_id) VALUES ",
+    "(?, ?, ?)"
 );
 
 /// As [`OUTCOME_IDENTIFIER`], for a device message.
@@ -319,18 +317,15 @@ pub(super) fn insert_outcomes(
                 ),
             }
         })?;
-        let digests = match prepared.identifier_digests(index) {
-            Some(digests) => Cow::Borrowed(digests),
-            None => Cow::Owned(
-                identifiers
-                    .iter()
-                    .map(|identifier| identifier_digest(&identifier.kind, &identifier.id))
-                    .collect(),
-            ),
-        };
-        let rows: Vec<[Value<'_>; 2]> = digests
+        let rows: Vec<[Value<'_>; 3]> = identifiers
             .iter()
-            .map(|digest| [Value::Integer(*digest), Value::Integer(outcome_id)])
+            .map(|identifier| {
+                [
+                    Value::Text(&identifier.kind),
+                    Value::Text(&identifier.id),
+                    Value::Integer(outcome_id),
+                ]
+            })
             .collect();
         insert_rows(transaction, &OUTCOME_IDENTIFIER, &rows)?;
         if let Some((job_id, jobs)) = job.as_mut() {
