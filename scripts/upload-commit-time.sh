@@ -9,16 +9,10 @@ binary="${1:-target/release/m2m-listener}"
 uploads="${2:-6}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-export M2M_STORAGE__PATH="$work/listener.db"
-export M2M_CALLBACK__LISTEN="127.0.0.1:19103"
-export M2M_API__LISTEN="127.0.0.1:19104"
-export M2M_TELEMETRY__LEVEL=warn
-"$binary" serve >"$work/listener.log" 2>&1 &
-listener=$!
-for _ in $(seq 1 300); do
-  curl -fsS "http://127.0.0.1:19104/healthz" >/dev/null 2>&1 && break
-  sleep 0.1
-done
+# shellcheck source=lib/listener.sh
+source "$(dirname "$0")/lib/listener.sh"
+listener_env 19103 19104
+start_listener "$binary" serve
 "$binary" simulate --url "http://127.0.0.1:19103/" --api-url "http://127.0.0.1:19104" \
   --jobs 0 --uploads "$uploads" --upload-lines 10000 --sms 0 --concurrency 1 >"$work/simulate.log" 2>&1
 metrics="$(curl -fsS "http://127.0.0.1:19104/metrics")"

@@ -14,17 +14,11 @@ case "$load" in
 esac
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-export M2M_STORAGE__PATH="$work/listener.db"
-export M2M_CALLBACK__LISTEN="127.0.0.1:19101"
-export M2M_API__LISTEN="127.0.0.1:19102"
-export M2M_TELEMETRY__LEVEL=warn
-valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$work/cg.out" \
-  "$binary" serve >"$work/listener.log" 2>&1 &
-listener=$!
-for _ in $(seq 1 300); do
-  curl -fsS "http://127.0.0.1:19102/healthz" >/dev/null 2>&1 && break
-  sleep 0.2
-done
+# shellcheck source=lib/listener.sh
+source "$(dirname "$0")/lib/listener.sh"
+listener_env 19101 19102
+start_listener valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$work/cg.out" \
+  "$binary" serve
 "$binary" simulate --url "http://127.0.0.1:19101/" --api-url "http://127.0.0.1:19102" \
   --jobs "$jobs" --devices-per-job "$per_job" --uploads 0 --sms 0 --concurrency 16 >"$work/simulate.log" 2>&1
 metrics="$(curl -fsS "http://127.0.0.1:19102/metrics")"
