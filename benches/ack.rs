@@ -207,6 +207,8 @@ struct Server {
     name: &'static str,
     child: Child,
     callback: SocketAddr,
+    /// The listener's API (its `/metrics`); the probe has none.
+    api: Option<SocketAddr>,
     database: std::path::PathBuf,
     _directory: tempfile::TempDir,
 }
@@ -256,39 +258,43 @@ impl Server {
     }
 }
 
-/// Reads the child's stdout until a line contains `marker`, then keeps draining it in a thread
-/// (the listener logs every callback; a full pipe would stall it).
-fn address_from_output(child: &mut Child, marker: &str) -> SocketAddr {
+/// Reads the child's stdout until a line has held each of `markers`, then keeps draining it in a
+/// thread (the listener logs every callback; a full pipe would stall it). The address after each
+/// marker, in the order of `markers`.
+fn addresses_from_output<const N: usize>(child: &mut Child, markers: [&str; N]) -> [SocketAddr; N] {
     let stdout = child.stdout.take().expect("stdout");
     let mut reader = BufReader::new(stdout);
     let mut line = String::new();
-    loop {
+    let mut found: [Option<SocketAddr>; N] = [None; N];
+    while found.iter().any(Option::is_none) {
         line.clear();
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            panic!("server exited before printing {marker:?}");
+            panic!("server exited before printing {markers:?}");
         }
-        if let Some(rest) = line.split(marker).nth(1) {
-            let address = rest
-                .trim()
-                .trim_start_matches("http://")
-                .trim_end_matches(|c: char| c == '/' || c.is_whitespace() || c == ')');
-            let address = address
-                .split_whitespace()
-                .next()
-                .unwrap_or(address)
-                .trim_end_matches('/');
-            let parsed: SocketAddr = address
-                .parse()
-                .unwrap_or_else(|_| panic!("no address in {line:?}"));
-            std::thread::spawn(move || {
-                let mut sink = String::new();
-                while reader.read_line(&mut sink).unwrap_or(0) > 0 {
-                    sink.clear();
-                }
-            });
-            return parsed;
+        for (marker, slot) in markers.iter().zip(found.iter_mut()) {
+            if let Some(rest) = line.split(marker).nth(1) {
+                // `http://127.0.0.1:4000/api/v1/ (POST)` or `127.0.0.1:4000`.
+                let address = rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("http://");
+                let address = address.split('/').next().unwrap_or(address);
+                *slot = Some(
+                    address
+                        .parse()
+                        .unwrap_or_else(|_| panic!("no address in {line:?}")),
+                );
+            }
         }
     }
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while reader.read_line(&mut sink).unwrap_or(0) > 0 {
+            sink.clear();
+        }
+    });
+    found.map(|address| address.expect("every marker found"))
 }
 
 fn start_probe(synchronous: &str) -> Server {
@@ -302,11 +308,12 @@ fn start_probe(synchronous: &str) -> Server {
         .stderr(Stdio::null())
         .spawn()
         .expect("probe starts");
-    let callback = address_from_output(&mut child, "probe listening on ");
+    let [callback] = addresses_from_output(&mut child, ["probe listening on "]);
     Server {
         name: "probe",
         child,
         callback,
+        api: None,
         database,
         _directory: directory,
     }
@@ -340,11 +347,12 @@ fn start_listener_with(name: &'static str, settings: &[(&str, &str)]) -> Server 
         command.env(key, value);
     }
     let mut child = command.spawn().expect("listener starts");
-    let callback = address_from_output(&mut child, "callbacks: ");
+    let [callback, api] = addresses_from_output(&mut child, ["callbacks: ", "API: "]);
     Server {
         name,
         child,
         callback,
+        api: Some(api),
         database,
         _directory: directory,
     }
@@ -397,6 +405,36 @@ fn cpu_seconds(pid: &str) -> f64 {
         .filter_map(|field| field.parse::<u64>().ok())
         .sum();
     ticks as f64 / 100.0
+}
+
+/// The listener's writer so far, from its `/metrics`: seconds spent writing batches (each from
+/// its transaction's start to its commit, fsync included: `m2m_store_commit_seconds_sum`) and
+/// deliveries written (`m2m_store_batch_size_sum`). `None` for the probe.
+async fn writer_totals(server: &Server) -> Option<(f64, f64)> {
+    let api = server.api?;
+    let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    let request = Request::get(format!("http://{api}/metrics"))
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let response = client.request(request).await.ok()?;
+    let body = response.into_body().collect().await.ok()?.to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
+    };
+    Some((
+        value("m2m_store_commit_seconds_sum ")?,
+        value("m2m_store_batch_size_sum ")?,
+    ))
+}
+
+/// The writer's time per delivery between two [`writer_totals`], in microseconds: the cost per
+/// callback issue 13 names (`m2m_store_commit_seconds_sum / m2m_store_batch_size_sum`).
+fn writer_micros(before: Option<(f64, f64)>, after: Option<(f64, f64)>) -> Option<f64> {
+    let ((seconds_before, stored_before), (seconds_after, stored_after)) = (before?, after?);
+    let stored = stored_after - stored_before;
+    (stored > 0.0).then(|| (seconds_after - seconds_before) * 1e6 / stored)
 }
 
 /// Posts every body once over `connections` keep-alive connections.
@@ -639,13 +677,14 @@ async fn benchmark(options: Options) {
             "## Durable throughput, side by side: {load_name}\n"
         ));
         line(
-        "| round | server | acknowledged/s | p50 ms | p99 ms | max ms | failed | peak RSS MiB | server CPU µs/callback | generator CPU µs/callback |"
+        "| round | server | acknowledged/s | p50 ms | p99 ms | max ms | failed | peak RSS MiB | server CPU µs/callback | generator CPU µs/callback | writer µs/callback |"
             .to_owned(),
     );
-        line("|---|---|---|---|---|---|---|---|---|---|".to_owned());
+        line("|---|---|---|---|---|---|---|---|---|---|---|".to_owned());
         let mut probe_rates = Vec::new();
         let mut listener_rates = Vec::new();
         let mut listener_p99 = Vec::new();
+        let mut listener_writer = Vec::new();
         let mut listener_peak = 0u64;
         let mut database_bytes_per_callback = 0.0;
         for round in 1..=options.rounds {
@@ -662,9 +701,11 @@ async fn benchmark(options: Options) {
                     devices_per_job,
                     &format!("round-{round}-{devices_per_job}"),
                 ));
+                let writer_before = writer_totals(&server).await;
                 let result = load(&server, bodies, options.connections).await;
+                let writer = writer_micros(writer_before, writer_totals(&server).await);
                 line(format!(
-                    "| {round} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.1} | {:.1} | {:.1} |",
+                    "| {round} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.1} | {:.1} | {:.1} | {} |",
                     server.name,
                     result.per_second(),
                     result.latency.p50,
@@ -673,7 +714,8 @@ async fn benchmark(options: Options) {
                     result.failed,
                     mebibytes(result.peak_resident_bytes),
                     result.server_cpu_micros(),
-                    result.generator_cpu_micros()
+                    result.generator_cpu_micros(),
+                    writer.map_or("—".to_owned(), |micros| format!("{micros:.1}"))
                 ));
                 if server.name == "probe" {
                     probe_rates.push(result.per_second());
@@ -681,6 +723,7 @@ async fn benchmark(options: Options) {
                 } else {
                     listener_rates.push(result.per_second());
                     listener_p99.push(result.latency.p99);
+                    listener_writer.extend(writer);
                     listener_peak = listener_peak.max(result.peak_resident_bytes);
                     let callbacks = (options.callbacks + 500) as f64;
                     database_bytes_per_callback =
@@ -693,9 +736,11 @@ async fn benchmark(options: Options) {
             values.get(values.len() / 2).copied().unwrap_or(0.0)
         };
         let (probe, listener) = (median(&mut probe_rates), median(&mut listener_rates));
+        let writer = median(&mut listener_writer);
         line(format!(
             "\nthroughput ratio listener/probe ({load_name}): **{:.2}** (median {listener:.0}/s vs {probe:.0}/s; target ≥ 0.80)  \n\
          listener p99 at {} connections: **{:.2} ms** (worst round; target < 25 ms)  \n\
+         listener writer per callback: **{writer:.1} µs** (median; `m2m_store_commit_seconds_sum / m2m_store_batch_size_sum` over the measured load, fsync included)  \n\
          listener peak RSS under load: **{:.1} MiB** (target < 64 MiB)  \n\
          database: **{:.0} bytes per callback** = {:.2} GB per million callbacks (raw bodies included)\n",
             listener / probe.max(1e-9),
