@@ -736,11 +736,16 @@ async fn benchmark(options: Options) {
             values.get(values.len() / 2).copied().unwrap_or(0.0)
         };
         let (probe, listener) = (median(&mut probe_rates), median(&mut listener_rates));
-        let writer = median(&mut listener_writer);
+        // No figure rather than a zero when the listener's `/metrics` could not be read.
+        let writer = if listener_writer.is_empty() {
+            "—".to_owned()
+        } else {
+            format!("{:.1} µs", median(&mut listener_writer))
+        };
         line(format!(
             "\nthroughput ratio listener/probe ({load_name}): **{:.2}** (median {listener:.0}/s vs {probe:.0}/s; target ≥ 0.80)  \n\
          listener p99 at {} connections: **{:.2} ms** (worst round; target < 25 ms)  \n\
-         listener writer per callback: **{writer:.1} µs** (median; `m2m_store_commit_seconds_sum / m2m_store_batch_size_sum` over the measured load, fsync included)  \n\
+         listener writer per callback: **{writer}** (median; `m2m_store_commit_seconds_sum / m2m_store_batch_size_sum` over the measured load, fsync included)  \n\
          listener peak RSS under load: **{:.1} MiB** (target < 64 MiB)  \n\
          database: **{:.0} bytes per callback** = {:.2} GB per million callbacks (raw bodies included)\n",
             listener / probe.max(1e-9),
